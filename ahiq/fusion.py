@@ -1,0 +1,77 @@
+"""ViT-guided deformable fusion: offsets predicted from the reference ViT features steer a deformable
+convolution over the shallow CNN features of both images."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import DeformConv2d, deform_conv2d
+
+
+def deform_conv2d_bilinear(
+    x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int
+) -> torch.Tensor:
+    """``torchvision.ops.deform_conv2d`` (stride 1, dilation 1, one offset group, no mask) as nine bilinear
+    ``grid_sample`` taps and one matmul.
+
+    Same numbers as torchvision's kernel (tests/test_fusion.py), faster on the CPU, and it runs in bf16 and
+    under torch.compile, where torchvision's op has no bf16 kernel. ``offset`` may have fewer images than
+    ``x`` when consecutive groups of images share offsets (the distorted and reference features of a pair
+    share the reference's): ``x`` [G * B, C, H, W] with ``offset`` [B, 18, H, W] uses offset i for images
+    i, B + i, 2B + i, ...
+    """
+    n, c, h, w = x.shape
+    b = offset.shape[0]
+    c_out, c_in, kh, kw = weight.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"deformable convolution needs a feature map of at least 2x2, got {h}x{w}")
+    taps = kh * kw
+    # Offset channels (2k, 2k + 1) hold (dy, dx) of tap k = i * kw + j, as in torchvision.
+    off = offset.view(b, taps, 2, h, w)
+    ky = torch.arange(kh, device=x.device).repeat_interleave(kw) - padding
+    kx = torch.arange(kw, device=x.device).repeat(kh) - padding
+    py = torch.arange(h, device=x.device).view(1, 1, h, 1) + ky.view(1, taps, 1, 1) + off[:, :, 0]
+    px = torch.arange(w, device=x.device).view(1, 1, 1, w) + kx.view(1, taps, 1, 1) + off[:, :, 1]
+    # align_corners=True maps -1 and 1 to the first and last pixel centres; with zero padding, a tap outside
+    # the map contributes nothing, which is torchvision's rule.
+    grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
+    grid = grid.to(x.dtype).view(b, taps * h, w, 2).repeat(n // b, 1, 1, 1)
+    # Batched, not stacked on channels: the CPU kernel parallelises over images.
+    cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # [N, C, 9H, W]
+    out = torch.matmul(weight.reshape(c_out, c_in * taps), cols.view(n, c_in * taps, h * w))  # row c * 9 + k
+    if bias is not None:
+        out = out + bias.view(1, c_out, 1)
+    return out.view(n, c_out, h, w)
+
+
+class DeformFusion(nn.Module):
+    """Offsets from the reference ViT features, a deformable 3x3 convolution over the CNN features of both
+    images (both with the reference's offsets), then two convolutions down to the ViT grid."""
+
+    def __init__(self, vit_channels: int, cnn_channels: int, hidden: int = 512, final_stride: int = 1,
+                 deform_impl: str = "bilinear"):
+        super().__init__()
+        if deform_impl not in ("bilinear", "torchvision"):
+            raise ValueError(f"deform_impl must be 'bilinear' or 'torchvision', got {deform_impl!r}")
+        self.deform_impl = deform_impl
+        self.offset_conv = nn.Conv2d(vit_channels, 2 * 3 * 3, 3, 1, 1)
+        self.deform = DeformConv2d(cnn_channels, cnn_channels, 3, 1, 1)
+        self.project = nn.Sequential(
+            nn.Conv2d(cnn_channels, hidden, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, cnn_channels, 3, stride=final_stride, padding=1),
+        )
+
+    def offsets(self, vit_ref: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # The official order: upsample the ViT features to the CNN grid, then convolve.
+        return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
+
+    def forward(self, cnn_dist: torch.Tensor, cnn_ref: torch.Tensor, vit_ref: torch.Tensor):
+        offset = self.offsets(vit_ref, cnn_ref.shape[-2:])  # computed once, used for both images
+        cnn = torch.cat((cnn_dist, cnn_ref))
+        if self.deform_impl == "bilinear":
+            deformed = deform_conv2d_bilinear(cnn, offset, self.deform.weight, self.deform.bias, padding=1)
+        else:
+            deformed = deform_conv2d(cnn, offset.repeat(2, 1, 1, 1), self.deform.weight, self.deform.bias,
+                                     padding=(1, 1))
+        return self.project(deformed).chunk(2)

@@ -1,0 +1,36 @@
+"""Patch-wise prediction head: a score map and an attention-weight map whose weighted mean is the score."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def weighted_mean(score_map: torch.Tensor, weight_map: torch.Tensor) -> torch.Tensor:
+    """sum(score * weight) / sum(weight) over each image's map, in fp32: [B, 1, H, W] x2 -> [B]."""
+    score_map, weight_map = score_map.float(), weight_map.float()
+    return (score_map * weight_map).sum(dim=(1, 2, 3)) / weight_map.sum(dim=(1, 2, 3))
+
+
+class PatchHead(nn.Module):
+    """A shared 1x1 reduction of each image's features, then cat(d - r, d, r) -> score and weight maps."""
+
+    def __init__(self, in_channels: int, dim: int = 256, hidden: int = 1024):
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, dim, 1)
+        self.smooth = nn.Sequential(
+            nn.Conv2d(3 * dim, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, 2 * dim, 3, padding=1),
+        )
+        self.hidden = nn.Sequential(nn.Conv2d(2 * dim, dim, 3, padding=1), nn.ReLU())
+        self.score = nn.Conv2d(dim, 1, 1)
+        self.attention = nn.Conv2d(dim, 1, 1)
+
+    def maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats: [2B, C, H, W], the B distorted images first, then their references."""
+        d, r = self.reduce(feats).chunk(2)
+        x = self.hidden(self.smooth(torch.cat((d - r, d, r), dim=1)))
+        return self.score(x), torch.sigmoid(self.attention(x))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return weighted_mean(*self.maps(feats))

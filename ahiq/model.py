@@ -1,0 +1,189 @@
+"""AHIQ: the whole network, and its checkpoints (the official released format and the project's own)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Pretrained, ResNetLayer1Features, ViTFeatures
+from .fusion import DeformFusion
+from .head import PatchHead
+from .weights import WeightsError, atomic_save, check_state_dict, read_weight_file
+
+CHECKPOINT_FORMAT = "ahiq"
+CHECKPOINT_VERSION = 1
+
+# The official checkpoint's two state dicts, module by module, and where each lives here.
+OFFICIAL_MODULES = {
+    "deform_net_model_state_dict": {
+        "conv_offset": "fusion.offset_conv",
+        "deform": "fusion.deform",
+        "conv1.0": "fusion.project.0",
+        "conv1.2": "fusion.project.2",
+    },
+    "regressor_model_state_dict": {
+        "down_channel": "head.reduce",
+        "feat_smoothing.0": "head.smooth.0",
+        "feat_smoothing.2": "head.smooth.2",
+        "conv1.0": "head.hidden.0",
+        "conv_attent.0": "head.attention",
+        "conv.0": "head.score",
+    },
+}
+
+
+def official_to_ahiq(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The fusion and head weights of an official AHIQ checkpoint, under this project's key names."""
+    state = {}
+    for section, modules in OFFICIAL_MODULES.items():
+        for key, tensor in checkpoint[section].items():
+            module, _, param = key.rpartition(".")
+            if module not in modules:
+                raise WeightsError(f"unknown key '{key}' in the official checkpoint's {section}; "
+                                   f"known modules: {', '.join(modules)}")
+            state[f"{modules[module]}.{param}"] = tensor
+    return state
+
+
+def ahiq_to_official(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The inverse of official_to_ahiq, for writing checkpoints the official code can read."""
+    out = {}
+    for section, modules in OFFICIAL_MODULES.items():
+        out[section] = {f"{official}.{param}": state[f"{ours}.{param}"]
+                        for official, ours in modules.items() for param in ("weight", "bias")}
+    return out
+
+
+class AHIQ(nn.Module):
+    """Attention-based Hybrid IQA (Lao, Gong et al., CVPRW 2022), full-reference.
+
+    ``model(dist, ref)`` takes RGB tensors in [0, 1] of shape [B, 3, img_size, img_size] and returns [B]
+    scores. The keyword arguments after ``cnn_pretrained`` shrink the network for tests and the demo; the
+    defaults are the paper's.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 8,
+        vit_pretrained: Pretrained = True,
+        cnn_pretrained: Pretrained = True,
+        *,
+        img_size: int = 224,
+        vit_dim: int = 768,
+        vit_heads: int = 12,
+        cnn_width: int = 64,
+        fusion_hidden: int = 512,
+        head_dim: int = 256,
+        head_hidden: int = 1024,
+        freeze_backbones: bool = True,
+        deform_impl: str = "bilinear",
+    ):
+        super().__init__()
+        # What a checkpoint must agree on; pretrained sources and implementation choices are not part of it.
+        self.config = dict(patch_size=patch_size, img_size=img_size, vit_dim=vit_dim, vit_heads=vit_heads,
+                           cnn_width=cnn_width, fusion_hidden=fusion_hidden, head_dim=head_dim,
+                           head_hidden=head_hidden)
+        self.vit = ViTFeatures(patch_size, vit_pretrained, img_size=img_size, dim=vit_dim, heads=vit_heads)
+        self.cnn = ResNetLayer1Features(cnn_pretrained, width=cnn_width)
+        # The CNN grid is img_size / 4; the fusion's two convolutions bring it down to the ViT grid.
+        self.fusion = DeformFusion(self.vit.out_channels, self.cnn.out_channels, hidden=fusion_hidden,
+                                   final_stride=patch_size // 8, deform_impl=deform_impl)
+        self.head = PatchHead(self.vit.out_channels + self.cnn.out_channels, dim=head_dim, hidden=head_hidden)
+        self.freeze_backbones = freeze_backbones
+        if freeze_backbones:
+            for p in self.backbone_parameters():
+                p.requires_grad_(False)
+        self.train(False)
+
+    def backbone_parameters(self):
+        yield from self.vit.parameters()
+        yield from self.cnn.parameters()
+
+    def train(self, mode: bool = True) -> "AHIQ":
+        super().train(mode)
+        if self.freeze_backbones:  # frozen backbones keep their BatchNorm statistics and no dropout
+            self.vit.eval()
+            self.cnn.eval()
+        return self
+
+    def features(self, dist: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The head's input: cat(ViT, fused CNN) of the distorted images, then of the references: [2B, C, h, w]."""
+        b = dist.shape[0]
+        x = (torch.cat((dist, ref)) - 0.5) / 0.5  # the official normalisation, for both backbones
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbones):
+            vit = self.vit(x)
+            cnn = self.cnn(x)
+        fused = torch.cat(self.fusion(cnn[:b], cnn[b:], vit[b:]))
+        return torch.cat((vit, fused), dim=1)
+
+    def forward(self, dist: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if dist.shape != ref.shape:
+            raise ValueError(f"distorted and reference batches differ in shape: {tuple(dist.shape)} vs {tuple(ref.shape)}")
+        return self.head(self.features(dist, ref))
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: fusion and head, and the backbones when they are fine-tuned."""
+        prefixes = ("fusion.", "head.") if self.freeze_backbones else ("",)
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dict(self.config),
+                "model": self.trained_state_dict()}
+
+    def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
+        atomic_save({**self.checkpoint(), **extra}, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Load an official released checkpoint or one of this project's; returns the whole saved dict."""
+        path = Path(path)
+        saved = read_weight_file(path)
+        if isinstance(saved, dict) and all(section in saved for section in OFFICIAL_MODULES):
+            self._check_official_patch_size(path)
+            state = official_to_ahiq(saved)
+        elif isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
+            self._check_config(saved.get("config", {}), path)
+            state = saved["model"]
+        else:
+            keys = ", ".join(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+            raise WeightsError(f"{path} is not an AHIQ checkpoint (top level: {keys}); expected the official "
+                               f"format ({' + '.join(OFFICIAL_MODULES)}) or this project's ('format': 'ahiq')")
+        own = self.state_dict()
+        expected = {k: v for k, v in own.items() if k.startswith(("fusion.", "head."))}
+        if any(k.startswith(("vit.", "cnn.")) for k in state):  # a checkpoint with fine-tuned backbones
+            expected = own
+        check_state_dict(expected, state, f"checkpoint {path}")
+        self.load_state_dict(state, strict=False)
+        return saved
+
+    def _check_config(self, saved: dict, path: Path) -> None:
+        differ = [f"{k}={saved[k]!r} (this model: {v!r})" for k, v in self.config.items() if k in saved and saved[k] != v]
+        if differ:
+            raise WeightsError(f"checkpoint {path} was saved for another architecture: {', '.join(differ)}. "
+                               f"Build the model with the checkpoint's settings (AHIQ.from_checkpoint does).")
+
+    def _check_official_patch_size(self, path: Path) -> None:
+        # Patch 8 and 16 heads have identically shaped weights (only a stride differs), so the released
+        # file names (AHIQ_vit_p8_epoch33-...) are the only way to tell them apart.
+        named = re.search(r"vit_p(8|16)(?!\d)", path.name)
+        if named and int(named.group(1)) != self.config["patch_size"]:
+            raise WeightsError(f"checkpoint {path} is named for patch size {named.group(1)}, this model has "
+                               f"patch_size={self.config['patch_size']}; build AHIQ(patch_size={named.group(1)}).")
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, vit_pretrained: Pretrained = False,
+                        cnn_pretrained: Pretrained = False, **kwargs: Any) -> "AHIQ":
+        """A model built with the architecture a project checkpoint was saved for, its weights loaded.
+
+        Backbone weights come from ``vit_pretrained``/``cnn_pretrained`` unless the checkpoint holds them.
+        """
+        saved = read_weight_file(path)
+        config = dict(saved.get("config", {})) if isinstance(saved, dict) else {}
+        config.update(kwargs)
+        model = cls(vit_pretrained=vit_pretrained, cnn_pretrained=cnn_pretrained, **config)
+        model.load_checkpoint(path)
+        return model

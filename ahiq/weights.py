@@ -1,0 +1,94 @@
+"""Reading weight files and matching them to a module: shared by the backbones and the AHIQ checkpoints."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be used for the module it was given to."""
+
+
+def read_weight_file(path: str | os.PathLike) -> Any:
+    """Load a ``.pth``/``.pt``/``.bin`` (torch.save) or ``.safetensors`` file onto the CPU.
+
+    Torch files are read with ``weights_only=True`` (no arbitrary code runs); numpy scalars, which the
+    official AHIQ training script stores as ``loss``, are allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+    numpy_scalars.append(getattr(np, "_core", np.core).multiarray.scalar)
+    try:
+        with torch.serialization.safe_globals(numpy_scalars):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError on bad files
+        raise WeightsError(f"{path} is not a readable torch or safetensors weight file: {exc}") from exc
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a saved object: itself, or nested under ``state_dict`` or ``model``.
+
+    A ``module.`` prefix left by DataParallel/DistributedDataParallel is removed.
+    """
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("no state dict found: expected a dict of tensors, optionally under 'state_dict' or 'model'")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _listed(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one WeightsError naming every missing, unexpected and wrongly shaped key."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    wrong_shape = [
+        f"{k} {tuple(given[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in expected
+        if k in given and given[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listed(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrongly shaped keys: {_listed(wrong_shape)}")
+    if problems:
+        raise WeightsError(f"{source} does not fit this model; " + "; ".join(problems))
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torchvision.ops import deform_conv2d
+
+from ahiq.fusion import DeformFusion, deform_conv2d_bilinear
+
+
+def _inputs(b=2, c=6, h=9, w=11, c_out=5, scale=3.0, whole_pixels=True):
+    x = torch.randn(b, c, h, w, dtype=torch.float64)
+    # Offsets of several pixels send taps outside the map; whole-pixel offsets hit the bilinear edge cases.
+    offset = torch.randn(b, 18, h, w, dtype=torch.float64) * scale
+    if whole_pixels:
+        offset[:, :, ::3] = offset[:, :, ::3].round()
+    weight = torch.randn(c_out, c, 3, 3, dtype=torch.float64)
+    bias = torch.randn(c_out, dtype=torch.float64)
+    return x, offset, weight, bias
+
+
+def test_bilinear_deform_conv_equals_torchvision():
+    x, offset, weight, bias = _inputs()
+    expected = deform_conv2d(x, offset, weight, bias, padding=(1, 1))
+    torch.testing.assert_close(deform_conv2d_bilinear(x, offset, weight, bias, padding=1), expected,
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_bilinear_deform_conv_equals_torchvision_fp32_and_gradients():
+    # Fractional offsets only: at a whole pixel the bilinear weight has a kink, and either one-sided
+    # derivative is a valid gradient (the two implementations pick different sides).
+    x, offset, weight, bias = (t.float().requires_grad_() for t in _inputs(whole_pixels=False))
+    ours = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
+    theirs = deform_conv2d(x, offset, weight, bias, padding=(1, 1))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ours)
+    grads_ours = torch.autograd.grad(ours, (x, offset, weight, bias), g)
+    grads_theirs = torch.autograd.grad(theirs, (x, offset, weight, bias), g)
+    for a, b in zip(grads_ours, grads_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bilinear_deform_conv_images_share_offsets():
+    x, offset, weight, bias = _inputs()
+    x2 = torch.randn_like(x)
+    both = deform_conv2d_bilinear(torch.cat((x, x2)), offset, weight, bias, padding=1)
+    torch.testing.assert_close(both[:2], deform_conv2d(x, offset, weight, bias, padding=(1, 1)))
+    torch.testing.assert_close(both[2:], deform_conv2d(x2, offset, weight, bias, padding=(1, 1)))
+
+
+@pytest.mark.parametrize("final_stride", [1, 2])
+def test_fusion_implementations_agree(final_stride):
+    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride)
+    torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)  # offsets of a few pixels, not near zero
+    cnn_d, cnn_r = torch.randn(2, 12, 16, 16), torch.randn(2, 12, 16, 16)
+    vit_r = torch.randn(2, 20, 8, 8)
+    fast = fusion(cnn_d, cnn_r, vit_r)
+    fusion.deform_impl = "torchvision"
+    slow = fusion(cnn_d, cnn_r, vit_r)
+    assert fast[0].shape == (2, 12, 8 // final_stride, 8 // final_stride)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fast[0], fast[1])  # distorted and reference stay apart
+
+
+def test_fusion_rejects_unknown_implementation():
+    with pytest.raises(ValueError, match="deform_impl"):
+        DeformFusion(4, 4, deform_impl="cuda")

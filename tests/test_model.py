@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from ahiq import AHIQ
+from ahiq.model import OFFICIAL_MODULES, ahiq_to_official, official_to_ahiq
+from ahiq.reference import OfficialFusion, OfficialHead, random_official_setup
+from ahiq.weights import WeightsError
+from conftest import TINY
+
+
+def _official_setup(tmp_path, patch_size, tiny):
+    return random_official_setup(patch_size, tmp_path, **(TINY if tiny else {}))
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_full_size_model_matches_official_compute_pattern(tmp_path, patch_size):
+    reference, model, _ = _official_setup(tmp_path, patch_size, tiny=False)
+    dist, ref = torch.rand(2, 3, 224, 224), torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(dist, ref)
+        got = model(dist, ref)
+    assert got.shape == (2,)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got[0] - got[1]).abs() > 1e-2, got  # the scores depend on the images: the match is not trivial
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+@pytest.mark.parametrize("deform_impl", ["bilinear", "torchvision"])
+def test_tiny_model_matches_official_compute_pattern(tmp_path, patch_size, deform_impl):
+    reference, model, _ = _official_setup(tmp_path, patch_size, tiny=True)
+    model.fusion.deform_impl = deform_impl
+    dist, ref = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        got = model(dist, ref)
+        torch.testing.assert_close(got, reference(dist, ref), rtol=0, atol=1e-5)
+    assert got.max() - got.min() > 1e-2, got
+
+
+def test_official_key_mapping_is_a_bijection():
+    head, fusion = OfficialHead(40, 8, 24), OfficialFusion(8, 20, 12, 8)
+    official = {"deform_net_model_state_dict": fusion.state_dict(), "regressor_model_state_dict": head.state_dict()}
+    back = ahiq_to_official(official_to_ahiq(official))
+    for section in OFFICIAL_MODULES:
+        assert back[section].keys() == official[section].keys()
+        assert all(torch.equal(back[section][k], v) for k, v in official[section].items())
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    _, model, _ = _official_setup(tmp_path, 16, tiny=True)
+    model.save_checkpoint(tmp_path / "own.pth", epoch=4)
+    loaded = AHIQ.from_checkpoint(tmp_path / "own.pth", tmp_path / "vit.pth", tmp_path / "resnet.pth")
+    assert loaded.config == model.config and loaded.config["patch_size"] == 16
+    dist, ref = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(dist, ref), model(dist, ref))
+    saved = torch.load(tmp_path / "own.pth", weights_only=True)
+    assert saved["epoch"] == 4 and not any(k.startswith(("vit.", "cnn.")) for k in saved["model"])
+
+
+def test_wrong_shape_checkpoint_names_the_keys(tmp_path):
+    _, _, ckpt = _official_setup(tmp_path, 8, tiny=True)
+    narrow = AHIQ(8, False, False, **{**TINY, "head_dim": 8})
+    with pytest.raises(WeightsError) as err:
+        narrow.load_checkpoint(ckpt)
+    message = str(err.value)
+    assert ckpt.name in message and "wrongly shaped keys: head.reduce.weight (16, 256, 1, 1) (expected (8, 256, 1, 1))" in message
+
+
+def test_patch_16_checkpoint_rejected_by_patch_8_model(tmp_path):
+    _, model16, official16 = _official_setup(tmp_path, 16, tiny=True)
+    model8 = AHIQ(8, False, False, **TINY)
+    with pytest.raises(WeightsError, match="named for patch size 16.*AHIQ\\(patch_size=16\\)"):
+        model8.load_checkpoint(official16)
+    model16.save_checkpoint(tmp_path / "p16.pth")
+    with pytest.raises(WeightsError, match="patch_size=16 \\(this model: 8\\)"):
+        model8.load_checkpoint(tmp_path / "p16.pth")
+
+
+def test_missing_unknown_and_foreign_checkpoints(tmp_path):
+    _, model, ckpt = _official_setup(tmp_path, 8, tiny=True)
+    saved = torch.load(ckpt, weights_only=False)
+    del saved["regressor_model_state_dict"]["conv.0.bias"]
+    torch.save(saved, tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="missing keys: head.score.bias"):
+        model.load_checkpoint(tmp_path / "missing.pth")
+    saved["regressor_model_state_dict"]["extra.0.weight"] = torch.zeros(1)
+    torch.save(saved, tmp_path / "extra.pth")
+    with pytest.raises(WeightsError, match="unknown key 'extra.0.weight'"):
+        model.load_checkpoint(tmp_path / "extra.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pth")
+    with pytest.raises(WeightsError, match="foreign.pth is not an AHIQ checkpoint \\(top level: weights\\)"):
+        model.load_checkpoint(tmp_path / "foreign.pth")
+
+
+def test_frozen_backbones_get_no_gradient_and_stay_in_eval():
+    model = AHIQ(8, False, False, **TINY).train()
+    assert not model.vit.training and not model.cnn.training and model.head.training
+    assert all(not p.requires_grad for p in model.backbone_parameters())
+    model(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is None for p in model.backbone_parameters())
+    assert all(p.grad is not None for p in [*model.fusion.parameters(), *model.head.parameters()])
+
+
+def test_fine_tuned_backbones_train_and_are_saved(tmp_path):
+    model = AHIQ(8, False, False, **TINY, freeze_backbones=False).train()
+    assert model.cnn.training
+    model(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.backbone_parameters())
+    model.save_checkpoint(tmp_path / "ft.pth")
+    fresh = AHIQ(8, False, False, **TINY)
+    fresh.load_checkpoint(tmp_path / "ft.pth")
+    assert torch.equal(fresh.vit.vit.blocks[4].mlp.fc2.weight, model.vit.vit.blocks[4].mlp.fc2.weight)
+
+
+def test_mismatched_pair_shapes_are_rejected():
+    model = AHIQ(8, False, False, **TINY)
+    with pytest.raises(ValueError, match="differ in shape"):
+        model(torch.rand(2, 3, 64, 64), torch.rand(1, 3, 64, 64))
