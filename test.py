@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""AHIQ testing: `python test.py --opt options/<experiment>.yaml`. Not written yet (the training issue)."""
+"""Test AHIQ checkpoints, or write an NTIRE 2022 submission: python test.py --opt options/pipal.yaml [key.path=value ...]"""
 import sys
 
+from ahiq.cli import run
+from ahiq.engine import run_test
+
 if __name__ == "__main__":
-    sys.exit("test.py is not implemented yet: option files, datasets and the testing loop are still to come. "
-             "The model itself is ready: see the README, 'Using the model'.")
+    sys.exit(run(__doc__, run_test))

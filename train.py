@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""AHIQ training: `python train.py --opt options/<experiment>.yaml`. Not written yet (the training issue)."""
+"""Train AHIQ: python train.py --opt options/pipal.yaml [key.path=value ...]"""
 import sys
 
+from ahiq.cli import run
+from ahiq.engine import train
+
 if __name__ == "__main__":
-    sys.exit("train.py is not implemented yet: option files, datasets and the training loop are still to come. "
-             "The model itself is ready: see the README, 'Using the model'.")
+    sys.exit(run(__doc__, train))

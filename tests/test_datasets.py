@@ -21,7 +21,7 @@ def pair_files(tmp_path):
 
 
 def test_training_crops_aligned_all_positions_reached_flips_paired(pair_files):
-    data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True), crop_size=8, flip_axis="width", seed=0)
+    data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True).to_target([3.0, 5.0]), crop_size=8, flip_axis="width", seed=0)
     corners, flips = set(), 0
     for epoch in range(400):  # 18 positions: missing one in 400 draws has probability < 1e-8
         data.set_epoch(epoch)
@@ -39,7 +39,7 @@ def test_training_crops_aligned_all_positions_reached_flips_paired(pair_files):
 
 
 def test_official_height_flip_and_no_flip(pair_files):
-    data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True), crop_size=8, flip_axis="height", seed=0)
+    data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True).to_target([3.0, 5.0]), crop_size=8, flip_axis="height", seed=0)
     seen = set()
     for epoch in range(20):
         data.set_epoch(epoch)
@@ -47,14 +47,14 @@ def test_official_height_flip_and_no_flip(pair_files):
         assert torch.equal(d[1, 0], torch.sort(d[1, 0]).values)  # columns never reversed
         seen.add(bool(d[0, 0, 0] > d[0, -1, 0]))
     assert seen == {True, False}
-    data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True), crop_size=8, flip_axis=None)
+    data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True).to_target([3.0, 5.0]), crop_size=8, flip_axis=None)
     d = (data[0][0] * 255).round().long()
     assert d[0, 0, 0] < d[0, -1, 0] and d[1, 0, 0] < d[1, 0, -1]
 
 
 def test_training_samples_are_reproducible(pair_files):
-    a = TrainPairs(pair_files, TargetScale(1.0, 5.0, True), crop_size=8, seed=7)
-    b = TrainPairs(pair_files, TargetScale(1.0, 5.0, True), crop_size=8, seed=7)
+    a = TrainPairs(pair_files, TargetScale(1.0, 5.0, True).to_target([3.0, 5.0]), crop_size=8, seed=7)
+    b = TrainPairs(pair_files, TargetScale(1.0, 5.0, True).to_target([3.0, 5.0]), crop_size=8, seed=7)
     a.set_epoch(3)
     b.set_epoch(3)
     assert torch.equal(a[1][0], b[1][0])

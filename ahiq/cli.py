@@ -1,0 +1,35 @@
+"""Command-line entry points: options from --opt and key.path=value overrides, and errors printed as one
+readable line instead of a traceback (--debug shows it)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .backbones import PretrainedWeightsError
+from .data import DatasetError, ImageError
+from .options import OptionsError, load_options
+from .weights import WeightsError
+
+EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, PretrainedWeightsError, FileNotFoundError,
+            ValueError, FloatingPointError)
+
+
+def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--opt", required=True, help="YAML option file, e.g. options/pipal.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="override any option, e.g. train.epochs=10 name=try2 (values parsed as YAML)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    args = parser.parse_args(argv)
+    try:
+        action(load_options(args.opt, args.overrides))
+    except EXPECTED as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue a training run with train.resume=auto", file=sys.stderr)
+        return 130
+    return 0

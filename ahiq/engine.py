@@ -1,0 +1,373 @@
+"""Training and evaluation: data sources from the options, the training loop, crop-ensemble prediction,
+checkpoints and resume."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, RandomSampler
+
+from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, load_split, read_labels,
+                   save_split, split_by_reference)
+from .metrics import evaluate, summary_line
+from .model import AHIQ
+from .options import save_options
+from .weights import WeightsError, atomic_save, read_weight_file
+
+log = logging.getLogger("ahiq")
+MODEL_SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Part:
+    """Pairs of one role (train, val, test) with their training-scale targets (None when unlabelled)."""
+    pairs: Pairs
+    targets: np.ndarray | None
+
+
+def _read_source(source: dict) -> Pairs:
+    if not source.get("dataset") or not source.get("root"):
+        raise DatasetError(f"a data source needs 'dataset' and 'root', got {source}")
+    return read_labels(source["dataset"], source["root"], **(source.get("options") or {}))
+
+
+def _part(pairs: Pairs, scale: TargetScale | None, indices: Sequence[int] | None = None) -> Part:
+    if indices is not None:
+        pairs = Pairs([pairs[i] for i in indices], pairs.higher_is_better, pairs.dataset)
+    targets = scale.to_target([p.mos for p in pairs]) if scale is not None and pairs.labelled else None
+    return Part(pairs, targets)
+
+
+def load_parts(data: dict, experiment_dir: Path | None = None) -> dict[str, Part]:
+    """train/val/test parts. Each labelled source is normalised over all of its own pairs (before any split).
+
+    Without ``data.val`` the main source is split by reference (``data.split``; the split is saved in the
+    experiment folder, or read from ``data.split.file``); with it, the main source is all training data.
+    ``data.test`` (if set) replaces the test part; with ``data.val`` and no ``data.test``, test is val.
+    """
+    main = _read_source(data)
+    scale = TargetScale.fit(main)
+    parts: dict[str, Part] = {}
+    if data.get("val"):
+        parts["train"] = _part(main, scale)
+        val = _read_source(data["val"])
+        parts["val"] = _part(val, TargetScale.fit(val))
+        parts["test"] = parts["val"]
+    else:
+        split = data["split"]
+        if split.get("file"):
+            indices = load_split(split["file"], main)
+        else:
+            indices = split_by_reference(main, split["ratios"], split["seed"])
+            if experiment_dir is not None:
+                save_split(experiment_dir / "split.json", main, indices, dataset=main.dataset, seed=split["seed"],
+                           ratios=split["ratios"])
+        if len(indices) not in (2, 3):
+            raise DatasetError(f"data.split must give 2 parts (train, test) or 3 (train, val, test), got {len(indices)}")
+        parts["train"] = _part(main, scale, indices[0])
+        parts["val"] = _part(main, scale, indices[1])
+        parts["test"] = _part(main, scale, indices[-1])
+    if data.get("test"):
+        test = _read_source(data["test"])
+        parts["test"] = _part(test, TargetScale.fit(test) if test.labelled else None)
+    return parts
+
+
+# ---- model and device ------------------------------------------------------------------------------------
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def build_model(model_opt: dict) -> AHIQ:
+    return AHIQ(model_opt["patch_size"], model_opt["vit_pretrained"], model_opt["cnn_pretrained"],
+                freeze_backbones=model_opt["freeze_backbones"], deform_impl=model_opt["deform_impl"],
+                **{k: model_opt[k] for k in MODEL_SIZE_KEYS})
+
+
+def load_model(path: str | Path, model_opt: dict) -> AHIQ:
+    """A model for a checkpoint: this project's (its saved architecture) or an official one (the options')."""
+    saved = read_weight_file(path)
+    if isinstance(saved, dict) and saved.get("format") == "ahiq":
+        sizes = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}
+        return AHIQ.from_checkpoint(path, model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **sizes)
+    model = build_model(model_opt)
+    model.load_checkpoint(path)
+    return model
+
+
+# ---- prediction ------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_crops: int = 20, seed: int = 0,
+            batch_size: int = 2, num_workers: int = 0, device: torch.device = torch.device("cpu"),
+            progress: bool = False) -> np.ndarray:
+    """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble). Keeps every
+    pair (no incomplete batch is dropped) and returns them in the order of ``part.pairs``."""
+    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    for m in models:
+        m.eval()
+    out = np.empty(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, disable=None)
+    for dist, ref, _mos, index in loader:
+        b, k = dist.shape[:2]
+        dist = dist.flatten(0, 1).to(device, non_blocking=True)
+        ref = ref.flatten(0, 1).to(device, non_blocking=True)
+        scores = torch.stack([m(dist, ref).view(b, k).mean(1) for m in models]).mean(0)
+        out[index.numpy()] = scores.double().cpu().numpy()
+    return out
+
+
+# ---- training --------------------------------------------------------------------------------------------
+
+def train_step(model: AHIQ, optimizer, scheduler, dist, ref, target) -> float:
+    """One step of the official recipe: MSE on normalised targets, optimiser step, scheduler step (every
+    iteration, as the official code does)."""
+    loss = F.mse_loss(model(dist, ref), target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.item()
+
+
+def make_optimizer(model: AHIQ, train_opt: dict):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=train_opt["lr"], weight_decay=train_opt["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train_opt["t_max"],
+                                                           eta_min=train_opt["eta_min"])
+    return optimizer, scheduler
+
+
+def _rng_state() -> dict:
+    # numpy's state as a tensor and plain numbers: checkpoints stay loadable with weights_only=True
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       cached], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup_logging(experiment_dir: Path) -> None:
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    file_handler = logging.FileHandler(experiment_dir / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    log.propagate = False
+
+
+def _resume_path(opt: dict, experiment_dir: Path) -> Path | None:
+    resume = opt["train"]["resume"]
+    latest = experiment_dir / "latest.pth"
+    if resume is None:
+        if latest.exists():
+            raise ValueError(f"{experiment_dir} already holds a run (latest.pth): continue it with "
+                             f"train.resume=auto, or choose another name=...")
+        return None
+    if resume == "auto":
+        return latest if latest.exists() else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"train.resume: checkpoint {resume} does not exist")
+    return Path(resume)
+
+
+def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
+    """Train with the options ``opt``; returns the best validation metrics. Everything that can be checked
+    (options, label files, every image) is checked before the first step."""
+    train_opt, data_opt = opt["train"], opt["data"]
+    experiment_dir = Path(checkpoints_root) / opt["name"]
+    resume_from = _resume_path(opt, experiment_dir)
+    setup_logging(experiment_dir)
+    save_options(opt, experiment_dir / "options.yaml")
+    device = select_device(train_opt["device"])
+    seed_everything(train_opt["seed"])
+
+    parts = load_parts(data_opt, experiment_dir)
+    if parts["val"].targets is None:
+        raise DatasetError("the validation set has no labels: set data.val to a labelled source")
+    crop = opt["model"]["img_size"]
+    train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"])
+    EvalPairs(parts["val"].pairs, crop, train_opt["val_crops"])  # checks the validation images now
+    log.info(f"{opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} validation "
+             f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}")
+
+    model = build_model(opt["model"]).to(device)
+    optimizer, scheduler = make_optimizer(model, train_opt)
+    start_epoch, best = 0, {"main": -math.inf}
+    if resume_from is not None:
+        saved = _load_training_checkpoint(resume_from, experiment_dir)
+        model.load_checkpoint(saved["_path"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        _set_rng_state(saved["rng"])
+        start_epoch, best = saved["epoch"] + 1, saved["best"]
+        log.info(f"resumed from {saved['_path']} after epoch {saved['epoch'] + 1}")
+
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    writer = SummaryWriter(str(experiment_dir / "tensorboard"))
+    step = start_epoch * math.ceil(len(train_set) / train_opt["batch_size"])
+    try:
+        for epoch in range(start_epoch, train_opt["epochs"]):
+            model.train()
+            train_set.set_epoch(epoch)
+            # The order of epoch e depends on (seed, e) alone: a resumed run replays it exactly.
+            order = torch.Generator().manual_seed(train_opt["seed"] * 100003 + epoch)
+            loader = DataLoader(train_set, batch_size=train_opt["batch_size"],
+                                sampler=RandomSampler(train_set, generator=order),
+                                num_workers=data_opt["num_workers"], drop_last=False,
+                                pin_memory=device.type == "cuda", persistent_workers=False)
+            losses = []
+            start = time.time()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_opt['epochs']}", unit="batch", dynamic_ncols=True, disable=None,
+                       leave=False)
+            for dist, ref, target in bar:
+                lr = optimizer.param_groups[0]["lr"]
+                loss = train_step(model, optimizer, scheduler, dist.to(device), ref.to(device), target.to(device))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {step}: stopping; the last "
+                                             f"good checkpoint is {experiment_dir / 'latest.pth'}")
+                losses.append(loss)
+                step += 1
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if step % train_opt["log_every"] == 0:
+                    writer.add_scalar("train/loss", loss, step)
+                    writer.add_scalar("train/lr", lr, step)
+            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": time.time() - start}
+            if (epoch + 1) % train_opt["val_every"] == 0 or epoch + 1 == train_opt["epochs"]:
+                pred = predict([model], parts["val"], crop, train_opt["val_crops"], batch_size=train_opt["batch_size"],
+                               num_workers=data_opt["num_workers"], device=device)
+                metrics = evaluate(pred, parts["val"].targets)
+                for key in ("srocc", "plcc", "krocc", "rmse", "main"):
+                    writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
+                record["val"] = summary_line(metrics)
+                if metrics["main"] > best["main"]:
+                    best = {**metrics, "epoch": epoch + 1}
+                    _save(experiment_dir / "best.pth", model, optimizer, scheduler, epoch, best, opt)
+                    record["best"] = True
+            log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            _save(experiment_dir / "latest.pth", model, optimizer, scheduler, epoch, best, opt)
+            if (epoch + 1) % train_opt["save_interval"] == 0:
+                _save(experiment_dir / f"epoch_{epoch + 1}.pth", model, optimizer, scheduler, epoch, best, opt)
+    finally:
+        writer.close()
+    log.info(f"best validation: {summary_line(best) if 'srocc' in best else 'none'} at epoch {best.get('epoch')}")
+    return best
+
+
+def _save(path: Path, model: AHIQ, optimizer, scheduler, epoch: int, best: dict, opt: dict) -> None:
+    model.save_checkpoint(path, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
+                          best=best, rng=_rng_state(), options=opt)
+
+
+def _load_training_checkpoint(path: Path, experiment_dir: Path) -> dict:
+    """A training checkpoint; a corrupt latest.pth falls back to the newest good epoch_N.pth."""
+    candidates = [path]
+    if path.name == "latest.pth":
+        epochs = sorted(experiment_dir.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
+        candidates += epochs
+    for candidate in candidates:
+        try:
+            saved = read_weight_file(candidate)
+            if not isinstance(saved, dict) or "optimizer" not in saved:
+                raise WeightsError(f"{candidate} is not a training checkpoint of this project")
+            saved["_path"] = candidate
+            return saved
+        except (WeightsError, OSError) as exc:
+            log.warning(f"cannot resume from {candidate}: {exc}")
+    raise WeightsError(f"no usable checkpoint to resume from in {experiment_dir}")
+
+
+# ---- testing ---------------------------------------------------------------------------------------------
+
+def _checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path]:
+    given = opt["test"]["checkpoint"]
+    paths = []
+    for item in given if isinstance(given, list) else [given]:
+        path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"test.checkpoint: {path} does not exist (train first, or set "
+                                    f"test.checkpoint=<path> or a list of paths for an ensemble)")
+        paths.append(path)
+    return paths
+
+
+def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
+    """Score the test part with one checkpoint or an ensemble of them. Labelled: predictions, metrics.json,
+    a scatter plot and one summary line. Unlabelled: an NTIRE 2022 submission."""
+    from .report import scatter_plot, write_metrics, write_predictions
+    from .submission import write_ntire_submission
+
+    test_opt = opt["test"]
+    experiment_dir = Path(checkpoints_root) / opt["name"]
+    paths = _checkpoint_paths(opt, experiment_dir)
+    part = load_parts(opt["data"])["test"]
+    device = select_device(opt["train"]["device"])
+    models = [load_model(p, opt["model"]).to(device) for p in paths]
+    crop = models[0].config["img_size"]
+    EvalPairs(part.pairs, crop, test_opt["crops"])  # every image checked before the first pair is scored
+    out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    pred = predict(models, part, crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"],
+                   test_opt["batch_size"], opt["data"]["num_workers"], device, progress=True)
+    seconds_per_image = (time.time() - start) / len(pred)
+    names = [p.name for p in part.pairs]
+    if part.targets is None:
+        sub = test_opt["submission"]
+        runtime = sub["runtime"] if sub["runtime"] is not None else seconds_per_image
+        gpu = sub["gpu"] if sub["gpu"] is not None else device.type == "cuda"
+        zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, runtime, gpu,
+                                          sub["extra_data"], sub["description"])
+        print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
+        return {"submission": str(zip_path)}
+    metrics = evaluate(pred, part.targets)
+    write_predictions(out_dir / "results.txt", names, pred)
+    write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
+                  dataset=part.pairs.dataset, crops=test_opt["crops"], num_crops=test_opt["num_crops"])
+    scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
+                 f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
+    print(summary_line(metrics))
+    return metrics

@@ -1,0 +1,63 @@
+"""PLCC, SROCC, KROCC and RMSE, raw and after the VQEG four-parameter logistic fit."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from scipy import optimize, stats
+
+
+def logistic4(x, b1, b2, b3, b4):
+    """VQEG's monotonic logistic: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2."""
+    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
+
+
+def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray | None:
+    """Parameters of logistic4 mapping predictions onto the scores, or None when the fit fails."""
+    spread = float(np.std(pred)) or 1.0
+    p0 = [float(np.max(mos)), float(np.min(mos)), float(np.mean(pred)), spread / 4 if spread else 1.0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            params, _ = optimize.curve_fit(logistic4, pred, mos, p0=p0, maxfev=20000)
+    except (RuntimeError, ValueError, optimize.OptimizeWarning):
+        return None
+    return params if np.all(np.isfinite(params)) else None
+
+
+def evaluate(pred, mos) -> dict:
+    """Agreement of predictions with scores (same direction: higher is better in both).
+
+    Returns plcc, srocc, krocc, rmse, main (= |plcc| + |srocc|, the NTIRE 2022 score), plcc_fitted and
+    rmse_fitted (after the logistic fit), and n. Correlations of constant inputs are NaN, with a warning.
+    """
+    pred = np.asarray(pred, dtype=float).ravel()
+    mos = np.asarray(mos, dtype=float).ravel()
+    if pred.shape != mos.shape:
+        raise ValueError(f"{len(pred)} predictions for {len(mos)} scores")
+    out = {"n": int(len(pred)), "rmse": float(np.sqrt(np.mean((pred - mos) ** 2))) if len(pred) else float("nan")}
+    constant = len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(mos) == 0
+    if constant:
+        what = "fewer than two samples" if len(pred) < 2 else "constant " + ("predictions" if np.ptp(pred) == 0 else "scores")
+        warnings.warn(f"correlations are undefined for {what}: reported as NaN", RuntimeWarning, stacklevel=2)
+        nan = float("nan")
+        out.update(plcc=nan, srocc=nan, krocc=nan, main=nan, plcc_fitted=nan, rmse_fitted=nan)
+        return out
+    out["plcc"] = float(stats.pearsonr(pred, mos)[0])
+    out["srocc"] = float(stats.spearmanr(pred, mos)[0])
+    out["krocc"] = float(stats.kendalltau(pred, mos)[0])  # tau-b: ties counted
+    out["main"] = abs(out["plcc"]) + abs(out["srocc"])
+    params = fit_logistic(pred, mos)
+    fitted = logistic4(pred, *params) if params is not None else None
+    if fitted is None or np.ptp(fitted) == 0:
+        out["plcc_fitted"] = out["rmse_fitted"] = float("nan")
+    else:
+        out["plcc_fitted"] = float(stats.pearsonr(fitted, mos)[0])
+        out["rmse_fitted"] = float(np.sqrt(np.mean((fitted - mos) ** 2)))
+    out["logistic"] = params.tolist() if params is not None else None
+    return out
+
+
+def summary_line(metrics: dict) -> str:
+    return (f"SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f} KROCC {metrics['krocc']:.4f} "
+            f"RMSE {metrics['rmse']:.4f} main {metrics['main']:.4f} ({metrics['n']} pairs)")

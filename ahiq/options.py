@@ -1,0 +1,179 @@
+"""Experiment options: YAML files (``base:`` names a file to extend), ``key.path=value`` overrides from the
+command line, and a schema that rejects unknown keys (suggesting the nearest) and wrong types.
+
+DEFAULTS below is the schema: every option, its default and (in the README) its meaning.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCE = {"dataset": None, "root": None, "options": {}}  # one labelled or unlabelled set of pairs
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,
+    "model": {
+        "patch_size": 8, "vit_pretrained": True, "cnn_pretrained": True, "freeze_backbones": True,
+        "deform_impl": "bilinear", "img_size": 224, "vit_dim": 768, "vit_heads": 12, "cnn_width": 64,
+        "fusion_hidden": 512, "head_dim": 256, "head_hidden": 1024,
+    },
+    "data": {
+        **SOURCE,
+        "split": {"ratios": [0.6, 0.2, 0.2], "seed": 0, "file": None},
+        "val": None, "test": None,
+        "flip": "width", "num_workers": 2,
+    },
+    "train": {
+        "epochs": 200, "batch_size": 4, "lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0,
+        "seed": 1919, "val_crops": "five", "val_every": 1, "save_interval": 5, "resume": None,
+        "device": "auto", "log_every": 20,
+    },
+    "test": {
+        "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
+        "submission": {"runtime": None, "gpu": None, "extra_data": False,
+                       "description": "AHIQ (Lao, Gong et al., CVPRW 2022), ahiq reference implementation."},
+    },
+}
+
+# Options whose type is not that of their default; "source" is a SOURCE dict or null.
+TYPES: dict[str, tuple] = {
+    "name": (str,), "model.vit_pretrained": (bool, str), "model.cnn_pretrained": (bool, str),
+    "data.dataset": (str,), "data.root": (str,), "data.options": (dict,), "data.split.file": (str, type(None)),
+    "data.val": ("source",), "data.test": ("source",), "data.flip": (str, type(None)),
+    "train.resume": (str, type(None)), "test.checkpoint": (str, list), "test.output": (str, type(None)),
+    "test.submission.runtime": (float, type(None)), "test.submission.gpu": (bool, type(None)),
+}
+CHOICES = {
+    "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),
+    "data.flip": ("width", "height", None), "train.val_crops": ("five", "nine", "random", "centre", "whole"),
+    "test.crops": ("five", "nine", "random", "centre", "whole"),
+}
+
+
+class OptionsError(ValueError):
+    """An option file or override that cannot be used: the message names the file and key."""
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, dict) and value and (prefix + key) not in TYPES:
+            keys.extend(_flat_keys(value, prefix + key + "."))
+    return keys
+
+
+ALL_KEYS = _flat_keys(DEFAULTS) + [f"data.{s}.{k}" for s in ("val", "test") for k in SOURCE]
+
+
+def _unknown(key: str, where: str) -> OptionsError:
+    near = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return OptionsError(f"{where}: unknown option '{key}'{hint}")
+
+
+def _coerce_number(key: str, value: Any, default: Any) -> Any:
+    """YAML 1.1 reads 1e-4 (no dot) as a string: accept such numbers where a float is expected."""
+    if isinstance(value, str) and (isinstance(default, float) or float in TYPES.get(key, ())):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_type(key: str, value: Any, default: Any, where: str) -> None:
+    allowed = TYPES.get(key)
+    if allowed is None:
+        allowed = (float, int) if isinstance(default, float) else (type(default),)
+    if "source" in allowed:
+        if value is None:
+            return
+        if not isinstance(value, dict):
+            raise OptionsError(f"{where}: option '{key}' must be a mapping with {', '.join(SOURCE)} or null, got {value!r}")
+        for sub in value:
+            if sub not in SOURCE:
+                raise _unknown(f"{key}.{sub}", where)
+        return
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise OptionsError(f"{where}: option '{key}' must be {names}, got {value!r} ({type(value).__name__})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise OptionsError(f"{where}: option '{key}' must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+
+
+def _merge(base: dict, update: dict, schema: dict, where: str, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        full = prefix + key
+        if key not in schema:
+            raise _unknown(full, where)
+        default = schema[key]
+        if isinstance(default, dict) and full not in TYPES and isinstance(value, dict):
+            out[key] = _merge(out.get(key) or {}, value, default, where, full + ".")
+        elif isinstance(default, dict) and full not in TYPES:
+            raise OptionsError(f"{where}: option '{full}' is a group ({', '.join(default)}), got {value!r}")
+        else:
+            value = _coerce_number(full, value, default)
+            _check_type(full, value, default, where)
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> tuple[dict, list[Path]]:
+    """The file's options with its ``base`` chain applied underneath; also the chain of files read."""
+    if not path.is_file():
+        raise OptionsError(f"option file {path} does not exist")
+    if path.resolve() in seen:
+        raise OptionsError(f"option file {path} extends itself through 'base'")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise OptionsError(f"option file {path} is not valid YAML: {exc}") from None
+    if not isinstance(content, dict):
+        raise OptionsError(f"option file {path} must hold a mapping of options")
+    base = content.pop("base", None)
+    if base is None:
+        return [(path, content)], [path]
+    parents, files = _read_yaml((path.parent / base), seen + (path.resolve(),))
+    return parents + [(path, content)], files + [path]
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise OptionsError(f"command-line override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_options(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the option file (and its bases), then the overrides; validated."""
+    options = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        layers, _ = _read_yaml(Path(path))
+        for file, content in layers:
+            options = _merge(options, content, DEFAULTS, str(file))
+    for text in overrides:
+        key, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        options = _merge(options, nested, DEFAULTS, f"override '{text}'")
+    if not options["name"]:
+        raise OptionsError(f"{path or 'options'}: option 'name' (the experiment folder checkpoints/<name>/) is not set")
+    return options
+
+
+def save_options(options: dict, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(options, sort_keys=False))

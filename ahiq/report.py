@@ -1,0 +1,52 @@
+"""What test.py writes for a labelled set: per-image predictions, metrics.json and a scatter plot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from .metrics import logistic4
+
+
+def write_predictions(path: Path, names: Sequence[str], scores: Sequence[float]) -> None:
+    """``name,score`` lines, the official results.txt format."""
+    path.write_text("".join(f"{name},{score:f}\n" for name, score in zip(names, scores)))
+
+
+def write_metrics(path: Path, metrics: dict, **info) -> None:
+    path.write_text(json.dumps({**info, **metrics}, indent=1, default=float))
+
+
+def scatter_plot(path: Path, pred: np.ndarray, target: np.ndarray, logistic: Sequence[float] | None, title: str) -> None:
+    """Prediction (x) against normalised MOS (y) with the fitted logistic curve, as a PNG."""
+    width, height, margin = 640, 480, 60
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    x0, x1 = float(np.min(pred)), float(np.max(pred))
+    y0, y1 = float(np.min(target)), float(np.max(target))
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def to_px(x, y):
+        px = margin + (np.asarray(x) - x0) / (x1 - x0) * (width - 2 * margin)
+        py = height - margin - (np.asarray(y) - y0) / (y1 - y0) * (height - 2 * margin)
+        return np.stack([px, py], -1).round().astype(np.int32)
+
+    black, grey = (0, 0, 0), (90, 90, 90)
+    cv2.rectangle(canvas, (margin, margin), (width - margin, height - margin), black, 1)
+    for px, py in to_px(pred, target):
+        cv2.circle(canvas, (int(px), int(py)), 3, (200, 120, 30), -1, cv2.LINE_AA)
+    if logistic is not None:
+        xs = np.linspace(x0, x1, 200)
+        ys = np.clip(logistic4(xs, *logistic), y0, y1)
+        cv2.polylines(canvas, [to_px(xs, ys)], False, (40, 40, 220), 2, cv2.LINE_AA)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(canvas, title, (margin, 35), font, 0.5, black, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "prediction", (width // 2 - 40, height - 15), font, 0.5, black, 1, cv2.LINE_AA)
+    cv2.putText(canvas, "MOS (normalised)", (5, margin - 8), font, 0.45, black, 1, cv2.LINE_AA)
+    for value, (px, py) in ((x0, to_px(x0, y0)), (x1, to_px(x1, y0))):
+        cv2.putText(canvas, f"{value:.3g}", (int(px) - 15, int(py) + 20), font, 0.4, grey, 1, cv2.LINE_AA)
+    for value, (px, py) in ((y0, to_px(x0, y0)), (y1, to_px(x0, y1))):
+        cv2.putText(canvas, f"{value:.3g}", (5, int(py) + 4), font, 0.4, grey, 1, cv2.LINE_AA)
+    cv2.imwrite(str(path), canvas[..., ::-1])

@@ -1,0 +1,160 @@
+import json
+import math
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ahiq import engine
+from ahiq.data import read_labels
+from ahiq.engine import load_parts, make_optimizer, predict, run_test, train, train_step
+from ahiq.model import official_to_ahiq
+from ahiq.options import load_options
+from ahiq.reference import random_official_setup
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_options(tmp_path, *overrides):
+    """The demo options on a smaller synthetic set (5 references: 3 train, 1 val, 1 test) and model."""
+    size = [f"model.{k}={v}" for k, v in TINY.items()]
+    return load_options(ROOT / "options" / "demo.yaml", [
+        f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=2",
+        "train.batch_size=8", "train.save_interval=2", *size, *overrides])
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_training_writes_the_experiment_folder_and_test_scores_it(tmp_path, capsys):
+    opt = tiny_options(tmp_path)
+    best = train(opt, tmp_path / "ckpt")
+    folder = tmp_path / "ckpt" / "demo"
+    for name in ("latest.pth", "best.pth", "epoch_2.pth", "options.yaml", "train.log", "split.json"):
+        assert (folder / name).is_file(), name
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    saved = torch.load(folder / "latest.pth", weights_only=True)
+    assert saved["epoch"] == 1 and saved["options"]["name"] == "demo" and "optimizer" in saved
+    assert math.isfinite(best["srocc"]) and best["epoch"] in (1, 2)
+    assert "epoch 2 loss" in (folder / "train.log").read_text()
+
+    metrics = run_test(opt, tmp_path / "ckpt")
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"SROCC {metrics['srocc']:.4f} PLCC ") and line.endswith("(25 pairs)")
+    results = (folder / "test" / "results.txt").read_text().splitlines()
+    assert len(results) == 25 and all(len(r.split(",")) == 2 for r in results)
+    assert json.loads((folder / "test" / "metrics.json").read_text())["n"] == 25
+    assert (folder / "test" / "scatter.png").stat().st_size > 1000
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = tiny_options(tmp_path, "name=straight", "train.epochs=3")
+    train(straight, tmp_path / "ckpt")
+    first = tiny_options(tmp_path, "name=resumed", "train.epochs=2")
+    train(first, tmp_path / "ckpt")  # "killed" after epoch 2
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny_options(tmp_path, "name=resumed", "train.epochs=3"), tmp_path / "ckpt")
+    train(tiny_options(tmp_path, "name=resumed", "train.epochs=3", "train.resume=auto"), tmp_path / "ckpt")
+    a = _weights(tmp_path / "ckpt" / "straight" / "latest.pth")
+    b = _weights(tmp_path / "ckpt" / "resumed" / "latest.pth")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    c = _weights(tmp_path / "ckpt" / "resumed" / "epoch_2.pth")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the third epoch did change the weights
+
+
+def test_corrupt_latest_falls_back_to_the_last_good_checkpoint(tmp_path):
+    train(tiny_options(tmp_path, "train.epochs=2", "train.save_interval=1"), tmp_path / "ckpt")
+    latest = tmp_path / "ckpt" / "demo" / "latest.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    train(tiny_options(tmp_path, "train.epochs=3", "train.save_interval=1", "train.resume=auto"), tmp_path / "ckpt")
+    log = (tmp_path / "ckpt" / "demo" / "train.log").read_text()
+    assert "cannot resume from" in log and "resumed from" in log and "epoch_2.pth" in log
+    assert torch.load(latest, weights_only=True)["epoch"] == 2
+
+
+def test_nan_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "train_step", lambda *a: float("nan"))
+    with pytest.raises(FloatingPointError, match="loss is nan at epoch 1, step 0"):
+        train(tiny_options(tmp_path), tmp_path / "ckpt")
+
+
+def test_one_step_equals_the_official_training_step(tmp_path):
+    reference, model, _ = random_official_setup(8, tmp_path, **TINY)
+    model.train()
+    lr, wd = 1e-4, 1e-5
+    # The official optimiser: Adam over two groups (regressor, deform net), cosine schedule per iteration.
+    official_opt = torch.optim.Adam([
+        {"params": reference.head.parameters(), "lr": lr, "weight_decay": wd},
+        {"params": reference.fusion.parameters(), "lr": lr, "weight_decay": wd}])
+    official_sched = torch.optim.lr_scheduler.CosineAnnealingLR(official_opt, T_max=50, eta_min=0)
+    optimizer, scheduler = make_optimizer(model, {"lr": lr, "weight_decay": wd, "t_max": 50, "eta_min": 0.0})
+    for step in range(3):
+        dist, ref, labels = torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64), torch.rand(4)
+        pred = reference(dist, ref)
+        loss = torch.nn.functional.mse_loss(torch.squeeze(pred), labels)
+        official_opt.zero_grad()
+        loss.backward()
+        official_opt.step()
+        official_sched.step()
+        ours = train_step(model, optimizer, scheduler, dist, ref, labels)
+        assert ours == pytest.approx(loss.item(), abs=1e-6)
+    expected = official_to_ahiq({"deform_net_model_state_dict": reference.fusion.state_dict(),
+                                 "regressor_model_state_dict": reference.head.state_dict()})
+    got = model.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6)
+    assert scheduler.get_last_lr() == official_sched.get_last_lr()[:1] == official_sched.get_last_lr()[1:]
+
+
+def test_predict_keeps_every_pair_and_averages_an_ensemble(tmp_path):
+    opt = tiny_options(tmp_path)
+    part = load_parts(opt["data"])["test"]
+    models = [engine.build_model(opt["model"]) for _ in range(2)]
+    single = [predict([m], part, 64, "five", batch_size=4) for m in models]
+    both = predict(models, part, 64, "five", batch_size=4)
+    assert len(both) == len(part.pairs) == 25  # 25 is not a multiple of the batch size
+    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, rtol=1e-6)
+    again = predict(models[:1], part, 64, "random", num_crops=3, seed=5, batch_size=7)
+    np.testing.assert_allclose(again, predict(models[:1], part, 64, "random", num_crops=3, seed=5, batch_size=2), rtol=1e-6)
+
+
+def test_unlabelled_test_set_gives_a_submission(tmp_path):
+    opt = tiny_options(tmp_path, "train.epochs=1")
+    train(opt, tmp_path / "ckpt")
+    pairs = read_labels("synthetic", tmp_path / "data", references=5, size=72)
+    unlabelled = tmp_path / "ntire"
+    (unlabelled / "Ref").mkdir(parents=True)
+    (unlabelled / "Dis").mkdir()
+    for i, pair in enumerate(pairs[:6]):  # PIPAL-style names: A####.bmp references, A####_xx_yy.bmp distorted
+        ref_name = f"A{i // 3:04d}"
+        (unlabelled / "Ref" / f"{ref_name}.bmp").write_bytes(Path(pair.ref).read_bytes())
+        (unlabelled / "Dis" / f"{ref_name}_10_{i % 3:02d}.bmp").write_bytes(Path(pair.dist).read_bytes())
+    opt = tiny_options(tmp_path, "train.epochs=1", f"data.test={{dataset: pipal, root: {unlabelled}, "
+                       "options: {labels: null, ref_dir: Ref, dist_dirs: [Dis]}}", "test.submission.gpu=false")
+    result = run_test(opt, tmp_path / "ckpt")
+    with zipfile.ZipFile(result["submission"]) as zf:
+        output = zf.read("output.txt").decode().splitlines()
+        readme = zf.read("readme.txt").decode()
+    assert [line.split(",")[0] for line in output] == sorted(f"A{i // 3:04d}_10_{i % 3:02d}.bmp" for i in range(6))
+    assert "CPU[1] / GPU[0] : 1" in readme
+
+
+def test_command_line_errors_are_one_line(tmp_path):
+    bad = subprocess.run([sys.executable, "train.py", "--opt", "options/demo.yaml", "train.epoch=3"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("error: override 'train.epoch=3': unknown option 'train.epoch'; "
+                                  "did you mean 'train.epochs'?")
+    missing = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "option file options/nowhere.yaml does not exist" in missing.stderr
+    debug = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml", "--debug"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr

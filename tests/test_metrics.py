@@ -1,0 +1,50 @@
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ahiq.metrics import evaluate, fit_logistic, logistic4, summary_line
+
+
+def test_metrics_against_scipy_with_ties():
+    rng = np.random.default_rng(0)
+    mos = np.round(rng.uniform(0, 1, 200), 1)  # many ties
+    pred = mos + rng.normal(0, 0.1, 200)
+    pred[:20] = pred[0]
+    m = evaluate(pred, mos)
+    assert m["plcc"] == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-12)
+    assert m["srocc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
+    assert m["krocc"] == pytest.approx(stats.kendalltau(pred, mos)[0], abs=1e-12)
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred - mos) ** 2)), abs=1e-12)
+    assert m["main"] == pytest.approx(abs(m["plcc"]) + abs(m["srocc"]))
+    assert m["n"] == 200
+
+
+def test_logistic_fit_recovers_a_nonlinear_mapping():
+    pred = np.linspace(-3, 3, 300)
+    mos = logistic4(pred, 5.0, 1.0, 0.5, 0.7)
+    params = fit_logistic(pred, mos)
+    np.testing.assert_allclose(logistic4(pred, *params), mos, atol=1e-6)
+    m = evaluate(pred, mos)
+    assert m["plcc_fitted"] == pytest.approx(1.0, abs=1e-9) and m["plcc"] < 0.99
+    assert m["rmse_fitted"] < 1e-5 and m["srocc"] == pytest.approx(1.0)
+
+
+def test_constant_input_gives_nan_with_warning():
+    with pytest.warns(RuntimeWarning, match="constant predictions"):
+        m = evaluate([0.5, 0.5, 0.5], [1.0, 2.0, 3.0])
+    assert np.isnan(m["srocc"]) and np.isnan(m["plcc"]) and np.isnan(m["main"])
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((0.5 - np.array([1.0, 2.0, 3.0])) ** 2)))
+    with pytest.warns(RuntimeWarning, match="fewer than two samples"):
+        evaluate([1.0], [2.0])
+    with pytest.raises(ValueError, match="3 predictions for 2 scores"):
+        evaluate([1, 2, 3], [1, 2])
+
+
+def test_summary_line_format():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = evaluate([0.1, 0.4, 0.2, 0.9], [0.0, 0.5, 0.25, 1.0])
+    assert summary_line(m) == (f"SROCC 1.0000 PLCC {m['plcc']:.4f} KROCC 1.0000 RMSE {m['rmse']:.4f} "
+                               f"main {m['main']:.4f} (4 pairs)")
