@@ -1,0 +1,140 @@
+"""Torch datasets of image pairs for training and evaluation, their targets, and the check of every image
+file that runs before the first step."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .images import ImageError, image_size, read_image
+from .labels import DatasetError, Pair, Pairs
+from .transforms import crop, eval_crop_positions, flip, random_crop_position
+
+
+class TargetScale:
+    """Published score <-> training target: min-max normalised over a labelled set, turned so that higher is
+    better. Targets of one dataset share one scale across its train/val/test parts."""
+
+    def __init__(self, low: float, high: float, higher_is_better: bool):
+        if not high > low:
+            raise DatasetError(f"scores span no range ({low} to {high}): cannot normalise them")
+        self.low, self.high, self.higher_is_better = float(low), float(high), bool(higher_is_better)
+
+    @classmethod
+    def fit(cls, pairs: Pairs) -> "TargetScale":
+        mos = np.array([p.mos for p in pairs], dtype=float)
+        if not len(mos) or np.isnan(mos).any():
+            raise DatasetError("a target scale needs labelled pairs")
+        return cls(mos.min(), mos.max(), pairs.higher_is_better)
+
+    def to_target(self, mos):
+        t = (np.asarray(mos, dtype=float) - self.low) / (self.high - self.low)
+        return t if self.higher_is_better else 1.0 - t
+
+    def to_mos(self, target):
+        t = np.asarray(target, dtype=float)
+        return (t if self.higher_is_better else 1.0 - t) * (self.high - self.low) + self.low
+
+    def state(self) -> dict:
+        return {"low": self.low, "high": self.high, "higher_is_better": self.higher_is_better}
+
+
+def check_images(pairs: Sequence[Pair], crop_size: int, whole: bool = False) -> None:
+    """Every listed image exists, is a complete image file, matches its partner's size and holds a crop.
+
+    Reads headers only (seconds for PIPAL's 23,200 pairs) and raises one DatasetError listing every problem.
+    ``whole``: images must be exactly crop_size square (evaluation on whole images).
+    """
+    sizes: dict[str, tuple[int, int] | None] = {}
+    problems: list[str] = []
+    for path in {p for pair in pairs for p in (pair.ref, pair.dist)}:
+        try:
+            sizes[path] = image_size(path)
+        except ImageError as exc:
+            sizes[path] = None
+            problems.append(str(exc))
+    for pair in pairs:
+        ref, dist = sizes[pair.ref], sizes[pair.dist]
+        if ref is None or dist is None:
+            continue
+        if ref != dist:
+            problems.append(f"{pair.dist} is {dist[0]}x{dist[1]} but its reference {pair.ref} is {ref[0]}x{ref[1]}")
+        elif whole and dist != (crop_size, crop_size):
+            problems.append(f"{pair.dist} is {dist[0]}x{dist[1]}, whole-image evaluation needs {crop_size}x{crop_size}")
+        elif min(dist) < crop_size:
+            problems.append(f"{pair.dist} is {dist[0]}x{dist[1]}, smaller than the {crop_size}x{crop_size} crop")
+    if problems:
+        shown = "\n  ".join(sorted(set(problems))[:10])
+        raise DatasetError(f"{len(set(problems))} problems with the images of {len(pairs)} pairs "
+                           f"(fix or remove them before training):\n  {shown}"
+                           + ("\n  ..." if len(set(problems)) > 10 else ""))
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+class TrainPairs(Dataset):
+    """One random crop at the same position in both images, and a paired random flip.
+
+    The randomness of sample i in epoch e comes from a generator seeded by (seed, e, i): the same crops in
+    every worker layout, and a resumed run sees exactly the crops an uninterrupted one would.
+    """
+
+    def __init__(self, pairs: Pairs, targets: Sequence[float], crop_size: int = 224, flip_axis: str | None = "width",
+                 seed: int = 0, check: bool = True):
+        if flip_axis not in ("width", "height", None):
+            raise ValueError(f"flip_axis must be 'width', 'height' (the official code's) or None, got {flip_axis!r}")
+        if check:
+            check_images(pairs, crop_size)
+        self.pairs, self.crop_size, self.flip_axis, self.seed = list(pairs), crop_size, flip_axis, seed
+        if len(targets) != len(pairs):
+            raise ValueError(f"{len(targets)} targets for {len(pairs)} pairs")
+        self.targets = np.asarray(targets, dtype=np.float32)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        pair = self.pairs[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        dist, ref = read_image(pair.dist), read_image(pair.ref)
+        if dist.shape != ref.shape:
+            raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
+        top, left = random_crop_position(dist.shape[0], dist.shape[1], self.crop_size, rng)
+        dist, ref = crop(dist, top, left, self.crop_size), crop(ref, top, left, self.crop_size)
+        if self.flip_axis and rng.random() < 0.5:
+            dist, ref = flip(dist, self.flip_axis), flip(ref, self.flip_axis)
+        return to_tensor(dist), to_tensor(ref), torch.tensor(self.targets[index])
+
+
+class EvalPairs(Dataset):
+    """All evaluation crops of a pair at once: dist and ref [K, 3, S, S], the published score (NaN when
+    unlabelled) and the pair's index."""
+
+    def __init__(self, pairs: Pairs, crop_size: int = 224, crops: str = "five", count: int = 20, seed: int = 0,
+                 check: bool = True):
+        if check:
+            check_images(pairs, crop_size, whole=crops == "whole")
+        self.pairs, self.crop_size, self.crops, self.count, self.seed = list(pairs), crop_size, crops, count, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        pair = self.pairs[index]
+        dist, ref = read_image(pair.dist), read_image(pair.ref)
+        if dist.shape != ref.shape:
+            raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
+        positions = eval_crop_positions(dist.shape[0], dist.shape[1], self.crop_size, self.crops, self.count,
+                                        self.seed, pair.name)
+        d = torch.stack([to_tensor(crop(dist, t, l, self.crop_size)) for t, l in positions])
+        r = torch.stack([to_tensor(crop(ref, t, l, self.crop_size)) for t, l in positions])
+        return d, r, torch.tensor(pair.mos, dtype=torch.float64), index

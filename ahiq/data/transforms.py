@@ -1,0 +1,53 @@
+"""Paired crops and flips: the distorted image and its reference are always cut at the same place."""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+EVAL_CROPS = ("five", "nine", "random", "centre", "whole")
+
+
+def random_crop_position(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Uniform over every valid (top, left), the last one included (the official randint excluded it)."""
+    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+
+
+def eval_crop_positions(height: int, width: int, size: int, mode: str, count: int = 20, seed: int = 0,
+                        name: str = "") -> list[tuple[int, int]]:
+    """(top, left) of the evaluation crops of one image.
+
+    ``five``: the official order top-left, top-right, bottom-left, bottom-right, centre; ``nine``: then
+    left-middle, right-middle, top-middle, bottom-middle; ``random``: ``count`` crops drawn from a generator
+    seeded by ``seed`` and the image ``name``, so a score never depends on batch size or order; ``centre``;
+    ``whole``: the image itself, which must be exactly ``size`` square.
+    """
+    if height < size or width < size:
+        raise ValueError(f"image {name or ''} of {height}x{width} is smaller than the {size}x{size} crop")
+    mid_top, mid_left = height // 2 - size // 2, width // 2 - size // 2
+    bottom, right = height - size, width - size
+    if mode in ("five", "nine"):
+        positions = [(0, 0), (0, right), (bottom, 0), (bottom, right), (mid_top, mid_left)]
+        if mode == "nine":
+            positions += [(mid_top, 0), (mid_top, right), (0, mid_left), (bottom, mid_left)]
+        return positions
+    if mode == "random":
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        return [random_crop_position(height, width, size, rng) for _ in range(count)]
+    if mode == "centre":
+        return [(mid_top, mid_left)]
+    if mode == "whole":
+        if (height, width) != (size, size):
+            raise ValueError(f"crop mode 'whole' needs {size}x{size} images, {name or 'an image'} is {height}x{width}")
+        return [(0, 0)]
+    raise ValueError(f"unknown evaluation crop mode '{mode}'; choose from {', '.join(EVAL_CROPS)}")
+
+
+def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:
+    return image[top:top + size, left:left + size]
+
+
+def flip(image: np.ndarray, axis: str) -> np.ndarray:
+    """``width``: a horizontal (left-right) flip; ``height``: the official code's flip, which applies
+    np.fliplr to a C x H x W array and so turns the image upside down (for bug-for-bug reproduction)."""
+    return np.ascontiguousarray(image[:, ::-1] if axis == "width" else image[::-1])
