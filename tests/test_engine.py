@@ -51,6 +51,9 @@ def test_training_writes_the_experiment_folder_and_test_scores_it(tmp_path, caps
     assert len(results) == 25 and all(len(r.split(",")) == 2 for r in results)
     assert json.loads((folder / "test" / "metrics.json").read_text())["n"] == 25
     assert (folder / "test" / "scatter.png").stat().st_size > 1000
+    # Cross-dataset use: every pair of a dataset as the test part.
+    whole = tiny_options(tmp_path, "data.split.ratios=[0, 0, 1]")
+    assert run_test(whole, tmp_path / "ckpt")["n"] == 125
 
 
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
