@@ -4,12 +4,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 
 def logistic4(x, b1, b2, b3, b4):
-    """VQEG's monotonic logistic: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2."""
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
+    """VQEG's monotonic logistic: (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2 (expit: no overflow)."""
+    return (b1 - b2) * special.expit((x - b3) / np.abs(b4)) + b2
 
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray | None:
