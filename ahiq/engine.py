@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler
 
-from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, load_split, read_labels,
-                   save_split, split_by_reference)
+from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, check_images, load_split,
+                   read_labels, save_split, split_by_reference)
 from .metrics import evaluate, summary_line
 from .model import AHIQ
 from .options import save_options
@@ -103,8 +103,8 @@ def load_model(path: str | Path, model_opt: dict) -> AHIQ:
     """A model for a checkpoint: this project's (its saved architecture) or an official one (the options')."""
     saved = read_weight_file(path)
     if isinstance(saved, dict) and saved.get("format") == "ahiq":
-        sizes = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}
-        return AHIQ.from_checkpoint(path, model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **sizes)
+        settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint
+        return AHIQ.from_checkpoint(path, model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
     model = build_model(model_opt)
     model.load_checkpoint(path)
     return model
@@ -224,11 +224,14 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     seed_everything(train_opt["seed"])
 
     parts = load_parts(data_opt, experiment_dir)
-    if parts["val"].targets is None:
-        raise DatasetError("the validation set has no labels: set data.val to a labelled source")
+    for role in ("train", "val"):
+        if parts[role].targets is None:
+            raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs labelled data")
+        if not parts[role].pairs:
+            raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
     crop = opt["model"]["img_size"]
     train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"])
-    EvalPairs(parts["val"].pairs, crop, train_opt["val_crops"])  # checks the validation images now
+    check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
     log.info(f"{opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} validation "
              f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}")
 
@@ -347,7 +350,7 @@ def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     device = select_device(opt["train"]["device"])
     models = [load_model(p, opt["model"]).to(device) for p in paths]
     crop = models[0].config["img_size"]
-    EvalPairs(part.pairs, crop, test_opt["crops"])  # every image checked before the first pair is scored
+    check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -161,3 +161,25 @@ def test_command_line_errors_are_one_line(tmp_path):
     debug = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml", "--debug"], cwd=ROOT,
                            capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_splits
+
+    size = [f"model.{k}={v}" for k, v in TINY.items()]
+    args = ["--opt", str(ROOT / "options" / "demo.yaml"), "--splits", "2", "--checkpoints", str(tmp_path / "ckpt"),
+            f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=1",
+            "train.batch_size=8", *size]
+    assert run_splits.main(args) == 0
+    rows = json.loads((tmp_path / "ckpt" / "demo_splits" / "summary.json").read_text())
+    assert [r["split"] for r in rows] == [0, 1]
+    splits = [json.loads((tmp_path / "ckpt" / f"demo_split{n}" / "split.json").read_text()) for n in (0, 1)]
+    assert splits[0]["seed"] == 0 and splits[1]["seed"] == 1 and splits[0]["parts"] != splits[1]["parts"]
+    table = (tmp_path / "ckpt" / "demo_splits" / "summary.md").read_text()
+    srocc = [r["srocc"] for r in rows]
+    assert f"| median | {np.median(srocc):.4f} |" in table
+    assert f"| mean +- std | {np.mean(srocc):.4f} +- {np.std(srocc):.4f} |" in table
+    assert table.strip() in capsys.readouterr().out
+    assert run_splits.main(args) == 0  # finished splits are tested again, not retrained
+    assert (tmp_path / "ckpt" / "demo_split0" / "train.log").read_text().count("epoch 1 loss") == 1
