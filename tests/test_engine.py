@@ -25,7 +25,7 @@ def tiny_options(tmp_path, *overrides):
     size = [f"model.{k}={v}" for k, v in TINY.items()]
     return load_options(ROOT / "options" / "demo.yaml", [
         f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=2",
-        "train.batch_size=8", "train.save_interval=2", *size, *overrides])
+        "train.batch_size=8", "train.save_interval=2", "train.resume=null", *size, *overrides])
 
 
 def _weights(path):
