@@ -1,0 +1,83 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ahiq import AHIQ
+from ahiq.data import DatasetError, read_image
+from ahiq.data.datasets import to_tensor
+from ahiq.data.synthetic import distort, reference_image
+from ahiq.data.transforms import eval_crop_positions
+from ahiq.scorer import Scorer, pair_files
+from conftest import TINY
+from trees import touch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A checkpoint with its backbones in it, and image pairs of two sizes in dist/ and ref/ folders."""
+    model = AHIQ(8, False, False, **TINY, freeze_backbones=False)
+    model.save_checkpoint(tmp_path / "model.pth")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("a.png", (80, 100)), ("b.png", (72, 72))):
+        ref = reference_image(rng, max(h, w))[:h, :w]
+        touch(tmp_path / "ref" / name, ref)
+        touch(tmp_path / "dist" / name.upper(), distort(ref, "noise", 3, rng))
+    return tmp_path
+
+
+def test_score_two_files_equals_a_hand_computed_crop_ensemble(setup):
+    scorer = Scorer(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False, num_crops=5)
+    got = scorer.score(setup / "dist" / "A.PNG", setup / "ref" / "a.png")
+    model = AHIQ.from_checkpoint(setup / "model.pth", False, False).eval()
+    dist, ref = read_image(setup / "dist" / "A.PNG"), read_image(setup / "ref" / "a.png")
+    positions = eval_crop_positions(80, 100, 64, "random", 5, 0, "A.PNG")
+    crop = lambda im: torch.stack([to_tensor(im[t:t + 64, l:l + 64]) for t, l in positions])
+    with torch.no_grad():
+        expected = model(crop(dist), crop(ref)).mean().item()
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_folders_paired_by_name_with_different_sizes(setup):
+    pairs = pair_files(setup / "dist", setup / "ref")
+    assert [(Path(p.dist).name, Path(p.ref).name) for p in pairs] == [("A.PNG", "a.png"), ("B.PNG", "b.png")]
+    scores = Scorer(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False, crops="five").score_pairs(pairs)
+    assert scores.shape == (2,) and np.isfinite(scores).all() and scores[0] != scores[1]
+
+
+def test_unpaired_and_mismatched_images_are_refused(setup):
+    touch(setup / "dist" / "c.png", np.zeros((72, 72, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"1 images have no partner of the same name: c.png \(only in .*dist\)"):
+        pair_files(setup / "dist", setup / "ref")
+    touch(setup / "ref" / "c.png", np.zeros((72, 80, 3), np.uint8))
+    scorer = Scorer(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False)
+    with pytest.raises(DatasetError, match="c.png is 72x72 but its reference .*c.png is 72x80"):
+        scorer.score_pairs(pair_files(setup / "dist", setup / "ref"))
+    touch(setup / "small_d.png", np.zeros((40, 40, 3), np.uint8))
+    touch(setup / "small_r.png", np.zeros((40, 40, 3), np.uint8))
+    with pytest.raises(DatasetError, match="smaller than the 64x64 crop"):
+        scorer.score(setup / "small_d.png", setup / "small_r.png")
+
+
+def test_command_line_csv_in_and_out(setup):
+    (setup / "pairs.csv").write_text("dist,ref\ndist/A.PNG,ref/a.png\ndist/B.PNG,ref/b.png\n")
+    run = subprocess.run([sys.executable, "-m", "ahiq", "score", "--pairs", str(setup / "pairs.csv"),
+                          "--checkpoint", str(setup / "model.pth"), "--vit-pretrained", "false",
+                          "--cnn-pretrained", "false", "--crops", "five", "--out", str(setup / "scores.csv")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    rows = list(csv.DictReader(open(setup / "scores.csv")))
+    assert [Path(r["dist"]).name for r in rows] == ["A.PNG", "B.PNG"]
+    expected = Scorer(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False, crops="five").score_pairs(
+        pair_files(setup / "dist", setup / "ref"))
+    np.testing.assert_allclose([float(r["score"]) for r in rows], expected, atol=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "ahiq", "score", "--dist", str(setup / "dist"), "--ref",
+                          str(setup / "nowhere"), "--checkpoint", str(setup / "model.pth")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nowhere does not exist" in bad.stderr
