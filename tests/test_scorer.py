@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from ahiq import AHIQ
+from ahiq import AHIQ, Scorer
 from ahiq.data import DatasetError, read_image
 from ahiq.data.datasets import to_tensor
 from ahiq.data.synthetic import distort, reference_image
 from ahiq.data.transforms import eval_crop_positions
-from ahiq.scorer import Scorer, pair_files
+from ahiq.scorer import pair_files
 from conftest import TINY
 from trees import touch
 
