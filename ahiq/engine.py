@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, check_images, load_split,
                    read_labels, save_split, split_by_reference)
@@ -138,15 +139,24 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
 
 # ---- training --------------------------------------------------------------------------------------------
 
-def train_step(model: AHIQ, optimizer, scheduler, dist, ref, target) -> float:
+def train_step(model, optimizer, scheduler, dist, ref, target, weight=None, norm: float = 1.0) -> torch.Tensor:
     """One step of the official recipe: MSE on normalised targets, optimiser step, scheduler step (every
-    iteration, as the official code does)."""
-    loss = F.mse_loss(model(dist, ref), target)
+    iteration, as the official code does). Returns the detached loss.
+
+    With several processes, ``weight`` (1 for a sample, 0 for padding) and ``norm`` (global batch size /
+    number of processes) make the processes' averaged gradient equal to the MSE gradient of the whole
+    global batch, whatever the number of processes.
+    """
+    pred = model(dist, ref)
+    if weight is None:
+        loss = F.mse_loss(pred, target)
+    else:
+        loss = (weight * (pred - target) ** 2).sum() / norm
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return loss.item()
+    return loss.detach()
 
 
 def make_optimizer(model: AHIQ, train_opt: dict):
@@ -174,6 +184,80 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job described by the environment (nccl on CUDA, gloo on the CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Dist(tdist.get_rank(), world, local_rank)
+
+
+def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator) -> list[list[tuple[int, float]]]:
+    """This process's share of every global batch of one epoch, as (index, weight) lists.
+
+    The global order comes from ``generator`` alone; each global batch is cut into equal shares, a short
+    share padded with weight-0 copies, so that the training does not depend on the number of processes.
+    """
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = []
+    for start in range(0, n, batch_size):
+        chunk = order[start:start + batch_size]
+        share = -(-len(chunk) // dist.world)
+        mine = chunk[dist.rank * share:(dist.rank + 1) * share]
+        batches.append([(i, 1.0) for i in mine] + [(chunk[0], 0.0)] * (share - len(mine)))
+    return batches
+
+
+class _Weighted(torch.utils.data.Dataset):
+    """Items (index, weight) -> the dataset's sample and the weight."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, weight = item
+        return (*self.dataset[index], torch.tensor(weight))
+
+
+def _gathered_predict(model: AHIQ, part: Part, dist: Dist, **kwargs) -> np.ndarray:
+    """predict() with the pairs shared out over the processes and the scores gathered on every process."""
+    if dist.world == 1:
+        return predict([model], part, **kwargs)
+    import torch.distributed as tdist
+
+    mine = list(range(dist.rank, len(part.pairs), dist.world))
+    shard = Part(Pairs([part.pairs[i] for i in mine], part.pairs.higher_is_better, part.pairs.dataset), None)
+    scores = predict([model], shard, **kwargs) if mine else np.empty(0)
+    gathered: list = [None] * dist.world
+    tdist.all_gather_object(gathered, (mine, scores))
+    out = np.empty(len(part.pairs))
+    for indices, values in gathered:
+        out[indices] = values
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -214,16 +298,26 @@ def _resume_path(opt: dict, experiment_dir: Path) -> Path | None:
 
 def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     """Train with the options ``opt``; returns the best validation metrics. Everything that can be checked
-    (options, label files, every image) is checked before the first step."""
+    (options, label files, every image) is checked before the first step. Under torchrun, each process
+    trains on its share of every global batch; rank 0 alone writes logs and checkpoints."""
     train_opt, data_opt = opt["train"], opt["data"]
+    dist = init_distributed()
     experiment_dir = Path(checkpoints_root) / opt["name"]
     resume_from = _resume_path(opt, experiment_dir)
-    setup_logging(experiment_dir)
-    save_options(opt, experiment_dir / "options.yaml")
+    if dist.main:
+        setup_logging(experiment_dir)
+        save_options(opt, experiment_dir / "options.yaml")
+    else:
+        log.setLevel(logging.WARNING)
     device = select_device(train_opt["device"])
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    if train_opt["batch_size"] % dist.world:
+        raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of the "
+                         f"{dist.world} processes")
     seed_everything(train_opt["seed"])
 
-    parts = load_parts(data_opt, experiment_dir)
+    parts = load_parts(data_opt, experiment_dir if dist.main else None)
     for role in ("train", "val"):
         if parts[role].targets is None:
             raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs labelled data")
@@ -233,7 +327,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"])
     check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
     log.info(f"{opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} validation "
-             f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}")
+             f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}, {dist.world} process(es)")
 
     model = build_model(opt["model"]).to(device)
     optimizer, scheduler = make_optimizer(model, train_opt)
@@ -246,56 +340,76 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
         _set_rng_state(saved["rng"])
         start_epoch, best = saved["epoch"] + 1, saved["best"]
         log.info(f"resumed from {saved['_path']} after epoch {saved['epoch'] + 1}")
+    stepper = model
+    if dist.world > 1:
+        import torch.distributed as tdist
+        from torch.nn.parallel import DistributedDataParallel
+
+        stepper = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    writer = SummaryWriter(str(experiment_dir / "tensorboard"))
+    writer = SummaryWriter(str(experiment_dir / "tensorboard")) if dist.main else None
     step = start_epoch * math.ceil(len(train_set) / train_opt["batch_size"])
+    eval_kwargs = dict(crop_size=crop, crops=train_opt["val_crops"], batch_size=train_opt["batch_size"],
+                       num_workers=data_opt["num_workers"], device=device)
     try:
         for epoch in range(start_epoch, train_opt["epochs"]):
             model.train()
             train_set.set_epoch(epoch)
             # The order of epoch e depends on (seed, e) alone: a resumed run replays it exactly.
             order = torch.Generator().manual_seed(train_opt["seed"] * 100003 + epoch)
-            loader = DataLoader(train_set, batch_size=train_opt["batch_size"],
-                                sampler=RandomSampler(train_set, generator=order),
-                                num_workers=data_opt["num_workers"], drop_last=False,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+            loader = DataLoader(_Weighted(train_set), batch_sampler=rank_batches(len(train_set),
+                                train_opt["batch_size"], dist, order), num_workers=data_opt["num_workers"],
+                                pin_memory=device.type == "cuda")
             losses = []
             start = time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_opt['epochs']}", unit="batch", dynamic_ncols=True, disable=None,
-                       leave=False)
-            for dist, ref, target in bar:
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_opt['epochs']}", unit="batch", dynamic_ncols=True,
+                       disable=None if dist.main else True, leave=False)
+            for dist_img, ref_img, target, weight in bar:
                 lr = optimizer.param_groups[0]["lr"]
-                loss = train_step(model, optimizer, scheduler, dist.to(device), ref.to(device), target.to(device))
+                if dist.world == 1:
+                    loss = train_step(stepper, optimizer, scheduler, dist_img.to(device), ref_img.to(device),
+                                      target.to(device))
+                else:
+                    n_global = torch.tensor(float(weight.sum()), device=device)
+                    tdist.all_reduce(n_global)  # samples in this global batch
+                    loss = train_step(stepper, optimizer, scheduler, dist_img.to(device), ref_img.to(device),
+                                      target.to(device), weight.to(device), n_global.item() / dist.world)
+                    tdist.all_reduce(loss)  # every process sees the global MSE and stops together on NaN
+                    loss = loss / dist.world
+                loss = loss.item()
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {step}: stopping; the last "
                                              f"good checkpoint is {experiment_dir / 'latest.pth'}")
                 losses.append(loss)
                 step += 1
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if step % train_opt["log_every"] == 0:
+                if writer and step % train_opt["log_every"] == 0:
                     writer.add_scalar("train/loss", loss, step)
                     writer.add_scalar("train/lr", lr, step)
             record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": time.time() - start}
             if (epoch + 1) % train_opt["val_every"] == 0 or epoch + 1 == train_opt["epochs"]:
-                pred = predict([model], parts["val"], crop, train_opt["val_crops"], batch_size=train_opt["batch_size"],
-                               num_workers=data_opt["num_workers"], device=device)
+                pred = _gathered_predict(model, parts["val"], dist, **eval_kwargs)
                 metrics = evaluate(pred, parts["val"].targets)
-                for key in ("srocc", "plcc", "krocc", "rmse", "main"):
-                    writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
+                if writer:
+                    for key in ("srocc", "plcc", "krocc", "rmse", "main"):
+                        writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
                 record["val"] = summary_line(metrics)
                 if metrics["main"] > best["main"]:
                     best = {**metrics, "epoch": epoch + 1}
-                    _save(experiment_dir / "best.pth", model, optimizer, scheduler, epoch, best, opt)
+                    if dist.main:
+                        _save(experiment_dir / "best.pth", model, optimizer, scheduler, epoch, best, opt)
                     record["best"] = True
             log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            _save(experiment_dir / "latest.pth", model, optimizer, scheduler, epoch, best, opt)
-            if (epoch + 1) % train_opt["save_interval"] == 0:
-                _save(experiment_dir / f"epoch_{epoch + 1}.pth", model, optimizer, scheduler, epoch, best, opt)
+            if dist.main:
+                _save(experiment_dir / "latest.pth", model, optimizer, scheduler, epoch, best, opt)
+                if (epoch + 1) % train_opt["save_interval"] == 0:
+                    _save(experiment_dir / f"epoch_{epoch + 1}.pth", model, optimizer, scheduler, epoch, best, opt)
     finally:
-        writer.close()
+        if writer:
+            writer.close()
     log.info(f"best validation: {summary_line(best) if 'srocc' in best else 'none'} at epoch {best.get('epoch')}")
     return best
 

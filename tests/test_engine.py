@@ -83,7 +83,7 @@ def test_corrupt_latest_falls_back_to_the_last_good_checkpoint(tmp_path):
 
 
 def test_nan_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "train_step", lambda *a: float("nan"))
+    monkeypatch.setattr(engine, "train_step", lambda *a: torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="loss is nan at epoch 1, step 0"):
         train(tiny_options(tmp_path), tmp_path / "ckpt")
 
@@ -107,7 +107,7 @@ def test_one_step_equals_the_official_training_step(tmp_path):
         official_opt.step()
         official_sched.step()
         ours = train_step(model, optimizer, scheduler, dist, ref, labels)
-        assert ours == pytest.approx(loss.item(), abs=1e-6)
+        assert ours.item() == pytest.approx(loss.item(), abs=1e-6)
     expected = official_to_ahiq({"deform_net_model_state_dict": reference.fusion.state_dict(),
                                  "regressor_model_state_dict": reference.head.state_dict()})
     got = model.state_dict()
