@@ -117,10 +117,17 @@ def load_model(path: str | Path, model_opt: dict) -> AHIQ:
 def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_crops: int = 20, seed: int = 0,
             batch_size: int = 2, num_workers: int = 0, device: torch.device = torch.device("cpu"),
             progress: bool = False) -> np.ndarray:
-    """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble). Keeps every
-    pair (no incomplete batch is dropped) and returns them in the order of ``part.pairs``."""
-    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble), in the order
+    of ``part.pairs``; no pair is dropped. Images must have been checked (check_images) by the caller.
+
+    Pairs are taken grouped by reference. All distorted images of a reference are cut at the same windows,
+    so the reference crops' features (offsets, reduced head features) are computed once per reference and
+    reused; the distorted images of one reference in a batch are scored in one forward pass.
+    """
+    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False)
+    order = sorted(range(len(dataset)), key=lambda i: (part.pairs[i].ref, i))
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
     for m in models:
         m.eval()
     out = np.empty(len(dataset))
@@ -128,12 +135,23 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, disable=None)
+    cached_ref, cached = None, []
     for dist, ref, _mos, index in loader:
         b, k = dist.shape[:2]
-        dist = dist.flatten(0, 1).to(device, non_blocking=True)
-        ref = ref.flatten(0, 1).to(device, non_blocking=True)
-        scores = torch.stack([m(dist, ref).view(b, k).mean(1) for m in models]).mean(0)
-        out[index.numpy()] = scores.double().cpu().numpy()
+        refs = [part.pairs[i].ref for i in index.tolist()]
+        start = 0
+        while start < b:
+            stop = start + 1
+            while stop < b and refs[stop] == refs[start]:
+                stop += 1
+            if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
+                cached_ref = refs[start]
+                cached = [m.reference_features(ref[start].to(device, non_blocking=True)) for m in models]
+            crops_of_group = dist[start:stop].flatten(0, 1).to(device, non_blocking=True)
+            scores = torch.stack([m.score_with_reference(crops_of_group, feats).view(stop - start, k).mean(1)
+                                  for m, feats in zip(models, cached)]).mean(0)
+            out[index[start:stop].numpy()] = scores.double().cpu().numpy()
+            start = stop
     return out
 
 

@@ -66,12 +66,12 @@ class DeformFusion(nn.Module):
         # The official order: upsample the ViT features to the CNN grid, then convolve.
         return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
 
-    def forward(self, cnn_dist: torch.Tensor, cnn_ref: torch.Tensor, vit_ref: torch.Tensor):
-        offset = self.offsets(vit_ref, cnn_ref.shape[-2:])  # computed once, used for both images
-        cnn = torch.cat((cnn_dist, cnn_ref))
+    def forward(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """CNN features [G * B, C, H, W] of G images per offset map [B, 18, H, W] (image i uses offset
+        i mod B: the distorted and the reference features of a pair share the reference's offsets)."""
         if self.deform_impl == "bilinear":
             deformed = deform_conv2d_bilinear(cnn, offset, self.deform.weight, self.deform.bias, padding=1)
         else:
-            deformed = deform_conv2d(cnn, offset.repeat(2, 1, 1, 1), self.deform.weight, self.deform.bias,
-                                     padding=(1, 1))
-        return self.project(deformed).chunk(2)
+            deformed = deform_conv2d(cnn, offset.repeat(cnn.shape[0] // offset.shape[0], 1, 1, 1),
+                                     self.deform.weight, self.deform.bias, padding=(1, 1))
+        return self.project(deformed)

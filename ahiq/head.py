@@ -26,11 +26,10 @@ class PatchHead(nn.Module):
         self.score = nn.Conv2d(dim, 1, 1)
         self.attention = nn.Conv2d(dim, 1, 1)
 
-    def maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats: [2B, C, H, W], the B distorted images first, then their references."""
-        d, r = self.reduce(feats).chunk(2)
+    def maps(self, d: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score and weight maps from the reduced features (``self.reduce``) of distorted and reference images."""
         x = self.hidden(self.smooth(torch.cat((d - r, d, r), dim=1)))
         return self.score(x), torch.sigmoid(self.attention(x))
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return weighted_mean(*self.maps(feats))
+    def forward(self, feats_dist: torch.Tensor, feats_ref: torch.Tensor) -> torch.Tensor:
+        return weighted_mean(*self.maps(self.reduce(feats_dist), self.reduce(feats_ref)))

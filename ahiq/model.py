@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .backbones import Pretrained, ResNetLayer1Features, ViTFeatures
 from .fusion import DeformFusion
-from .head import PatchHead
+from .head import PatchHead, weighted_mean
 from .weights import WeightsError, atomic_save, check_state_dict, read_weight_file
 
 CHECKPOINT_FORMAT = "ahiq"
@@ -56,6 +56,11 @@ def ahiq_to_official(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
         out[section] = {f"{official}.{param}": state[f"{ours}.{param}"]
                         for official, ours in modules.items() for param in ("weight", "bias")}
     return out
+
+
+class ReferenceFeatures(NamedTuple):
+    offset: torch.Tensor   # [B, 18, H, W] deformable offsets on the CNN grid
+    reduced: torch.Tensor  # [B, head_dim, h, w] the head's 1x1 reduction of cat(ViT, fused CNN)
 
 
 class AHIQ(nn.Module):
@@ -110,20 +115,31 @@ class AHIQ(nn.Module):
             self.cnn.eval()
         return self
 
-    def features(self, dist: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """The head's input: cat(ViT, fused CNN) of the distorted images, then of the references: [2B, C, h, w]."""
-        b = dist.shape[0]
-        x = (torch.cat((dist, ref)) - 0.5) / 0.5  # the official normalisation, for both backbones
+    def _backbones(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (x - 0.5) / 0.5  # the official normalisation, for both backbones
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbones):
-            vit = self.vit(x)
-            cnn = self.cnn(x)
-        fused = torch.cat(self.fusion(cnn[:b], cnn[b:], vit[b:]))
-        return torch.cat((vit, fused), dim=1)
+            return self.vit(x), self.cnn(x)
+
+    def reference_features(self, ref: torch.Tensor) -> ReferenceFeatures:
+        """What scoring needs of the reference crops: the deformable offsets and the head's reduced features.
+        Computed once, they serve every distorted image cut at the same windows."""
+        vit, cnn = self._backbones(ref)
+        offset = self.fusion.offsets(vit, cnn.shape[-2:])
+        reduced = self.head.reduce(torch.cat((vit, self.fusion(cnn, offset)), dim=1))
+        return ReferenceFeatures(offset, reduced)
+
+    def score_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> torch.Tensor:
+        """Scores of distorted crops [G * B, 3, S, S] against reference features of B crops (crop i of the
+        distorted batch uses reference crop i mod B): [G * B]."""
+        vit, cnn = self._backbones(dist)
+        reduced = self.head.reduce(torch.cat((vit, self.fusion(cnn, ref.offset)), dim=1))
+        repeat = dist.shape[0] // ref.reduced.shape[0]
+        return weighted_mean(*self.head.maps(reduced, ref.reduced.repeat(repeat, 1, 1, 1)))
 
     def forward(self, dist: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if dist.shape != ref.shape:
             raise ValueError(f"distorted and reference batches differ in shape: {tuple(dist.shape)} vs {tuple(ref.shape)}")
-        return self.head(self.features(dist, ref))
+        return self.score_with_reference(dist, self.reference_features(ref))
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:

@@ -49,15 +49,16 @@ def test_bilinear_deform_conv_images_share_offsets():
 def test_fusion_implementations_agree(final_stride):
     fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride)
     torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)  # offsets of a few pixels, not near zero
-    cnn_d, cnn_r = torch.randn(2, 12, 16, 16), torch.randn(2, 12, 16, 16)
-    vit_r = torch.randn(2, 20, 8, 8)
-    fast = fusion(cnn_d, cnn_r, vit_r)
+    cnn = torch.randn(4, 12, 16, 16)  # two distorted images, then their two references
+    offset = fusion.offsets(torch.randn(2, 20, 8, 8), (16, 16))
+    assert offset.shape == (2, 18, 16, 16) and offset.abs().mean() > 0.5
+    fast = fusion(cnn, offset)
     fusion.deform_impl = "torchvision"
-    slow = fusion(cnn_d, cnn_r, vit_r)
-    assert fast[0].shape == (2, 12, 8 // final_stride, 8 // final_stride)
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(fast[0], fast[1])  # distorted and reference stay apart
+    slow = fusion(cnn, offset)
+    assert fast.shape == (4, 12, 8 // final_stride, 8 // final_stride)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    # image i uses offset i mod 2: the reference half alone gives the same as within the batch
+    torch.testing.assert_close(fusion(cnn[2:], offset), slow[2:], rtol=1e-5, atol=1e-5)
 
 
 def test_fusion_rejects_unknown_implementation():

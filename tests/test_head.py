@@ -36,5 +36,5 @@ def test_head_matches_official_layout():
     vit_d, vit_r = torch.randn(3, 32, 5, 5), torch.randn(3, 32, 5, 5)
     cnn_d, cnn_r = torch.randn(3, 8, 5, 5), torch.randn(3, 8, 5, 5)
     expected = official(vit_d, vit_r, cnn_d, cnn_r).squeeze(1)
-    feats = torch.cat((torch.cat((vit_d, cnn_d), 1), torch.cat((vit_r, cnn_r), 1)))
-    torch.testing.assert_close(ours(feats), expected, rtol=0, atol=1e-6)
+    got = ours(torch.cat((vit_d, cnn_d), 1), torch.cat((vit_r, cnn_r), 1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -37,7 +37,7 @@ def test_score_two_files_equals_a_hand_computed_crop_ensemble(setup):
     got = scorer.score(setup / "dist" / "A.PNG", setup / "ref" / "a.png")
     model = AHIQ.from_checkpoint(setup / "model.pth", False, False).eval()
     dist, ref = read_image(setup / "dist" / "A.PNG"), read_image(setup / "ref" / "a.png")
-    positions = eval_crop_positions(80, 100, 64, "random", 5, 0, "A.PNG")
+    positions = eval_crop_positions(80, 100, 64, "random", 5, 0, "a.png")  # seeded by the reference
     crop = lambda im: torch.stack([to_tensor(im[t:t + 64, l:l + 64]) for t, l in positions])
     with torch.no_grad():
         expected = model(crop(dist), crop(ref)).mean().item()

@@ -2,6 +2,7 @@
 file that runs before the first step."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -117,7 +118,8 @@ class TrainPairs(Dataset):
 
 class EvalPairs(Dataset):
     """All evaluation crops of a pair at once: dist and ref [K, 3, S, S], the published score (NaN when
-    unlabelled) and the pair's index."""
+    unlabelled) and the pair's index. Random crops are seeded by the reference image's name, so every
+    distorted version of a reference is cut at the same windows (its reference features can be shared)."""
 
     def __init__(self, pairs: Pairs, crop_size: int = 224, crops: str = "five", count: int = 20, seed: int = 0,
                  check: bool = True):
@@ -134,7 +136,7 @@ class EvalPairs(Dataset):
         if dist.shape != ref.shape:
             raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
         positions = eval_crop_positions(dist.shape[0], dist.shape[1], self.crop_size, self.crops, self.count,
-                                        self.seed, pair.name)
+                                        self.seed, Path(pair.ref).name)
         d = torch.stack([to_tensor(crop(dist, t, l, self.crop_size)) for t, l in positions])
         r = torch.stack([to_tensor(crop(ref, t, l, self.crop_size)) for t, l in positions])
         return d, r, torch.tensor(pair.mos, dtype=torch.float64), index

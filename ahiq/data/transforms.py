@@ -19,7 +19,8 @@ def eval_crop_positions(height: int, width: int, size: int, mode: str, count: in
 
     ``five``: the official order top-left, top-right, bottom-left, bottom-right, centre; ``nine``: then
     left-middle, right-middle, top-middle, bottom-middle; ``random``: ``count`` crops drawn from a generator
-    seeded by ``seed`` and the image ``name``, so a score never depends on batch size or order; ``centre``;
+    seeded by ``seed`` and ``name`` (the reference image's, in EvalPairs), so a score never depends on batch
+    size or order; ``centre``;
     ``whole``: the image itself, which must be exactly ``size`` square.
     """
     if height < size or width < size:
