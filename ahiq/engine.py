@@ -21,7 +21,7 @@ from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, chec
 from .metrics import evaluate, summary_line
 from .model import AHIQ
 from .options import save_options
-from .weights import WeightsError, atomic_save, read_weight_file
+from .weights import WeightsError, read_weight_file
 
 log = logging.getLogger("ahiq")
 MODEL_SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
@@ -428,6 +428,8 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     finally:
         if writer:
             writer.close()
+        if dist.world > 1:
+            tdist.destroy_process_group()
     log.info(f"best validation: {summary_line(best) if 'srocc' in best else 'none'} at epoch {best.get('epoch')}")
     return best
 

@@ -31,7 +31,7 @@ def test_two_processes_train_like_one(tmp_path):
     train = [str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml")]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     _run([sys.executable, *train, "name=one", *options], tmp_path)
-    two = _run([torchrun, "--standalone", "--nproc_per_node", "2", *train, "name=two", *options], tmp_path)
+    _run([torchrun, "--standalone", "--nproc_per_node", "2", *train, "name=two", *options], tmp_path)
     one_log = (tmp_path / "checkpoints" / "one" / "train.log").read_text()
     two_log = (tmp_path / "checkpoints" / "two" / "train.log").read_text()
     assert "2 process(es)" in two_log and "1 process(es)" in one_log
