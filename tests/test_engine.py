@@ -206,3 +206,29 @@ def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     assert table.strip() in capsys.readouterr().out
     assert run_splits.main(args) == 0  # finished splits are tested again, not retrained
     assert (tmp_path / "ckpt" / "demo_split0" / "train.log").read_text().count("epoch 1 loss") == 1
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    import signal
+    import time
+
+    args = [f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=3",
+            "train.batch_size=4", "train.resume=auto", "data.num_workers=0",
+            *[f"model.{k}={v}" for k, v in TINY.items()]]
+    command = [sys.executable, str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml")]
+    subprocess.run([*command, "name=straight", *args], cwd=tmp_path, check=True, capture_output=True)
+    latest = tmp_path / "checkpoints" / "killed" / "latest.pth"
+    job = subprocess.Popen([*command, "name=killed", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    assert job.poll() is None, "the run ended before it could be killed"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert torch.load(latest, weights_only=True)["epoch"] < 2  # killed before the last epoch finished
+    subprocess.run([*command, "name=killed", *args], cwd=tmp_path, check=True, capture_output=True)
+    a = _weights(tmp_path / "checkpoints" / "straight" / "latest.pth")
+    b = _weights(latest)
+    assert all(torch.equal(a[k], b[k]) for k in a)
