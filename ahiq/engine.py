@@ -124,10 +124,12 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
     so the reference crops' features (offsets, reduced head features) are computed once per reference and
     reused; the distorted images of one reference in a batch are scored in one forward pass.
     """
-    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False)
-    order = sorted(range(len(dataset)), key=lambda i: (part.pairs[i].ref, i))
+    order = sorted(range(len(part.pairs)), key=lambda i: (part.pairs[i].ref, i))
+    first_of_reference = {i for k, i in enumerate(order) if k == 0 or part.pairs[order[k - 1]].ref != part.pairs[i].ref}
+    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False, reference_for=first_of_reference)
+    # Batches of ragged items: the reference crops come with the first pair of each reference only.
     loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+                        num_workers=num_workers, collate_fn=_collate_eval)
     for m in models:
         m.eval()
     out = np.empty(len(dataset))
@@ -136,7 +138,7 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
 
         loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, disable=None)
     cached_ref, cached = None, []
-    for dist, ref, _mos, index in loader:
+    for dist, refs_crops, index in loader:
         b, k = dist.shape[:2]
         refs = [part.pairs[i].ref for i in index.tolist()]
         start = 0
@@ -146,13 +148,20 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
                 stop += 1
             if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
                 cached_ref = refs[start]
-                cached = [m.reference_features(ref[start].to(device, non_blocking=True)) for m in models]
+                ref_crops = refs_crops[start].to(device, non_blocking=True)
+                cached = [m.reference_features(ref_crops) for m in models]
             crops_of_group = dist[start:stop].flatten(0, 1).to(device, non_blocking=True)
             scores = torch.stack([m.score_with_reference(crops_of_group, feats).view(stop - start, k).mean(1)
                                   for m, feats in zip(models, cached)]).mean(0)
             out[index[start:stop].numpy()] = scores.double().cpu().numpy()
             start = stop
     return out
+
+
+def _collate_eval(items):
+    """EvalPairs items -> (distorted crops [B, K, 3, S, S], list of reference crops or empty tensors, indices)."""
+    return (torch.stack([item[0] for item in items]), [item[1] for item in items],
+            torch.tensor([item[3] for item in items]))
 
 
 # ---- training --------------------------------------------------------------------------------------------

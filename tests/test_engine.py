@@ -232,3 +232,19 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path)
     a = _weights(tmp_path / "checkpoints" / "straight" / "latest.pth")
     b = _weights(latest)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
+    from collections import Counter
+
+    import ahiq.data.datasets as datasets
+
+    opt = tiny_options(tmp_path)
+    part = load_parts(opt["data"])["train"]  # 3 references x 25 distorted images
+    reads = Counter()
+    real_read = datasets.read_image
+    monkeypatch.setattr(datasets, "read_image", lambda path: reads.update([path]) or real_read(path))
+    predict([engine.build_model(opt["model"])], part, 64, "five", batch_size=4)
+    refs = {p.ref for p in part.pairs}
+    assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
+    assert all(reads[p.dist] == 1 for p in part.pairs)

@@ -122,21 +122,27 @@ class EvalPairs(Dataset):
     distorted version of a reference is cut at the same windows (its reference features can be shared)."""
 
     def __init__(self, pairs: Pairs, crop_size: int = 224, crops: str = "five", count: int = 20, seed: int = 0,
-                 check: bool = True):
+                 check: bool = True, reference_for: set[int] | None = None):
+        """``reference_for``: the pairs whose reference crops are needed (None: all); the others return an
+        empty reference tensor, so a reference shared by many pairs is read once."""
         if check:
             check_images(pairs, crop_size, whole=crops == "whole")
         self.pairs, self.crop_size, self.crops, self.count, self.seed = list(pairs), crop_size, crops, count, seed
+        self.reference_for = reference_for
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int):
         pair = self.pairs[index]
-        dist, ref = read_image(pair.dist), read_image(pair.ref)
-        if dist.shape != ref.shape:
-            raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
+        dist = read_image(pair.dist)
         positions = eval_crop_positions(dist.shape[0], dist.shape[1], self.crop_size, self.crops, self.count,
                                         self.seed, Path(pair.ref).name)
         d = torch.stack([to_tensor(crop(dist, t, l, self.crop_size)) for t, l in positions])
+        if self.reference_for is not None and index not in self.reference_for:
+            return d, torch.empty(0), torch.tensor(pair.mos, dtype=torch.float64), index
+        ref = read_image(pair.ref)
+        if dist.shape != ref.shape:
+            raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
         r = torch.stack([to_tensor(crop(ref, t, l, self.crop_size)) for t, l in positions])
         return d, r, torch.tensor(pair.mos, dtype=torch.float64), index
