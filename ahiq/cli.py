@@ -9,10 +9,10 @@ from typing import Callable
 from .backbones import PretrainedWeightsError
 from .data import DatasetError, ImageError
 from .options import OptionsError, load_options
-from .weights import WeightsError
+from .weights import CheckpointWriteError, WeightsError
 
 EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, PretrainedWeightsError, FileNotFoundError,
-            ValueError, FloatingPointError)
+            ValueError, FloatingPointError, CheckpointWriteError, MemoryError)
 
 
 def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None) -> int:

@@ -151,8 +151,13 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
                 ref_crops = refs_crops[start].to(device, non_blocking=True)
                 cached = [m.reference_features(ref_crops) for m in models]
             crops_of_group = dist[start:stop].flatten(0, 1).to(device, non_blocking=True)
-            scores = torch.stack([m.score_with_reference(crops_of_group, feats).view(stop - start, k).mean(1)
-                                  for m, feats in zip(models, cached)]).mean(0)
+            try:
+                scores = torch.stack([m.score_with_reference(crops_of_group, feats).view(stop - start, k).mean(1)
+                                      for m, feats in zip(models, cached)]).mean(0)
+            except torch.OutOfMemoryError as exc:
+                raise MemoryError(f"out of memory on {device} scoring {stop - start} pairs x {k} crops at once: "
+                                  f"lower the pairs per batch (test.batch_size; train.batch_size during "
+                                  f"validation; now {batch_size}) or the crops (test.num_crops)") from exc
             out[index[start:stop].numpy()] = scores.double().cpu().numpy()
             start = stop
     return out

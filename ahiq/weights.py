@@ -14,6 +14,10 @@ class WeightsError(ValueError):
     """A weight file that cannot be used for the module it was given to."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written; the file it would have replaced is untouched."""
+
+
 def read_weight_file(path: str | os.PathLike) -> Any:
     """Load a ``.pth``/``.pt``/``.bin`` (torch.save) or ``.safetensors`` file onto the CPU.
 
@@ -89,6 +93,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError too
+            kept = "the previous file is intact" if path.exists() else "nothing was written"
+            raise CheckpointWriteError(f"could not write {path} ({exc}); {kept}. Free disk space, then "
+                                       f"continue with train.resume=auto") from exc
         raise

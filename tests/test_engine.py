@@ -248,3 +248,37 @@ def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     refs = {p.ref for p in part.pairs}
     assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
     assert all(reads[p.dist] == 1 for p in part.pairs)
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import ahiq.weights as weights
+
+    train(tiny_options(tmp_path, "train.epochs=1"), tmp_path / "ckpt")
+    latest = tmp_path / "ckpt" / "demo" / "latest.pth"
+    before = latest.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weights.torch, "save", full_disk)
+    with pytest.raises(weights.CheckpointWriteError, match="No space left on device.*previous file is intact.*resume=auto"):
+        train(tiny_options(tmp_path, "train.epochs=2", "train.resume=auto"), tmp_path / "ckpt")
+    assert latest.read_bytes() == before  # untouched
+    assert not list(latest.parent.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
+    opt = tiny_options(tmp_path)
+    part = load_parts(opt["data"])["test"]
+    model = engine.build_model(opt["model"])
+
+    def no_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model, "score_with_reference", no_memory)
+    with pytest.raises(MemoryError, match=r"scoring 4 pairs x 5 crops at once: lower the pairs per batch "
+                                          r"\(test.batch_size.*now 4\) or the crops \(test.num_crops\)"):
+        predict([model], part, 64, "five", batch_size=4)
