@@ -102,12 +102,12 @@ def build_model(model_opt: dict) -> AHIQ:
 
 def load_model(path: str | Path, model_opt: dict) -> AHIQ:
     """A model for a checkpoint: this project's (its saved architecture) or an official one (the options')."""
-    saved = read_weight_file(path)
+    saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
     if isinstance(saved, dict) and saved.get("format") == "ahiq":
         settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint
-        return AHIQ.from_checkpoint(path, model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
+        return AHIQ.from_saved(saved, Path(path), model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
     model = build_model(model_opt)
-    model.load_checkpoint(path)
+    model.load_saved(saved, Path(path))
     return model
 
 
@@ -282,7 +282,7 @@ def _gathered_predict(model: AHIQ, part: Part, dist: Dist, **kwargs) -> np.ndarr
     import torch.distributed as tdist
 
     mine = list(range(dist.rank, len(part.pairs), dist.world))
-    shard = Part(Pairs([part.pairs[i] for i in mine], part.pairs.higher_is_better, part.pairs.dataset), None)
+    shard = _part(part.pairs, None, mine)
     scores = predict([model], shard, **kwargs) if mine else np.empty(0)
     gathered: list = [None] * dist.world
     tdist.all_gather_object(gathered, (mine, scores))
@@ -365,13 +365,13 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     optimizer, scheduler = make_optimizer(model, train_opt)
     start_epoch, best = 0, {"main": -math.inf}
     if resume_from is not None:
-        saved = _load_training_checkpoint(resume_from, experiment_dir)
-        model.load_checkpoint(saved["_path"])
+        resume_from, saved = _load_training_checkpoint(resume_from, experiment_dir)
+        model.load_saved(saved, resume_from)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
         start_epoch, best = saved["epoch"] + 1, saved["best"]
-        log.info(f"resumed from {saved['_path']} after epoch {saved['epoch'] + 1}")
+        log.info(f"resumed from {resume_from} after epoch {saved['epoch'] + 1}")
     stepper = model
     if dist.world > 1:
         import torch.distributed as tdist
@@ -453,8 +453,8 @@ def _save(path: Path, model: AHIQ, optimizer, scheduler, epoch: int, best: dict,
                           best=best, rng=_rng_state(), options=opt)
 
 
-def _load_training_checkpoint(path: Path, experiment_dir: Path) -> dict:
-    """A training checkpoint; a corrupt latest.pth falls back to the newest good epoch_N.pth."""
+def _load_training_checkpoint(path: Path, experiment_dir: Path) -> tuple[Path, dict]:
+    """(path, content) of a training checkpoint; a corrupt latest.pth falls back to the newest good epoch_N.pth."""
     candidates = [path]
     if path.name == "latest.pth":
         epochs = sorted(experiment_dir.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1]), reverse=True)
@@ -464,8 +464,7 @@ def _load_training_checkpoint(path: Path, experiment_dir: Path) -> dict:
             saved = read_weight_file(candidate)
             if not isinstance(saved, dict) or "optimizer" not in saved:
                 raise WeightsError(f"{candidate} is not a training checkpoint of this project")
-            saved["_path"] = candidate
-            return saved
+            return candidate, saved
         except (WeightsError, OSError) as exc:
             log.warning(f"cannot resume from {candidate}: {exc}")
     raise WeightsError(f"no usable checkpoint to resume from in {experiment_dir}")

@@ -120,19 +120,21 @@ class AHIQ(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbones):
             return self.vit(x), self.cnn(x)
 
+    def _reduced(self, vit: torch.Tensor, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The head's 1x1 reduction of cat(ViT, CNN fused with ``offset``)."""
+        return self.head.reduce(torch.cat((vit, self.fusion(cnn, offset)), dim=1))
+
     def reference_features(self, ref: torch.Tensor) -> ReferenceFeatures:
         """What scoring needs of the reference crops: the deformable offsets and the head's reduced features.
         Computed once, they serve every distorted image cut at the same windows."""
         vit, cnn = self._backbones(ref)
         offset = self.fusion.offsets(vit, cnn.shape[-2:])
-        reduced = self.head.reduce(torch.cat((vit, self.fusion(cnn, offset)), dim=1))
-        return ReferenceFeatures(offset, reduced)
+        return ReferenceFeatures(offset, self._reduced(vit, cnn, offset))
 
     def score_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> torch.Tensor:
         """Scores of distorted crops [G * B, 3, S, S] against reference features of B crops (crop i of the
         distorted batch uses reference crop i mod B): [G * B]."""
-        vit, cnn = self._backbones(dist)
-        reduced = self.head.reduce(torch.cat((vit, self.fusion(cnn, ref.offset)), dim=1))
+        reduced = self._reduced(*self._backbones(dist), ref.offset)
         repeat = dist.shape[0] // ref.reduced.shape[0]
         return weighted_mean(*self.head.maps(reduced, ref.reduced.repeat(repeat, 1, 1, 1)))
 
@@ -156,8 +158,10 @@ class AHIQ(nn.Module):
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Load an official released checkpoint or one of this project's; returns the whole saved dict."""
-        path = Path(path)
-        saved = read_weight_file(path)
+        return self.load_saved(read_weight_file(path), Path(path))
+
+    def load_saved(self, saved: Any, path: Path) -> dict[str, Any]:
+        """load_checkpoint for a checkpoint already read from ``path`` (named in errors)."""
         if isinstance(saved, dict) and all(section in saved for section in OFFICIAL_MODULES):
             self._check_official_patch_size(path)
             state = official_to_ahiq(saved)
@@ -197,9 +201,14 @@ class AHIQ(nn.Module):
 
         Backbone weights come from ``vit_pretrained``/``cnn_pretrained`` unless the checkpoint holds them.
         """
-        saved = read_weight_file(path)
+        return cls.from_saved(read_weight_file(path), Path(path), vit_pretrained, cnn_pretrained, **kwargs)
+
+    @classmethod
+    def from_saved(cls, saved: Any, path: Path, vit_pretrained: Pretrained = False,
+                   cnn_pretrained: Pretrained = False, **kwargs: Any) -> "AHIQ":
+        """from_checkpoint for a checkpoint already read from ``path``."""
         config = dict(saved.get("config", {})) if isinstance(saved, dict) else {}
         config.update(kwargs)
         model = cls(vit_pretrained=vit_pretrained, cnn_pretrained=cnn_pretrained, **config)
-        model.load_checkpoint(path)
+        model.load_saved(saved, path)
         return model

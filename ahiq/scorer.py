@@ -61,7 +61,7 @@ def pairs_from_csv(path: PathLike) -> Pairs:
 
 class Scorer:
     """A trained AHIQ (one checkpoint or an ensemble) that scores image pairs of any size at least the crop,
-    averaging a crop ensemble (default: the official 20 random crops, seeded per image name).
+    averaging a crop ensemble (default: the official 20 random crops, seeded by the reference image's name).
 
         scorer = Scorer("checkpoints/ahiq_pipal/AHIQ_vit_p8_epoch33-da3ea303.pth")
         scorer.score("dist.png", "ref.png")               # one float, higher is better
