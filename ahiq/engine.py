@@ -49,13 +49,19 @@ def _part(pairs: Pairs, scale: TargetScale | None, indices: Sequence[int] | None
     return Part(pairs, targets)
 
 
-def load_parts(data: dict, experiment_dir: Path | None = None) -> dict[str, Part]:
+def load_parts(data: dict, experiment_dir: Path | None = None,
+               roles: Sequence[str] = ("train", "val", "test")) -> dict[str, Part]:
     """train/val/test parts. Each labelled source is normalised over all of its own pairs (before any split).
 
     Without ``data.val`` the main source is split by reference (``data.split``; the split is saved in the
     experiment folder, or read from ``data.split.file``); with it, the main source is all training data.
     ``data.test`` (if set) replaces the test part; with ``data.val`` and no ``data.test``, test is val.
+    When only the test part is asked for and ``data.test`` is set, the main source is not read at all (an
+    NTIRE test set can be scored without the training data).
     """
+    if data.get("test") and set(roles) == {"test"}:
+        test = _read_source(data["test"])
+        return {"test": _part(test, TargetScale.fit(test) if test.labelled else None)}
     main = _read_source(data)
     scale = TargetScale.fit(main)
     parts: dict[str, Part] = {}
@@ -493,7 +499,7 @@ def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     test_opt = opt["test"]
     experiment_dir = Path(checkpoints_root) / opt["name"]
     paths = _checkpoint_paths(opt, experiment_dir)
-    part = load_parts(opt["data"])["test"]
+    part = load_parts(opt["data"], roles=("test",))["test"]
     device = select_device(opt["train"]["device"])
     models = [load_model(p, opt["model"]).to(device) for p in paths]
     crop = models[0].config["img_size"]

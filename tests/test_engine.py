@@ -170,6 +170,9 @@ def test_unlabelled_test_set_gives_a_submission(tmp_path):
         readme = zf.read("readme.txt").decode()
     assert [line.split(",")[0] for line in output] == sorted(f"A{i // 3:04d}_10_{i % 3:02d}.bmp" for i in range(6))
     assert "CPU[1] / GPU[0] : 1" in readme
+    # The test set alone is read: scoring it does not need the training data on disk.
+    opt["data"].update(dataset="pipal", root=str(tmp_path / "nowhere"), options={})
+    assert Path(run_test(opt, tmp_path / "ckpt")["submission"]).is_file()
 
 
 def test_command_line_errors_are_one_line(tmp_path):
