@@ -12,6 +12,7 @@ from torch import nn
 from .backbones import Pretrained, ResNetLayer1Features, ViTFeatures
 from .fusion import DeformFusion
 from .head import PatchHead, weighted_mean
+from .messages import listed
 from .weights import WeightsError, atomic_save, check_state_dict, read_weight_file
 
 CHECKPOINT_FORMAT = "ahiq"
@@ -169,7 +170,7 @@ class AHIQ(nn.Module):
             self._check_config(saved.get("config", {}), path)
             state = saved["model"]
         else:
-            keys = ", ".join(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+            keys = listed(list(map(str, saved)), 6) if isinstance(saved, dict) else type(saved).__name__
             raise WeightsError(f"{path} is not an AHIQ checkpoint (top level: {keys}); expected the official "
                                f"format ({' + '.join(OFFICIAL_MODULES)}) or this project's ('format': 'ahiq')")
         own = self.state_dict()
@@ -192,7 +193,8 @@ class AHIQ(nn.Module):
         named = re.search(r"vit_p(8|16)(?!\d)", path.name)
         if named and int(named.group(1)) != self.config["patch_size"]:
             raise WeightsError(f"checkpoint {path} is named for patch size {named.group(1)}, this model has "
-                               f"patch_size={self.config['patch_size']}; build AHIQ(patch_size={named.group(1)}).")
+                               f"patch_size={self.config['patch_size']}; set model.patch_size={named.group(1)} "
+                               f"(AHIQ(patch_size={named.group(1)}) in Python)")
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, vit_pretrained: Pretrained = False,

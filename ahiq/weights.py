@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .messages import listed
+
 
 class WeightsError(ValueError):
     """A weight file that cannot be used for the module it was given to."""
@@ -57,11 +59,6 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _listed(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise one WeightsError naming every missing, unexpected and wrongly shaped key."""
     missing = [k for k in expected if k not in given]
@@ -73,13 +70,30 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listed(missing)}")
+        problems.append(f"missing keys: {listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_listed(unexpected)}")
+        problems.append(f"unexpected keys: {listed(unexpected)}")
     if wrong_shape:
-        problems.append(f"wrongly shaped keys: {_listed(wrong_shape)}")
+        problems.append(f"wrongly shaped keys: {listed(wrong_shape)}")
     if problems:
         raise WeightsError(f"{source} does not fit this model; " + "; ".join(problems))
+
+
+TEMPORARY_PATTERN = ".*.tmp"  # what atomic_save writes before the rename; a killed save leaves one behind
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); where a folder cannot be opened, the rename is still atomic."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -93,6 +107,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError too

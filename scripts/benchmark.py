@@ -65,7 +65,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int) -> None:
     import cv2
     import numpy as np
 
-    from ahiq.data import EvalPairs, Pair, Pairs, read_image
+    from ahiq.data import EvalPairs, Pair, Pairs
     from ahiq.engine import Part, predict
 
     torch.manual_seed(0)

@@ -204,7 +204,7 @@ def test_bad_lines_named_with_file_and_line(tmp_path):
     with pytest.raises(DatasetError) as err:
         read_labels("tid2013", root)
     message = str(err.value)
-    assert "4 bad label lines" in message
+    assert "4 problems in the labels" in message
     assert "mos_with_names.txt:2: score 'five' is not a number" in message
     assert "mos_with_names.txt:3: expected '<mos> <name>'" in message
     assert "mos_with_names.txt:4: score is nan, not a finite number" in message

@@ -66,11 +66,13 @@ def check_images(pairs: Sequence[Pair], crop_size: int, whole: bool = False) -> 
             problems.append(f"{pair.dist} is {dist[0]}x{dist[1]}, whole-image evaluation needs {crop_size}x{crop_size}")
         elif min(dist) < crop_size:
             problems.append(f"{pair.dist} is {dist[0]}x{dist[1]}, smaller than the {crop_size}x{crop_size} crop")
+    problems = sorted(set(problems))
+    if len(problems) == 1:
+        raise DatasetError(f"{problems[0]}; fix or remove this pair, then run again")
     if problems:
-        shown = "\n  ".join(sorted(set(problems))[:10])
-        raise DatasetError(f"{len(set(problems))} problems with the images of {len(pairs)} pairs "
-                           f"(fix or remove them before training):\n  {shown}"
-                           + ("\n  ..." if len(set(problems)) > 10 else ""))
+        shown = "\n  ".join(problems[:10])
+        raise DatasetError(f"{len(problems)} problems with the images of {len(pairs)} pairs (fix or remove them, "
+                           f"then run again):\n  {shown}" + ("\n  ..." if len(problems) > 10 else ""))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

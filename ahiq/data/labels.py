@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from ..messages import listed
 from .images import IMAGE_EXTENSIONS
 from .synthetic import read_synthetic
 
@@ -45,10 +46,6 @@ class Pairs(list):
         return all(not math.isnan(p.mos) for p in self)
 
 
-def _listed(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
-
-
 class Folders:
     """The image files of one or more folders, looked up by name without regard to letter case."""
 
@@ -57,7 +54,7 @@ class Folders:
         self.description = ", ".join(str(root / f) for f in folders)
         absent = [str(root / f) for f in folders if not (root / f).is_dir()]
         if absent:
-            raise DatasetError(f"{what} folder not found: {_listed(absent)}. Unpack the dataset as distributed "
+            raise DatasetError(f"{what} folder not found: {listed(absent, 5)}. Unpack the dataset as distributed "
                                f"or set the folder with the '{option}' option.")
         for folder in folders:
             for entry in os.scandir(root / folder):
@@ -86,11 +83,16 @@ class Labels:
     def lines(self, path: Path | None = None) -> Iterator[tuple[int, str]]:
         # Reads every line whole, the last one without a newline too (the official loader cut a character
         # off it), CRLF or LF, a UTF-8 byte-order mark ignored.
-        with open(path or self.path, encoding="utf-8-sig", newline=None) as f:
+        path = path or self.path
+        found = False
+        with open(path, encoding="utf-8-sig", newline=None) as f:
             for number, line in enumerate(f, start=1):
                 line = line.strip()
                 if line:
+                    found = True
                     yield number, line
+        if not found:  # a per-reference file emptied by a failed copy would silently drop a reference
+            self.errors.append(f"{path}: the file holds no labels (empty); restore it from the dataset")
 
     def score(self, text: str, where: str) -> float | None:
         """``where``: 'file:line' of the score, for the message."""
@@ -120,10 +122,10 @@ class Labels:
     def result(self, higher_is_better: bool, dataset: str) -> Pairs:
         problems = []
         if self.errors:
-            problems.append(f"{len(self.errors)} bad label lines: " + "; ".join(self.errors[:5])
+            problems.append(f"{len(self.errors)} problems in the labels: " + "; ".join(self.errors[:5])
                             + (" ..." if len(self.errors) > 5 else ""))
         if self.missing:
-            problems.append(f"{len(self.missing)} listed images not found: {_listed(self.missing)}")
+            problems.append(f"{len(self.missing)} listed images not found: {listed(self.missing, 5)}")
         if problems:
             raise DatasetError(f"{dataset} labels {self.path}: " + ". ".join(problems))
         if not self.pairs:
@@ -159,7 +161,7 @@ def read_pipal(root: Path, labels: str | None = "Train_Label", ref_dir: str = "T
             else:
                 out.append(Pair(str(ref), str(dist), float("nan"), dist.name))
         if missing:
-            raise DatasetError(f"PIPAL references not found in {refs.description}: {_listed(missing)}")
+            raise DatasetError(f"PIPAL references not found in {refs.description}: {listed(missing, 5)}")
         if not out:
             raise DatasetError(f"no images in {dists.description}")
         return Pairs(out, True, "pipal")
