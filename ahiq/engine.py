@@ -6,7 +6,9 @@ import logging
 import math
 import os
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +23,7 @@ from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, chec
 from .metrics import evaluate, summary_line
 from .model import AHIQ
 from .options import save_options
-from .weights import WeightsError, read_weight_file
+from .weights import TEMPORARY_PATTERN, WeightsError, read_weight_file
 
 log = logging.getLogger("ahiq")
 MODEL_SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
@@ -177,24 +179,41 @@ def _collate_eval(items):
 
 # ---- training --------------------------------------------------------------------------------------------
 
-def train_step(model, optimizer, scheduler, dist, ref, target, weight=None, norm: float = 1.0) -> torch.Tensor:
+def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=None, norm: float = 1.0,
+               world: int = 1) -> float:
     """One step of the official recipe: MSE on normalised targets, optimiser step, scheduler step (every
-    iteration, as the official code does). Returns the detached loss.
+    iteration, as the official code does). Returns the loss of the whole global batch.
 
+    A non-finite loss leaves the weights and the optimiser state untouched (the scheduler still steps, so
+    the schedule stays a function of the iteration); the caller decides whether to stop or go on.
     With several processes, ``weight`` (1 for a sample, 0 for padding) and ``norm`` (global batch size /
     number of processes) make the processes' averaged gradient equal to the MSE gradient of the whole
-    global batch, whatever the number of processes.
+    global batch, whatever the number of processes; every process sees the same global loss, so all of
+    them skip or stop together.
     """
-    pred = model(dist, ref)
+    pred = model(dist_img, ref_img)
     if weight is None:
         loss = F.mse_loss(pred, target)
     else:
         loss = (weight * (pred - target) ** 2).sum() / norm
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
-    scheduler.step()
-    return loss.detach()
+    total = loss.detach()
+    if world > 1:
+        import torch.distributed as tdist
+
+        total = total.clone()
+        tdist.all_reduce(total)
+        total = total / world
+    value = total.item()
+    if math.isfinite(value):
+        optimizer.step()
+        scheduler.step()
+    else:
+        with warnings.catch_warnings():  # a skipped first step is not the misuse this warning is about
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            scheduler.step()
+    return value
 
 
 def make_optimizer(model: AHIQ, train_opt: dict):
@@ -345,6 +364,9 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     if dist.main:
         setup_logging(experiment_dir)
         save_options(opt, experiment_dir / "options.yaml")
+        for stale in experiment_dir.glob(TEMPORARY_PATTERN):  # a save that was killed halfway
+            log.info(f"removing {stale}, left by an interrupted checkpoint write")
+            stale.unlink(missing_ok=True)
     else:
         log.setLevel(logging.WARNING)
     device = select_device(train_opt["device"])
@@ -364,6 +386,8 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     crop = opt["model"]["img_size"]
     train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"])
     check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
+    if parts["test"] is not parts["val"]:  # found now, not by test.py after days of training
+        check_images(parts["test"].pairs, crop, whole=opt["test"]["crops"] == "whole")
     log.info(f"{opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} validation "
              f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}, {dist.world} process(es)")
 
@@ -401,7 +425,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
             loader = DataLoader(_Weighted(train_set), batch_sampler=rank_batches(len(train_set),
                                 train_opt["batch_size"], dist, order), num_workers=data_opt["num_workers"],
                                 pin_memory=device.type == "cuda")
-            losses = []
+            losses, skipped = [], 0
             start = time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_opt['epochs']}", unit="batch", dynamic_ncols=True,
                        disable=None if dist.main else True, leave=False)
@@ -414,20 +438,28 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
                     n_global = torch.tensor(float(weight.sum()), device=device)
                     tdist.all_reduce(n_global)  # samples in this global batch
                     loss = train_step(stepper, optimizer, scheduler, dist_img.to(device), ref_img.to(device),
-                                      target.to(device), weight.to(device), n_global.item() / dist.world)
-                    tdist.all_reduce(loss)  # every process sees the global MSE and stops together on NaN
-                    loss = loss / dist.world
-                loss = loss.item()
+                                      target.to(device), weight.to(device), n_global.item() / dist.world, dist.world)
                 if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, step {step}: stopping; the last "
-                                             f"good checkpoint is {experiment_dir / 'latest.pth'}")
+                    where = f"loss is {loss} at epoch {epoch + 1}, step {step}"
+                    if train_opt["nonfinite_loss"] == "stop":
+                        raise _stopped(f"{where}: stopping (the weights were not updated)", experiment_dir,
+                                       "to skip such batches instead, set train.nonfinite_loss=skip")
+                    log.warning(f"{where}: batch skipped (train.nonfinite_loss=skip)")
+                    skipped += 1
+                    step += 1
+                    continue
                 losses.append(loss)
                 step += 1
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 if writer and step % train_opt["log_every"] == 0:
                     writer.add_scalar("train/loss", loss, step)
                     writer.add_scalar("train/lr", lr, step)
+            if not losses:
+                raise _stopped(f"every batch of epoch {epoch + 1} had a non-finite loss: stopping", experiment_dir,
+                               "look for bad targets or lower train.lr")
             record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": time.time() - start}
+            if skipped:
+                record["skipped_batches"] = skipped
             if (epoch + 1) % train_opt["val_every"] == 0 or epoch + 1 == train_opt["epochs"]:
                 pred = _gathered_predict(model, parts["val"], dist, **eval_kwargs)
                 metrics = evaluate(pred, parts["val"].targets)
@@ -452,6 +484,12 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
             tdist.destroy_process_group()
     log.info(f"best validation: {summary_line(best) if 'srocc' in best else 'none'} at epoch {best.get('epoch')}")
     return best
+
+
+def _stopped(what: str, experiment_dir: Path, advice: str) -> FloatingPointError:
+    latest = experiment_dir / "latest.pth"
+    kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"
+    return FloatingPointError(f"{what}; {kept}; {advice}")
 
 
 def _save(path: Path, model: AHIQ, optimizer, scheduler, epoch: int, best: dict, opt: dict) -> None:

@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "epochs": 200, "batch_size": 4, "lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0,
         "seed": 1919, "val_crops": "five", "val_every": 1, "save_interval": 5, "resume": None,
-        "device": "auto", "log_every": 20,
+        "device": "auto", "log_every": 20, "nonfinite_loss": "stop",
     },
     "test": {
         "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
@@ -51,7 +51,7 @@ TYPES: dict[str, tuple] = {
 CHOICES = {
     "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),
     "data.flip": ("width", "height", None), "train.val_crops": ("five", "nine", "random", "centre", "whole"),
-    "test.crops": ("five", "nine", "random", "centre", "whole"),
+    "test.crops": ("five", "nine", "random", "centre", "whole"), "train.nonfinite_loss": ("stop", "skip"),
 }
 
 

@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ahiq.options import load_options  # noqa: E402
 
 # A reduced AHIQ for fast tests: same structure as the paper's, far fewer channels and a 64-pixel input.
 TINY = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
@@ -13,3 +16,11 @@ TINY = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16,
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_options(tmp_path, *overrides):
+    """The demo options on a smaller synthetic set (5 references: 3 train, 1 val, 1 test) and model."""
+    size = [f"model.{k}={v}" for k, v in TINY.items()]
+    return load_options(ROOT / "options" / "demo.yaml", [
+        f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=2",
+        "train.batch_size=8", "train.save_interval=2", "train.resume=null", *size, *overrides])

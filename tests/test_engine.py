@@ -1,6 +1,5 @@
 import json
 import math
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -13,19 +12,8 @@ from ahiq import engine
 from ahiq.data import read_labels
 from ahiq.engine import load_parts, make_optimizer, predict, run_test, train, train_step
 from ahiq.model import official_to_ahiq
-from ahiq.options import load_options
 from ahiq.reference import random_official_setup
-from conftest import TINY
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_options(tmp_path, *overrides):
-    """The demo options on a smaller synthetic set (5 references: 3 train, 1 val, 1 test) and model."""
-    size = [f"model.{k}={v}" for k, v in TINY.items()]
-    return load_options(ROOT / "options" / "demo.yaml", [
-        f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=2",
-        "train.batch_size=8", "train.save_interval=2", "train.resume=null", *size, *overrides])
+from conftest import ROOT, TINY, tiny_options
 
 
 def _weights(path):
@@ -72,22 +60,6 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the third epoch did change the weights
 
 
-def test_corrupt_latest_falls_back_to_the_last_good_checkpoint(tmp_path):
-    train(tiny_options(tmp_path, "train.epochs=2", "train.save_interval=1"), tmp_path / "ckpt")
-    latest = tmp_path / "ckpt" / "demo" / "latest.pth"
-    latest.write_bytes(latest.read_bytes()[:1000])
-    train(tiny_options(tmp_path, "train.epochs=3", "train.save_interval=1", "train.resume=auto"), tmp_path / "ckpt")
-    log = (tmp_path / "ckpt" / "demo" / "train.log").read_text()
-    assert "cannot resume from" in log and "resumed from" in log and "epoch_2.pth" in log
-    assert torch.load(latest, weights_only=True)["epoch"] == 2
-
-
-def test_nan_loss_stops_with_epoch_and_step(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "train_step", lambda *a: torch.tensor(float("nan")))
-    with pytest.raises(FloatingPointError, match="loss is nan at epoch 1, step 0"):
-        train(tiny_options(tmp_path), tmp_path / "ckpt")
-
-
 def test_one_step_equals_the_official_training_step(tmp_path):
     reference, model, _ = random_official_setup(8, tmp_path, **TINY)
     model.train()
@@ -107,7 +79,7 @@ def test_one_step_equals_the_official_training_step(tmp_path):
         official_opt.step()
         official_sched.step()
         ours = train_step(model, optimizer, scheduler, dist, ref, labels)
-        assert ours.item() == pytest.approx(loss.item(), abs=1e-6)
+        assert ours == pytest.approx(loss.item(), abs=1e-6)
     expected = official_to_ahiq({"deform_net_model_state_dict": reference.fusion.state_dict(),
                                  "regressor_model_state_dict": reference.head.state_dict()})
     got = model.state_dict()
@@ -175,20 +147,6 @@ def test_unlabelled_test_set_gives_a_submission(tmp_path):
     assert Path(run_test(opt, tmp_path / "ckpt")["submission"]).is_file()
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-    bad = subprocess.run([sys.executable, "train.py", "--opt", "options/demo.yaml", "train.epoch=3"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == ("error: override 'train.epoch=3': unknown option 'train.epoch'; "
-                                  "did you mean 'train.epochs'?")
-    missing = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml"], cwd=ROOT,
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and "option file options/nowhere.yaml does not exist" in missing.stderr
-    debug = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml", "--debug"], cwd=ROOT,
-                           capture_output=True, text=True)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr
-
-
 def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import run_splits
@@ -211,32 +169,6 @@ def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     assert (tmp_path / "ckpt" / "demo_split0" / "train.log").read_text().count("epoch 1 loss") == 1
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    import signal
-    import time
-
-    args = [f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=3",
-            "train.batch_size=4", "train.resume=auto", "data.num_workers=0",
-            *[f"model.{k}={v}" for k, v in TINY.items()]]
-    command = [sys.executable, str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml")]
-    subprocess.run([*command, "name=straight", *args], cwd=tmp_path, check=True, capture_output=True)
-    latest = tmp_path / "checkpoints" / "killed" / "latest.pth"
-    job = subprocess.Popen([*command, "name=killed", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not latest.exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
-    assert job.poll() is None, "the run ended before it could be killed"
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    assert torch.load(latest, weights_only=True)["epoch"] < 2  # killed before the last epoch finished
-    subprocess.run([*command, "name=killed", *args], cwd=tmp_path, check=True, capture_output=True)
-    a = _weights(tmp_path / "checkpoints" / "straight" / "latest.pth")
-    b = _weights(latest)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     from collections import Counter
 
@@ -251,37 +183,3 @@ def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     refs = {p.ref for p in part.pairs}
     assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
     assert all(reads[p.dist] == 1 for p in part.pairs)
-
-
-def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import errno
-
-    import ahiq.weights as weights
-
-    train(tiny_options(tmp_path, "train.epochs=1"), tmp_path / "ckpt")
-    latest = tmp_path / "ckpt" / "demo" / "latest.pth"
-    before = latest.read_bytes()
-
-    def full_disk(obj, f):
-        f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(weights.torch, "save", full_disk)
-    with pytest.raises(weights.CheckpointWriteError, match="No space left on device.*previous file is intact.*resume=auto"):
-        train(tiny_options(tmp_path, "train.epochs=2", "train.resume=auto"), tmp_path / "ckpt")
-    assert latest.read_bytes() == before  # untouched
-    assert not list(latest.parent.glob(".*.tmp"))  # no temporary file left behind
-
-
-def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
-    opt = tiny_options(tmp_path)
-    part = load_parts(opt["data"])["test"]
-    model = engine.build_model(opt["model"])
-
-    def no_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(model, "score_with_reference", no_memory)
-    with pytest.raises(MemoryError, match=r"scoring 4 pairs x 5 crops at once: lower the pairs per batch "
-                                          r"\(test.batch_size.*now 4\) or the crops \(test.num_crops\)"):
-        predict([model], part, 64, "five", batch_size=4)

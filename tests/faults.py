@@ -1,0 +1,94 @@
+"""train.py with one injected crash, for tests/test_reliability.py: the process sends itself SIGKILL at a
+chosen point, as the out-of-memory killer, a cluster's pre-emption or a power cut would stop it (no
+exception handler, no ``finally`` runs).
+
+    python tests/faults.py FAULT --opt options/demo.yaml [key.path=value ...]
+
+FAULT is one of
+    step:N          before the N-th training step of this process (counting from 1)
+    validation:N    inside the N-th validation, after its first scoring batch
+    save:NAME:N     halfway through writing the N-th NAME of this process (e.g. save:latest.pth:2): half of
+                    the file's bytes are on disk, synced, when the process dies
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from ahiq import engine  # noqa: E402
+from ahiq.cli import run  # noqa: E402
+from ahiq.model import AHIQ  # noqa: E402
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def on_call(n: int, function, action):
+    """``function`` that runs ``action`` (instead of returning) on its n-th call."""
+    calls = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            action(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    return wrapped
+
+
+def kill_at_step(n: int) -> None:
+    engine.train_step = on_call(n, engine.train_step, lambda *a, **k: die())
+
+
+def kill_in_validation(n: int) -> None:
+    real_score = AHIQ.score_with_reference
+
+    def arm(*args, **kwargs):  # the second scoring batch of this validation dies
+        AHIQ.score_with_reference = on_call(2, real_score, lambda *a, **k: die())
+
+    engine.predict = on_call(n, engine.predict, arm)
+
+
+def kill_while_saving(name: str, n: int) -> None:
+    real_save = torch.save
+    calls = 0
+
+    def save(obj, f, *args, **kwargs):
+        nonlocal calls
+        # atomic_save hands torch.save the open temporary file ".<name>.XXXX.tmp" (Linux: its path via /proc)
+        if Path(os.readlink(f"/proc/self/fd/{f.fileno()}")).name.startswith(f".{name}."):
+            calls += 1
+            if calls == n:
+                data = io.BytesIO()
+                real_save(obj, data, *args, **kwargs)
+                f.write(data.getvalue()[:len(data.getvalue()) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                die()
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
+if __name__ == "__main__":
+    kind, _, where = sys.argv[1].partition(":")
+    if kind == "step":
+        kill_at_step(int(where))
+    elif kind == "validation":
+        kill_in_validation(int(where))
+    elif kind == "save":
+        file_name, count = where.rsplit(":", 1)
+        kill_while_saving(file_name, int(count))
+    else:
+        sys.exit(f"unknown fault {sys.argv[1]!r}; see {__file__}")
+    sys.exit(run("train.py with an injected crash", engine.train, sys.argv[2:]))
