@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 from .data import (DatasetError, EvalPairs, Pairs, TargetScale, TrainPairs, check_images, load_split,
                    read_labels, save_split, split_by_reference)
 from .metrics import evaluate, summary_line
-from .model import AHIQ
+from .model import AHIQ, ReferenceFeatures
 from .options import save_options
+from .runtime import Runtime
 from .weights import TEMPORARY_PATTERN, WeightsError, read_weight_file
 
 log = logging.getLogger("ahiq")
@@ -124,20 +125,21 @@ def load_model(path: str | Path, model_opt: dict) -> AHIQ:
 @torch.no_grad()
 def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_crops: int = 20, seed: int = 0,
             batch_size: int = 2, num_workers: int = 0, device: torch.device = torch.device("cpu"),
-            progress: bool = False) -> np.ndarray:
+            progress: bool = False, runtime: Runtime = Runtime()) -> np.ndarray:
     """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble), in the order
     of ``part.pairs``; no pair is dropped. Images must have been checked (check_images) by the caller.
 
     Pairs are taken grouped by reference. All distorted images of a reference are cut at the same windows,
     so the reference crops' features (offsets, reduced head features) are computed once per reference and
-    reused; the distorted images of one reference in a batch are scored in one forward pass.
+    reused; the distorted images of one reference in a batch are scored together, at most
+    ``runtime.crop_chunk`` crops per forward pass.
     """
     order = sorted(range(len(part.pairs)), key=lambda i: (part.pairs[i].ref, i))
     first_of_reference = {i for k, i in enumerate(order) if k == 0 or part.pairs[order[k - 1]].ref != part.pairs[i].ref}
     dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False, reference_for=first_of_reference)
     # Batches of ragged items: the reference crops come with the first pair of each reference only.
     loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate_eval)
+                        num_workers=num_workers, collate_fn=_collate_eval, pin_memory=device.type == "cuda")
     for m in models:
         m.eval()
     out = np.empty(len(dataset))
@@ -145,6 +147,7 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, disable=None)
+    chunk = runtime.crop_chunk
     cached_ref, cached = None, []
     for dist, refs_crops, index in loader:
         b, k = dist.shape[:2]
@@ -154,21 +157,43 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
             stop = start + 1
             while stop < b and refs[stop] == refs[start]:
                 stop += 1
-            if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
-                cached_ref = refs[start]
-                ref_crops = refs_crops[start].to(device, non_blocking=True)
-                cached = [m.reference_features(ref_crops) for m in models]
-            crops_of_group = dist[start:stop].flatten(0, 1).to(device, non_blocking=True)
             try:
-                scores = torch.stack([m.score_with_reference(crops_of_group, feats).view(stop - start, k).mean(1)
-                                      for m, feats in zip(models, cached)]).mean(0)
+                with runtime.autocast(device):
+                    if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
+                        cached_ref = refs[start]
+                        ref_crops = runtime.inputs(refs_crops[start], device)
+                        cached = [_in_chunks(m.reference_features, ref_crops, chunk) for m in models]
+                    scores = torch.stack([_score_group(m, dist[start:stop], feats, chunk, runtime, device)
+                                          for m, feats in zip(models, cached)]).mean(0)
             except torch.OutOfMemoryError as exc:
-                raise MemoryError(f"out of memory on {device} scoring {stop - start} pairs x {k} crops at once: "
-                                  f"lower the pairs per batch (test.batch_size; train.batch_size during "
-                                  f"validation; now {batch_size}) or the crops (test.num_crops)") from exc
+                raise MemoryError(f"out of memory on {device} scoring {stop - start} pairs x {k} crops, "
+                                  f"{min(chunk, (stop - start) * k)} crops per forward pass: lower "
+                                  f"runtime.crop_chunk (now {chunk}), or the pairs per batch (test.batch_size; "
+                                  f"train.batch_size during validation; now {batch_size})") from exc
             out[index[start:stop].numpy()] = scores.double().cpu().numpy()
             start = stop
     return out
+
+
+def _in_chunks(reference_features, crops: torch.Tensor, chunk: int) -> ReferenceFeatures:
+    parts = [reference_features(crops[a:a + chunk]) for a in range(0, crops.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else ReferenceFeatures(*(torch.cat(t) for t in zip(*parts)))
+
+
+def _score_group(model: AHIQ, dist: torch.Tensor, ref: ReferenceFeatures, chunk: int, runtime: Runtime,
+                 device: torch.device) -> torch.Tensor:
+    """Mean score over the crops of each pair in ``dist`` [P, K, 3, S, S] (one reference), at most ``chunk``
+    crops per forward pass: whole pairs together when their crops fit, else windows of one pair's crops."""
+    p, k = dist.shape[:2]
+    total = torch.zeros(p, device=device)
+    for a in range(0, k, chunk):
+        window = min(chunk, k - a)
+        feats = ReferenceFeatures(ref.offset[a:a + window], ref.reduced[a:a + window])
+        per_pass = max(1, chunk // window)
+        for s in range(0, p, per_pass):
+            crops = runtime.inputs(dist[s:s + per_pass, a:a + window].flatten(0, 1), device)
+            total[s:s + per_pass] += model.score_with_reference(crops, feats).float().view(-1, window).sum(1)
+    return total / k
 
 
 def _collate_eval(items):
@@ -180,9 +205,10 @@ def _collate_eval(items):
 # ---- training --------------------------------------------------------------------------------------------
 
 def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=None, norm: float = 1.0,
-               world: int = 1) -> float:
+               world: int = 1, runtime: Runtime = Runtime()) -> float:
     """One step of the official recipe: MSE on normalised targets, optimiser step, scheduler step (every
-    iteration, as the official code does). Returns the loss of the whole global batch.
+    iteration, as the official code does). Returns the loss of the whole global batch. The forward pass
+    runs under ``runtime``'s precision (the weights and their gradients stay fp32).
 
     A non-finite loss leaves the weights and the optimiser state untouched (the scheduler still steps, so
     the schedule stays a function of the iteration); the caller decides whether to stop or go on.
@@ -191,7 +217,8 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
     global batch, whatever the number of processes; every process sees the same global loss, so all of
     them skip or stop together.
     """
-    pred = model(dist_img, ref_img)
+    with runtime.autocast(dist_img.device):
+        pred = model(dist_img, ref_img).float()
     if weight is None:
         loss = F.mse_loss(pred, target)
     else:
@@ -391,7 +418,8 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     log.info(f"{opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} validation "
              f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}, {dist.world} process(es)")
 
-    model = build_model(opt["model"]).to(device)
+    runtime = Runtime(**opt["runtime"])
+    model = runtime.prepare(build_model(opt["model"]), device)
     optimizer, scheduler = make_optimizer(model, train_opt)
     start_epoch, best = 0, {"main": -math.inf}
     if resume_from is not None:
@@ -415,7 +443,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     writer = SummaryWriter(str(experiment_dir / "tensorboard")) if dist.main else None
     step = start_epoch * math.ceil(len(train_set) / train_opt["batch_size"])
     eval_kwargs = dict(crop_size=crop, crops=train_opt["val_crops"], batch_size=train_opt["batch_size"],
-                       num_workers=data_opt["num_workers"], device=device)
+                       num_workers=data_opt["num_workers"], device=device, runtime=runtime)
     try:
         for epoch in range(start_epoch, train_opt["epochs"]):
             model.train()
@@ -431,14 +459,14 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
                        disable=None if dist.main else True, leave=False)
             for dist_img, ref_img, target, weight in bar:
                 lr = optimizer.param_groups[0]["lr"]
+                images = runtime.inputs(dist_img, device), runtime.inputs(ref_img, device)
                 if dist.world == 1:
-                    loss = train_step(stepper, optimizer, scheduler, dist_img.to(device), ref_img.to(device),
-                                      target.to(device))
+                    loss = train_step(stepper, optimizer, scheduler, *images, target.to(device), runtime=runtime)
                 else:
                     n_global = torch.tensor(float(weight.sum()), device=device)
                     tdist.all_reduce(n_global)  # samples in this global batch
-                    loss = train_step(stepper, optimizer, scheduler, dist_img.to(device), ref_img.to(device),
-                                      target.to(device), weight.to(device), n_global.item() / dist.world, dist.world)
+                    loss = train_step(stepper, optimizer, scheduler, *images, target.to(device), weight.to(device),
+                                      n_global.item() / dist.world, dist.world, runtime)
                 if not math.isfinite(loss):
                     where = f"loss is {loss} at epoch {epoch + 1}, step {step}"
                     if train_opt["nonfinite_loss"] == "stop":
@@ -539,21 +567,22 @@ def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     paths = _checkpoint_paths(opt, experiment_dir)
     part = load_parts(opt["data"], roles=("test",))["test"]
     device = select_device(opt["train"]["device"])
-    models = [load_model(p, opt["model"]).to(device) for p in paths]
+    runtime = Runtime(**opt["runtime"])
+    models = [runtime.prepare(load_model(p, opt["model"]), device) for p in paths]
     crop = models[0].config["img_size"]
     check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pred = predict(models, part, crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"],
-                   test_opt["batch_size"], opt["data"]["num_workers"], device, progress=True)
+                   test_opt["batch_size"], opt["data"]["num_workers"], device, progress=True, runtime=runtime)
     seconds_per_image = (time.time() - start) / len(pred)
     names = [p.name for p in part.pairs]
     if part.targets is None:
         sub = test_opt["submission"]
-        runtime = sub["runtime"] if sub["runtime"] is not None else seconds_per_image
+        seconds = sub["runtime"] if sub["runtime"] is not None else seconds_per_image
         gpu = sub["gpu"] if sub["gpu"] is not None else device.type == "cuda"
-        zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, runtime, gpu,
+        zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, seconds, gpu,
                                           sub["extra_data"], sub["description"])
         print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
         return {"submission": str(zip_path)}

@@ -34,10 +34,14 @@ def deform_conv2d_bilinear(
     px = torch.arange(w, device=x.device).view(1, 1, 1, w) + kx.view(1, taps, 1, 1) + off[:, :, 1]
     # align_corners=True maps -1 and 1 to the first and last pixel centres; with zero padding, a tap outside
     # the map contributes nothing, which is torchvision's rule.
+    # Sampling positions and the interpolation in fp32 at least: bf16 keeps 8 significant bits, so a
+    # normalised position on a 56-pixel map could be off by 0.1 pixel. Only the matmul runs in bf16.
+    exact = torch.promote_types(x.dtype, torch.float32)
     grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
-    grid = grid.to(x.dtype).view(b, taps * h, w, 2).repeat(n // b, 1, 1, 1)
+    grid = grid.to(exact).view(b, taps * h, w, 2).repeat(n // b, 1, 1, 1)
     # Batched, not stacked on channels: the CPU kernel parallelises over images.
-    cols = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # [N, C, 9H, W]
+    cols = F.grid_sample(x.to(exact), grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # [N, C, 9H, W]
+    cols = cols.to(x.dtype)  # bf16 features give bf16 columns: half the memory of the largest tensor here
     out = torch.matmul(weight.reshape(c_out, c_in * taps), cols.view(n, c_in * taps, h * w))  # row c * 9 + k
     if bias is not None:
         out = out + bias.view(1, c_out, 1)
@@ -63,8 +67,11 @@ class DeformFusion(nn.Module):
         )
 
     def offsets(self, vit_ref: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        # The official order: upsample the ViT features to the CNN grid, then convolve.
-        return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
+        # The official order: upsample the ViT features to the CNN grid, then convolve. In fp32 (at least)
+        # under autocast too: offsets are positions, and bf16 would round a 3-pixel offset by up to 0.01 px.
+        with torch.autocast(vit_ref.device.type, enabled=False):
+            vit_ref = vit_ref.to(torch.promote_types(vit_ref.dtype, torch.float32))
+            return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
 
     def forward(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """CNN features [G * B, C, H, W] of G images per offset map [B, 18, H, W] (image i uses offset

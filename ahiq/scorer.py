@@ -12,6 +12,7 @@ from .backbones import Pretrained
 from .data import DatasetError, Pair, Pairs, check_images
 from .data.images import IMAGE_EXTENSIONS
 from .engine import Part, load_model, predict, select_device
+from .runtime import Runtime
 from .options import DEFAULTS
 
 PathLike = str | os.PathLike
@@ -70,20 +71,22 @@ class Scorer:
 
     def __init__(self, checkpoint: PathLike | Sequence[PathLike], patch_size: int = 8,
                  vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, crops: str = "random",
-                 num_crops: int = 20, seed: int = 0, device: str = "auto", batch_size: int = 1):
+                 num_crops: int = 20, seed: int = 0, device: str = "auto", batch_size: int = 1,
+                 runtime: Runtime = Runtime()):
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         # Official checkpoints take the paper's architecture with this patch size; the project's carry theirs.
         model_opt = {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
                      "cnn_pretrained": cnn_pretrained}
         self.device = select_device(device)
-        self.models = [load_model(p, model_opt).to(self.device).eval() for p in paths]
+        self.runtime = runtime
+        self.models = [runtime.prepare(load_model(p, model_opt), self.device).eval() for p in paths]
         self.crop_size = self.models[0].config["img_size"]
         self.crops, self.num_crops, self.seed, self.batch_size = crops, num_crops, seed, batch_size
 
     def score_pairs(self, pairs: Pairs, progress: bool = False) -> np.ndarray:
         check_images(pairs, self.crop_size, whole=self.crops == "whole")  # every pair before the first score
         return predict(self.models, Part(pairs, None), self.crop_size, self.crops, self.num_crops, self.seed,
-                       self.batch_size, 0, self.device, progress=progress)
+                       self.batch_size, 0, self.device, progress=progress, runtime=self.runtime)
 
     def score(self, dist: PathLike, ref: PathLike) -> float:
         return float(self.score_pairs(pair_files(dist, ref))[0])
