@@ -78,7 +78,10 @@ class OfficialAHIQ(nn.Module):
         self.outputs: list[torch.Tensor] = []
         for module in list(resnet.modules()) + list(vit.modules()):
             if isinstance(module, (Bottleneck, Block)):
-                module.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
+                module.register_forward_hook(self._keep)  # a bound method: a deep copy hooks into the copy
+
+    def _keep(self, _module, _inputs, output):
+        self.outputs.append(output)
 
     def _vit_feature(self, x):
         self.outputs.clear()

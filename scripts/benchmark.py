@@ -1,23 +1,33 @@
 #!/usr/bin/env python
 """AHIQ against the official compute pattern, side by side in one run on the same inputs and weights.
 
-    python scripts/benchmark.py --suite model --device cpu
-
-    python scripts/benchmark.py --suite eval --device cpu [--distortions 16 --crops 20]
+    python scripts/benchmark.py --suite all --device cpu
+    python scripts/benchmark.py --suite eval --device cuda [--distortions 16 --crops 20]
+    python scripts/benchmark.py --suite train --device cuda
 
 Suite ``model``: one 224x224 pair through the whole network, ViT-B/8 and ViT-B/16, random weights (speed and
 agreement do not depend on trained values). Suite ``eval``: crop-ensemble evaluation, ViT-B/8, of a
 PIPAL-shaped set (288x288 images, ``--distortions`` distorted images for each of 2 references) and of single
 768x512 pairs (LIVE's size), ``--crops`` random 224 crops per pair; ahiq runs ``ahiq.engine.predict`` end
-to end from image files (decoding included), the reference gets the same crops as in-memory tensors. The
-reference is ahiq.reference.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every block, the
-fusion run once per image, torchvision's deformable convolution, and (eval) the official test loop: one
-forward per crop index over a batch of pairs. Each case prints
-    <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d>
+to end from image files (decoding included), the reference gets the same crops as in-memory tensors.
+Suite ``train``: training steps of ViT-B/8 on random 224 crops at the paper's batch (4) and, on CUDA, at the
+largest batch each path fits; ahiq runs ``ahiq.engine.train_step`` (frozen backbones without gradients), the
+reference the official step (backbones in eval mode but inside autograd, as the official train.py runs
+them). The reference is ahiq.reference.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
+block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
+test loop: one forward per crop index over a batch of pairs. On CUDA, ahiq also runs in bf16 (rows ``_bf16``;
+the CPU emulates bf16, so it is skipped there). Each case prints
+    <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d>, peak memory ...
+max |diff| is over the scores (model, eval) or the losses of the same steps from the same weights (train).
+Peak memory: the CUDA allocator's peak, or on the CPU the growth of the resident set (Linux; freed memory
+returned to the system first), both above what was allocated before the case.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
+import gc
 import platform
 import sys
 import tempfile
@@ -28,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ahiq.reference import random_official_setup  # noqa: E402
+from ahiq.runtime import Runtime  # noqa: E402
 
 
 def best_time(fn, repeats: int, device: torch.device) -> float:
@@ -35,14 +46,63 @@ def best_time(fn, repeats: int, device: torch.device) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a block above what was allocated before it, in MiB (NaN where it cannot be measured)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib, self.base = device, float("nan"), None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        try:  # hand freed heap memory back first, so that reuse does not hide growth; then reset VmHWM
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.base = _status_kib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
+        else:
+            self.mib = (_status_kib("VmHWM") - self.base) / 2 ** 10
+
+
+def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: float,
+           mem_ref: PeakMemory, mem_ours: PeakMemory, extra: str = "") -> None:
+    """One result line: n pairs in t seconds for each path."""
+    print(f"{case}: reference {n_ref / t_ref:.3f} pairs/s, ahiq {n_ours / t_ours:.3f} pairs/s, "
+          f"speedup {(n_ours / t_ours) / (n_ref / t_ref):.2f}x, max |diff| {diff:.2e}, "
+          f"peak memory reference {mem_ref.mib:.0f} MiB, ahiq {mem_ours.mib:.0f} MiB{extra}", flush=True)
 
 
 def model_suite(device: torch.device, repeats: int) -> None:
@@ -54,16 +114,18 @@ def model_suite(device: torch.device, repeats: int) -> None:
         dist, ref = torch.rand(2, 1, 3, 224, 224, device=device)
         with torch.no_grad():
             diff = (model(dist, ref) - reference(dist, ref)).abs().max().item()
-            t_ref = best_time(lambda: reference(dist, ref), repeats, device)
-            t_ours = best_time(lambda: model(dist, ref), repeats, device)
-        print(f"pair224_p{patch_size}: reference {1 / t_ref:.3f} pairs/s, ahiq {1 / t_ours:.3f} pairs/s, "
-              f"speedup {t_ref / t_ours:.2f}x, max |diff| {diff:.2e}", flush=True)
+            with PeakMemory(device) as mem_ref:
+                t_ref = best_time(lambda: reference(dist, ref), repeats, device)
+            with PeakMemory(device) as mem_ours:
+                t_ours = best_time(lambda: model(dist, ref), repeats, device)
+        report(f"pair224_p{patch_size}", 1, t_ref, 1, t_ours, diff, mem_ref, mem_ours)
 
 
-def eval_suite(device: torch.device, distortions: int, crops: int) -> None:
+def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dict[str, Runtime]) -> None:
     """Crop-ensemble evaluation: the official per-crop loop against ahiq's grouped prediction."""
     import cv2
     import numpy as np
+    from scipy.stats import spearmanr
 
     from ahiq.data import EvalPairs, Pair, Pairs
     from ahiq.engine import Part, predict
@@ -71,12 +133,12 @@ def eval_suite(device: torch.device, distortions: int, crops: int) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         reference, model, _ = random_official_setup(8, tmp)
-        reference, model = reference.to(device), model.to(device)
+        reference = reference.to(device)
+        models = {name: runtime.prepare(copy.deepcopy(model), device) for name, runtime in runtimes.items()}
         rng = np.random.default_rng(0)
-        cases = {"pipal_288_20crop" if crops == 20 else f"pipal_288_{crops}crop": (288, 288, 2, distortions),
-                 "live_768x512_20crop" if crops == 20 else f"live_768x512_{crops}crop": (512, 768, 1, 1)}
+        cases = {f"pipal_288_{crops}crop": (288, 288, 2, distortions), f"live_768x512_{crops}crop": (512, 768, 1, 1)}
         for case, (h, w, n_refs, per_ref) in cases.items():
-            pairs = []
+            pairs, psnr = [], []
             for r in range(n_refs):  # smooth random images: compression and decoding behave as for photos
                 ref = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3)).astype(np.uint8), (0, 0), 2)
                 cv2.imwrite(f"{tmp}/{case}_R{r}.png", ref)
@@ -84,6 +146,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int) -> None:
                     noisy = np.clip(ref + rng.normal(0, 4 + 3 * d, ref.shape), 0, 255).astype(np.uint8)
                     cv2.imwrite(f"{tmp}/{case}_R{r}_{d}.png", noisy)
                     pairs.append(Pair(f"{tmp}/{case}_R{r}.png", f"{tmp}/{case}_R{r}_{d}.png", float("nan"), f"{r}_{d}"))
+                    psnr.append(cv2.PSNR(ref, noisy))
             part = Part(Pairs(pairs), None)
             items = EvalPairs(part.pairs, 224, "random", crops, check=False)
 
@@ -96,36 +159,136 @@ def eval_suite(device: torch.device, distortions: int, crops: int) -> None:
                     out.append(sum(reference(dist[:, k], ref[:, k]) for k in range(crops)) / crops)
                 return torch.cat(out)
 
-            with torch.no_grad():
-                start = time.perf_counter()
-                expected = official()
-                t_ref = time.perf_counter() - start
-                start = time.perf_counter()
-                got = predict([model], part, 224, "random", crops, batch_size=per_ref, device=device)
-                t_ours = time.perf_counter() - start
-            diff = float(np.abs(got - expected.double().cpu().numpy()).max())
+            def timed(fn, memory):
+                with torch.no_grad(), memory:
+                    synchronize(device)
+                    start = time.perf_counter()
+                    result = fn()
+                    synchronize(device)
+                    return result, time.perf_counter() - start
+
             n = len(pairs)
-            print(f"{case}: reference {n / t_ref:.3f} pairs/s, ahiq {n / t_ours:.3f} pairs/s, "
-                  f"speedup {t_ref / t_ours:.2f}x, max |diff| {diff:.2e}", flush=True)
+            mem_ref = PeakMemory(device)
+            expected, t_ref = timed(official, mem_ref)
+            expected = expected.double().cpu().numpy()
+            for name, runtime in runtimes.items():
+                def ours():
+                    return predict([models[name]], part, 224, "random", crops, batch_size=per_ref, device=device,
+                                   runtime=runtime)
+
+                if runtime.compile:
+                    timed(ours, PeakMemory(device))  # compiling is not timed
+                mem_ours = PeakMemory(device)
+                got, t_ours = timed(ours, mem_ours)
+                # how far the scores are from the reference, and (with more than a few pairs) whether the
+                # ranking against a label (here the PSNR) is the same
+                extra = (f", SROCC vs PSNR reference {spearmanr(expected, psnr)[0]:.4f}, ahiq "
+                         f"{spearmanr(got, psnr)[0]:.4f}" if n >= 8 else "")
+                report(f"{case}_{name}", n, t_ref, n, t_ours, float(np.abs(got - expected).max()), mem_ref, mem_ours,
+                       extra)
+
+
+def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]) -> None:
+    """Training steps of ViT-B/8: the official step against ahiq.engine.train_step, from the same weights."""
+    from ahiq.engine import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference, model, _ = random_official_setup(8, tmp)
+    recipe = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}
+
+    def official_stepper():
+        net = copy.deepcopy(reference).to(device)
+        net.fusion.train(), net.head.train()  # the backbones stay in eval mode, inside autograd
+        optimizer = torch.optim.Adam([
+            {"params": net.head.parameters(), "lr": recipe["lr"], "weight_decay": recipe["weight_decay"]},
+            {"params": net.fusion.parameters(), "lr": recipe["lr"], "weight_decay": recipe["weight_decay"]}])
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe["t_max"], recipe["eta_min"])
+
+        def step(dist, ref, target):
+            loss = torch.nn.functional.mse_loss(net(dist, ref).squeeze(), target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            return loss.item()
+        return step
+
+    def ahiq_stepper(runtime):
+        net = runtime.prepare(copy.deepcopy(model), device).train()
+        optimizer, scheduler = make_optimizer(net, recipe)
+        return lambda dist, ref, target: train_step(net, optimizer, scheduler, runtime.inputs(dist, device),
+                                                    runtime.inputs(ref, device), target, runtime=runtime)
+
+    def run(stepper, batches):
+        """Losses of all steps and the seconds of all but the first (the warm-up)."""
+        memory = PeakMemory(device)
+        with memory:
+            losses = [stepper(*batches[0])]
+            synchronize(device)
+            start = time.perf_counter()
+            losses += [stepper(*batch) for batch in batches[1:]]
+            synchronize(device)
+        return losses, time.perf_counter() - start, memory
+
+    def batches(size, count):
+        g = torch.Generator().manual_seed(size)
+        return [(torch.rand(size, 3, 224, 224, generator=g).to(device), torch.rand(size, 3, 224, 224, generator=g).to(device),
+                 torch.rand(size, generator=g).to(device)) for _ in range(count)]
+
+    data = batches(4, repeats + 1)
+    ref_losses, t_ref, mem_ref = run(official_stepper(), data)
+    for name, runtime in runtimes.items():
+        losses, t_ours, mem_ours = run(ahiq_stepper(runtime), data)
+        diff = max(abs(a - b) for a, b in zip(ref_losses, losses))
+        report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours, diff, mem_ref, mem_ours)
+    if device.type != "cuda":
+        print("# train, largest batch: CUDA only (the CPU has no fixed memory limit)", flush=True)
+        return
+    for name, runtime in runtimes.items():
+        found = {}
+        for label, make in (("reference", official_stepper), ("ahiq", lambda: ahiq_stepper(runtime))):
+            size = 4
+            while size <= 512:  # doubling until the device runs out of memory
+                try:
+                    _, seconds, memory = run(make(), batches(size * 2, 3))
+                    size *= 2
+                    found[label] = (size, seconds, memory)
+                except torch.OutOfMemoryError:
+                    break
+                finally:
+                    gc.collect()
+                    torch.cuda.empty_cache()
+        if len(found) == 2:
+            (b_ref, t_ref, m_ref), (b_ours, t_ours, m_ours) = found["reference"], found["ahiq"]
+            report(f"train_p8_largest_{name}", 2 * b_ref, t_ref, 2 * b_ours, t_ours, float("nan"), m_ref, m_ours,
+                   f", batch reference {b_ref}, ahiq {b_ours}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "all"], default="all")
+    parser.add_argument("--suite", choices=["model", "eval", "train", "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="model suite: timed calls per path; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="model: timed calls per path (the fastest counts); train: timed steps per path")
     parser.add_argument("--distortions", type=int, default=None,
                         help="eval suite: distorted images per reference (default 16 on CUDA, 4 on the CPU)")
     parser.add_argument("--crops", type=int, default=None, help="eval suite: random crops (default 20 on CUDA, 5 on the CPU)")
+    parser.add_argument("--channels-last", action="store_true", help="ahiq: the channels_last layout")
+    parser.add_argument("--compile", action="store_true", help="ahiq: torch.compile (compile time in the warm-up)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {device.type} ({name}), {torch.get_num_threads()} CPU threads", flush=True)
+    precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)  # CPUs emulate bf16: far slower
+    runtimes = {p: Runtime(precision=p, channels_last=args.channels_last, compile=args.compile) for p in precisions}
     if args.suite in ("model", "all"):
         model_suite(device, args.repeats)
     if args.suite in ("eval", "all"):
         cuda = device.type == "cuda"
-        eval_suite(device, args.distortions or (16 if cuda else 4), args.crops or (20 if cuda else 5))
+        eval_suite(device, args.distortions or (16 if cuda else 4), args.crops or (20 if cuda else 5), runtimes)
+    if args.suite in ("train", "all"):
+        train_suite(device, args.repeats, runtimes)
 
 
 if __name__ == "__main__":
