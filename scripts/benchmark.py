@@ -18,7 +18,8 @@ block, the fusion run once per image, torchvision's deformable convolution, fp32
 test loop: one forward per crop index over a batch of pairs. On CUDA, ahiq also runs in bf16 (rows ``_bf16``;
 the CPU emulates bf16, so it is skipped there). Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d>, peak memory ...
-max |diff| is over the scores (model, eval) or the losses of the same steps from the same weights (train).
+max |diff| is over the scores (model, eval), or (train) the relative difference of the losses of the same
+steps, from the same weights on the same batches (random weights make the loss jump after the first step).
 Peak memory: the CUDA allocator's peak, or on the CPU the growth of the resident set (Linux; freed memory
 returned to the system first), both above what was allocated before the case.
 """
@@ -240,7 +241,7 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
     ref_losses, t_ref, mem_ref = run(official_stepper(), data)
     for name, runtime in runtimes.items():
         losses, t_ours, mem_ours = run(ahiq_stepper(runtime), data)
-        diff = max(abs(a - b) for a, b in zip(ref_losses, losses))
+        diff = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses))
         report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours, diff, mem_ref, mem_ours)
     if device.type != "cuda":
         print("# train, largest batch: CUDA only (the CPU has no fixed memory limit)", flush=True)
