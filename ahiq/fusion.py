@@ -42,7 +42,10 @@ def deform_conv2d_bilinear(
     # Batched, not stacked on channels: the CPU kernel parallelises over images.
     cols = F.grid_sample(x.to(exact), grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # [N, C, 9H, W]
     cols = cols.to(x.dtype)  # bf16 features give bf16 columns: half the memory of the largest tensor here
-    out = torch.matmul(weight.reshape(c_out, c_in * taps), cols.view(n, c_in * taps, h * w))  # row c * 9 + k
+    # bmm with the weight broadcast, not matmul: for a weight that requires grad (a parameter, even under
+    # no_grad) matmul folds the batch and copies the columns, the largest tensor here (1.7x slower on the CPU).
+    w2d = weight.reshape(c_out, c_in * taps)  # column c * 9 + k
+    out = torch.bmm(w2d.expand(n, -1, -1), cols.view(n, c_in * taps, h * w))
     if bias is not None:
         out = out + bias.view(1, c_out, 1)
     return out.view(n, c_out, h, w)
