@@ -134,21 +134,22 @@ def test_corrupt_latest_falls_back_to_the_last_good_checkpoint(tmp_path):
     assert torch.load(latest, weights_only=True)["epoch"] == 2
 
 
-def nan_at_steps(monkeypatch, steps):
-    """The model's output is NaN at the given training steps (counting from 0)."""
+def nan_at_steps(monkeypatch, steps, value=float("nan")):
+    """The model's output is ``value`` (NaN by default) at the given training steps (counting from 0)."""
     real_forward, calls = AHIQ.forward, [0]
 
     def forward(self, dist, ref):
         out = real_forward(self, dist, ref)
         calls[0] += 1
-        return out * float("nan") if calls[0] - 1 in steps else out
+        return out * 0 + value if calls[0] - 1 in steps else out
 
     monkeypatch.setattr(AHIQ, "forward", forward)
 
 
-def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    nan_at_steps(monkeypatch, {12})  # epoch 2 (10 steps of 8 pairs an epoch), its third step
-    with pytest.raises(FloatingPointError, match=r"loss is nan at epoch 2, step 12: stopping .*the last good "
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, value):
+    nan_at_steps(monkeypatch, {12}, float(value))  # epoch 2 (10 steps of 8 pairs an epoch), its third step
+    with pytest.raises(FloatingPointError, match=rf"loss is {value} at epoch 2, step 12: stopping .*the last good "
                                                  r"checkpoint is .*latest.pth.*train.nonfinite_loss=skip"):
         train(tiny_options(tmp_path, "train.save_interval=1"), tmp_path / "ckpt")
     saved = torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)
