@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d, deform_conv2d
 
 
@@ -79,9 +80,25 @@ class DeformFusion(nn.Module):
     def forward(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """CNN features [G * B, C, H, W] of G images per offset map [B, 18, H, W] (image i uses offset
         i mod B: the distorted and the reference features of a pair share the reference's offsets)."""
-        if self.deform_impl == "bilinear":
-            deformed = deform_conv2d_bilinear(cnn, offset, self.deform.weight, self.deform.bias, padding=1)
+        if self.deform_impl == "bilinear" and torch.is_grad_enabled() and self.deform.weight.requires_grad:
+            deformed = self._deform_recomputed(cnn, offset)
+        elif self.deform_impl == "bilinear":
+            deformed = self._deform(cnn, offset)
         else:
             deformed = deform_conv2d(cnn, offset.repeat(cnn.shape[0] // offset.shape[0], 1, 1, 1),
                                      self.deform.weight, self.deform.bias, padding=(1, 1))
         return self.project(deformed)
+
+    def _deform(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return deform_conv2d_bilinear(cnn, offset, self.deform.weight, self.deform.bias, padding=1)
+
+    def _deform_recomputed(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """The deformable convolution for training, a few images at a time, each group's sampled columns
+        recomputed in the backward pass instead of kept: the columns are nine times the CNN features (87 MB
+        per ViT-B/8 crop in fp32), and kept for a whole batch, with their gradient, they were the largest
+        part of a training step's memory. Groups of as many images as CPU threads (the CPU sampling kernel
+        parallelises over images), one image on a GPU."""
+        offset = offset.repeat(cnn.shape[0] // offset.shape[0], 1, 1, 1)  # [N, 18, H, W], 18 channels only
+        group = 1 if cnn.is_cuda else torch.get_num_threads()
+        return torch.cat([checkpoint(self._deform, cnn[a:a + group], offset[a:a + group], use_reentrant=False)
+                          for a in range(0, cnn.shape[0], group)])

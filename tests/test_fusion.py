@@ -64,3 +64,35 @@ def test_fusion_implementations_agree(final_stride):
 def test_fusion_rejects_unknown_implementation():
     with pytest.raises(ValueError, match="deform_impl"):
         DeformFusion(4, 4, deform_impl="cuda")
+
+
+@pytest.mark.parametrize("threads", [1, 3])  # groups of 1 image, and uneven groups (3 + 1) over 4 images
+def test_training_fusion_recomputes_the_columns_with_the_same_gradients(threads):
+    torch.manual_seed(0)
+    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8).double()
+    torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)
+    vit = torch.randn(2, 20, 8, 8, dtype=torch.float64)
+    cnn = torch.randn(4, 12, 16, 16, dtype=torch.float64, requires_grad=True)  # fine-tuned backbones
+    saved_elements = []
+
+    def run(recompute):
+        offset = fusion.offsets(vit, (16, 16))
+        if recompute:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_elements.append(t.numel()) or t,
+                                                          lambda t: t):
+                out = fusion._deform_recomputed(cnn, offset)
+        else:
+            out = fusion._deform(cnn, offset)
+        params = [cnn, fusion.offset_conv.weight, fusion.deform.weight, fusion.deform.bias]
+        return (out, *torch.autograd.grad((out * out.detach().cos()).sum(), params))
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        recomputed = run(True)
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(recomputed, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # nothing as large as one image's sampled columns (C * 9 * H * W) was kept for the backward pass
+    assert max(saved_elements) < 12 * 9 * 16 * 16
