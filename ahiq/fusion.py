@@ -80,13 +80,13 @@ class DeformFusion(nn.Module):
     def forward(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """CNN features [G * B, C, H, W] of G images per offset map [B, 18, H, W] (image i uses offset
         i mod B: the distorted and the reference features of a pair share the reference's offsets)."""
-        if self.deform_impl == "bilinear" and torch.is_grad_enabled() and self.deform.weight.requires_grad:
+        if self.deform_impl == "torchvision":
+            deformed = deform_conv2d(cnn, _per_image(offset, cnn.shape[0]), self.deform.weight, self.deform.bias,
+                                     padding=(1, 1))
+        elif torch.is_grad_enabled() and self.deform.weight.requires_grad:
             deformed = self._deform_recomputed(cnn, offset)
-        elif self.deform_impl == "bilinear":
-            deformed = self._deform(cnn, offset)
         else:
-            deformed = deform_conv2d(cnn, offset.repeat(cnn.shape[0] // offset.shape[0], 1, 1, 1),
-                                     self.deform.weight, self.deform.bias, padding=(1, 1))
+            deformed = self._deform(cnn, offset)
         return self.project(deformed)
 
     def _deform(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,12 @@ class DeformFusion(nn.Module):
         per ViT-B/8 crop in fp32), and kept for a whole batch, with their gradient, they were the largest
         part of a training step's memory. Groups of as many images as CPU threads (the CPU sampling kernel
         parallelises over images), one image on a GPU."""
-        offset = offset.repeat(cnn.shape[0] // offset.shape[0], 1, 1, 1)  # [N, 18, H, W], 18 channels only
+        offset = _per_image(offset, cnn.shape[0])  # 18 channels only: small next to the features
         group = 1 if cnn.is_cuda else torch.get_num_threads()
         return torch.cat([checkpoint(self._deform, cnn[a:a + group], offset[a:a + group], use_reentrant=False)
                           for a in range(0, cnn.shape[0], group)])
+
+
+def _per_image(offset: torch.Tensor, n: int) -> torch.Tensor:
+    """Offsets [B, 18, H, W] shared by groups of B images -> one offset map per image [n, 18, H, W]."""
+    return offset.repeat(n // offset.shape[0], 1, 1, 1)

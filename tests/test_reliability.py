@@ -134,7 +134,7 @@ def test_corrupt_latest_falls_back_to_the_last_good_checkpoint(tmp_path):
     assert torch.load(latest, weights_only=True)["epoch"] == 2
 
 
-def nan_at_steps(monkeypatch, steps, value=float("nan")):
+def nonfinite_at_steps(monkeypatch, steps, value=float("nan")):
     """The model's output is ``value`` (NaN by default) at the given training steps (counting from 0)."""
     real_forward, calls = AHIQ.forward, [0]
 
@@ -148,7 +148,7 @@ def nan_at_steps(monkeypatch, steps, value=float("nan")):
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, value):
-    nan_at_steps(monkeypatch, {12}, float(value))  # epoch 2 (10 steps of 8 pairs an epoch), its third step
+    nonfinite_at_steps(monkeypatch, {12}, float(value))  # epoch 2 (10 steps of 8 pairs an epoch), its third step
     with pytest.raises(FloatingPointError, match=rf"loss is {value} at epoch 2, step 12: stopping .*the last good "
                                                  r"checkpoint is .*latest.pth.*train.nonfinite_loss=skip"):
         train(tiny_options(tmp_path, "train.save_interval=1"), tmp_path / "ckpt")
@@ -157,7 +157,7 @@ def test_nonfinite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(
 
 
 def test_nan_loss_skipped_when_asked(tmp_path, monkeypatch):
-    nan_at_steps(monkeypatch, {3, 4})
+    nonfinite_at_steps(monkeypatch, {3, 4})
     train(tiny_options(tmp_path, "train.nonfinite_loss=skip"), tmp_path / "ckpt")
     folder = tmp_path / "ckpt" / "demo"
     saved = torch.load(folder / "latest.pth", weights_only=True)
@@ -171,7 +171,7 @@ def test_nan_loss_skipped_when_asked(tmp_path, monkeypatch):
 
 
 def test_every_batch_nan_stops_even_when_skipping(tmp_path, monkeypatch):
-    nan_at_steps(monkeypatch, set(range(10)))
+    nonfinite_at_steps(monkeypatch, set(range(10)))
     with pytest.raises(FloatingPointError, match="every batch of epoch 1 had a non-finite loss.*no checkpoint"):
         train(tiny_options(tmp_path, "train.nonfinite_loss=skip"), tmp_path / "ckpt")
 
