@@ -13,9 +13,16 @@ from ahiq.options import load_options  # noqa: E402
 TINY = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
 
 
+# Where a test is parametrised over devices: the CPU always, CUDA where there is a GPU (CI has none).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    if torch.cuda.is_available():  # tests compare fp32 paths: TF32 only where runtime.tf32 asks for it
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 
 def tiny_options(tmp_path, *overrides):

@@ -3,9 +3,10 @@ import torch
 from torchvision.ops import deform_conv2d
 
 from ahiq.fusion import DeformFusion, deform_conv2d_bilinear
+from conftest import DEVICES
 
 
-def _inputs(b=2, c=6, h=9, w=11, c_out=5, scale=3.0, whole_pixels=True):
+def _inputs(b=2, c=6, h=9, w=11, c_out=5, scale=3.0, whole_pixels=True, device="cpu"):
     x = torch.randn(b, c, h, w, dtype=torch.float64)
     # Offsets of several pixels send taps outside the map; whole-pixel offsets hit the bilinear edge cases.
     offset = torch.randn(b, 18, h, w, dtype=torch.float64) * scale
@@ -13,20 +14,22 @@ def _inputs(b=2, c=6, h=9, w=11, c_out=5, scale=3.0, whole_pixels=True):
         offset[:, :, ::3] = offset[:, :, ::3].round()
     weight = torch.randn(c_out, c, 3, 3, dtype=torch.float64)
     bias = torch.randn(c_out, dtype=torch.float64)
-    return x, offset, weight, bias
+    return tuple(t.to(device) for t in (x, offset, weight, bias))
 
 
-def test_bilinear_deform_conv_equals_torchvision():
-    x, offset, weight, bias = _inputs()
+@pytest.mark.parametrize("device", DEVICES)
+def test_bilinear_deform_conv_equals_torchvision(device):
+    x, offset, weight, bias = _inputs(device=device)
     expected = deform_conv2d(x, offset, weight, bias, padding=(1, 1))
     torch.testing.assert_close(deform_conv2d_bilinear(x, offset, weight, bias, padding=1), expected,
                                rtol=1e-10, atol=1e-10)
 
 
-def test_bilinear_deform_conv_equals_torchvision_fp32_and_gradients():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bilinear_deform_conv_equals_torchvision_fp32_and_gradients(device):
     # Fractional offsets only: at a whole pixel the bilinear weight has a kink, and either one-sided
     # derivative is a valid gradient (the two implementations pick different sides).
-    x, offset, weight, bias = (t.float().requires_grad_() for t in _inputs(whole_pixels=False))
+    x, offset, weight, bias = (t.float().requires_grad_() for t in _inputs(whole_pixels=False, device=device))
     ours = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
     theirs = deform_conv2d(x, offset, weight, bias, padding=(1, 1))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -45,12 +48,13 @@ def test_bilinear_deform_conv_images_share_offsets():
     torch.testing.assert_close(both[2:], deform_conv2d(x2, offset, weight, bias, padding=(1, 1)))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("final_stride", [1, 2])
-def test_fusion_implementations_agree(final_stride):
-    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride)
+def test_fusion_implementations_agree(final_stride, device):
+    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride).to(device)
     torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)  # offsets of a few pixels, not near zero
-    cnn = torch.randn(4, 12, 16, 16)  # two distorted images, then their two references
-    offset = fusion.offsets(torch.randn(2, 20, 8, 8), (16, 16))
+    cnn = torch.randn(4, 12, 16, 16, device=device)  # two distorted images, then their two references
+    offset = fusion.offsets(torch.randn(2, 20, 8, 8, device=device), (16, 16))
     assert offset.shape == (2, 18, 16, 16) and offset.abs().mean() > 0.5
     fast = fusion(cnn, offset)
     fusion.deform_impl = "torchvision"
@@ -66,13 +70,14 @@ def test_fusion_rejects_unknown_implementation():
         DeformFusion(4, 4, deform_impl="cuda")
 
 
-@pytest.mark.parametrize("threads", [1, 3])  # groups of 1 image, and uneven groups (3 + 1) over 4 images
-def test_training_fusion_recomputes_the_columns_with_the_same_gradients(threads):
+# CPU: groups of 1 image, and uneven groups (3 + 1) over 4 images; CUDA: one image a group
+@pytest.mark.parametrize("device,threads", [("cpu", 1), ("cpu", 3), pytest.param("cuda", 1, marks=DEVICES[1].marks)])
+def test_training_fusion_recomputes_the_columns_with_the_same_gradients(device, threads):
     torch.manual_seed(0)
-    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8).double()
+    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8).double().to(device)
     torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)
-    vit = torch.randn(2, 20, 8, 8, dtype=torch.float64)
-    cnn = torch.randn(4, 12, 16, 16, dtype=torch.float64, requires_grad=True)  # fine-tuned backbones
+    vit = torch.randn(2, 20, 8, 8, dtype=torch.float64, device=device)
+    cnn = torch.randn(4, 12, 16, 16, dtype=torch.float64, device=device, requires_grad=True)  # fine-tuned backbones
     saved_elements = []
 
     def run(recompute):
@@ -96,3 +101,4 @@ def test_training_fusion_recomputes_the_columns_with_the_same_gradients(threads)
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     # nothing as large as one image's sampled columns (C * 9 * H * W) was kept for the backward pass
     assert max(saved_elements) < 12 * 9 * 16 * 16
+
