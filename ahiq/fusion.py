@@ -71,11 +71,19 @@ class DeformFusion(nn.Module):
         )
 
     def offsets(self, vit_ref: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        # The official order: upsample the ViT features to the CNN grid, then convolve. In fp32 (at least)
-        # under autocast too: offsets are positions, and bf16 would round a 3-pixel offset by up to 0.01 px.
+        # In fp32 (at least) under autocast too: offsets are positions, and bf16 would round a 3-pixel
+        # offset by up to 0.01 px.
         with torch.autocast(vit_ref.device.type, enabled=False):
             vit_ref = vit_ref.to(torch.promote_types(vit_ref.dtype, torch.float32))
-            return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
+            if torch.is_grad_enabled():
+                # Training: the upsampled features (4x the ViT features, 46 MB per ViT-B/8 crop in fp32) are
+                # recomputed in the backward pass instead of kept for the convolution's weight gradient.
+                return checkpoint(self._offsets, vit_ref, size, use_reentrant=False)
+            return self._offsets(vit_ref, size)
+
+    def _offsets(self, vit_ref: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # The official order: upsample the ViT features to the CNN grid, then convolve.
+        return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
 
     def forward(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """CNN features [G * B, C, H, W] of G images per offset map [B, 18, H, W] (image i uses offset

@@ -102,3 +102,19 @@ def test_training_fusion_recomputes_the_columns_with_the_same_gradients(device, 
     # nothing as large as one image's sampled columns (C * 9 * H * W) was kept for the backward pass
     assert max(saved_elements) < 12 * 9 * 16 * 16
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_offsets_keep_the_vit_features_not_their_upsampled_copy(device):
+    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8).double().to(device)
+    vit = torch.randn(2, 20, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
+    saved_elements = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_elements.append(t.numel()) or t, lambda t: t):
+        offset = fusion.offsets(vit, (16, 16))
+    plain = fusion._offsets(vit, (16, 16))
+    torch.testing.assert_close(offset, plain, rtol=0, atol=0)
+    params = [vit, fusion.offset_conv.weight, fusion.offset_conv.bias]
+    g = torch.randn_like(plain)
+    for a, b in zip(torch.autograd.grad(offset, params, g), torch.autograd.grad(plain, params, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # the upsampled features (2 x 20 x 16 x 16) are recomputed in the backward pass, not kept
+    assert saved_elements and max(saved_elements) < 2 * 20 * 16 * 16
