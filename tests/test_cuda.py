@@ -2,14 +2,15 @@
 channels_last, torch.compile and a bf16 training step. Skipped without a CUDA device (CI has none); the
 fusion's CUDA checks are in test_fusion.py, and on a GPU machine every engine test runs on CUDA too."""
 import copy
+import math
 
 import pytest
 import torch
 
-from ahiq.engine import make_optimizer, train_step
+from ahiq.engine import make_optimizer, run_test, train, train_step
 from ahiq.reference import random_official_setup
 from ahiq.runtime import Runtime
-from conftest import TINY
+from conftest import TINY, tiny_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -89,3 +90,14 @@ def test_bf16_training_step_on_cuda_matches_fp32_and_keeps_fp32_weights(full_siz
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
     before = model.state_dict()["head.score.weight"].to(CUDA)
     assert not torch.equal(weights["bf16"]["head.score.weight"], before)
+
+
+def test_training_resuming_and_testing_on_cuda(tmp_path):
+    on_gpu = ("train.device=cuda", "runtime.precision=bf16", "runtime.channels_last=true")
+    train(tiny_options(tmp_path, *on_gpu), tmp_path / "ckpt")  # 2 epochs
+    three = tiny_options(tmp_path, *on_gpu, "train.epochs=3", "train.resume=auto")
+    train(three, tmp_path / "ckpt")
+    saved = torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 2 and "cuda" in saved["rng"]  # resumed, the GPU's random state saved with it
+    metrics = run_test(three, tmp_path / "ckpt")
+    assert metrics["n"] == 25 and math.isfinite(metrics["srocc"])
