@@ -50,6 +50,8 @@ def test_full_size_scores_match_the_official_pattern(full_size, runtime, toleran
     assert (got - expected).abs().max().item() <= tolerance
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+                    reason="TF32 needs an Ampere or newer GPU")
 def test_tf32_is_used_only_when_asked(full_size):
     model, dist, ref, expected = full_size
     strict = scores(model, dist, ref, Runtime())
@@ -67,7 +69,7 @@ def test_compiled_model_on_cuda_equals_eager(tmp_path):
     eager = scores(model, dist, ref, Runtime())
     torch._dynamo.reset()
     compiled = scores(model, dist, ref, Runtime(compile=True))  # inductor: Triton kernels on the GPU
-    assert (compiled - eager).abs().max().item() < 1e-5
+    assert (compiled - eager).abs().max().item() < 1e-4  # fused kernels sum in another order
     compiled_bf16 = scores(model, dist, ref, Runtime(precision="bf16", compile=True))
     assert (compiled_bf16 - eager).abs().max().item() < 1e-2
 
