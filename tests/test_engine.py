@@ -183,3 +183,15 @@ def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     refs = {p.ref for p in part.pairs}
     assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
     assert all(reads[p.dist] == 1 for p in part.pairs)
+
+
+
+def test_resuming_on_fewer_gpus_restores_the_random_state_of_those_there(monkeypatch):
+    """A checkpoint saved on a 4-GPU machine, resumed on one GPU (simulated: the test needs no GPU)."""
+    state = {**engine._rng_state(), "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda gpu_state, index: restored.update({index: gpu_state}))
+    engine._set_rng_state(state)
+    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
