@@ -1,4 +1,5 @@
-"""Two-process training with torchrun on the CPU (gloo) gives the single-process result."""
+"""Two-process training with torchrun on the CPU (gloo) gives the single-process result, and one process
+resumes a two-process run."""
 import os
 import shutil
 import subprocess
@@ -47,3 +48,10 @@ def test_two_processes_train_like_one(tmp_path):
     assert b["best"]["srocc"] == pytest.approx(a["best"]["srocc"], abs=1e-3)
     written = sorted(p.name for p in (tmp_path / "checkpoints" / "two").glob("*.pth"))
     assert written == ["best.pth", "epoch_1.pth", "epoch_2.pth", "latest.pth"]  # rank 0 alone, no clashes
+    # The two-process run's first epoch resumed by one process: the same second epoch.
+    resumed = list(options)
+    resumed[resumed.index("train.resume=null")] = f"train.resume={tmp_path / 'checkpoints' / 'two' / 'epoch_1.pth'}"
+    _run([sys.executable, *train, "name=resumed", *resumed], tmp_path)
+    c = torch.load(tmp_path / "checkpoints" / "resumed" / "latest.pth", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(c["model"][key], a["model"][key], rtol=0, atol=1e-5, msg=key)
