@@ -16,7 +16,8 @@ reference the official step (backbones in eval mode but inside autograd, as the 
 them). The reference is ahiq.reference.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
 block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
 test loop: one forward per crop index over a batch of pairs. On CUDA, ahiq also runs in bf16 (rows ``_bf16``;
-the CPU emulates bf16, so it is skipped there). Each case prints
+the CPU emulates bf16, so it is skipped there). Suite ``flops``: the operations per pair of both paths, counted
+(the same on any device): what the speed-ups can reach before precision and kernels come in. Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d>, peak memory ...
 max |diff| is over the scores (model, eval), or (train) the relative difference of the losses of the same
 steps, from the same weights on the same batches (random weights make the loss jump after the first step).
@@ -266,9 +267,74 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
                    f", batch reference {b_ref}, ahiq {b_ours}")
 
 
+def flops_suite(crops: int, per_reference: int) -> None:
+    """Operations per pair, counted (torch.utils.flop_counter, on the CPU: the counts hold on any device).
+
+    Counted: matmuls, convolutions, attention and their gradients; torchvision's deformable convolution as
+    the 3x3 convolution it computes (its gradient as two: input and weight). Not counted: the bilinear
+    sampling of the deformable convolution (memory traffic, a few operations per element) and elementwise
+    work. Evaluation is the PIPAL-shaped case: ``crops`` crops per pair, ``per_reference`` distorted images
+    per reference (ahiq computes a reference crop's features once for all of them)."""
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry
+
+    aten = torch.ops.aten
+
+    def deform_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+    def deform_backward_flop(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * conv_flop_count(list(x_shape), list(w_shape), list(grad_shape), transposed=False)
+
+    def as_gpu(op):  # torch's table lacks the CPU's attention kernels, which compute what the GPU's do
+        def count(*args, **kwargs):
+            return flop_registry[op](*args, **kwargs)
+        count._get_raw = True  # the table's entries take tensors, not shapes
+        return count
+
+    counting = {
+        torch.ops.torchvision.deform_conv2d: deform_flop,
+        torch.ops.torchvision._deform_conv2d_backward: deform_backward_flop,
+        aten._scaled_dot_product_flash_attention_for_cpu: as_gpu(aten._scaled_dot_product_flash_attention),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            as_gpu(aten._scaled_dot_product_flash_attention_backward),
+    }
+
+    def gflop(fn) -> float:
+        counter = FlopCounterMode(display=False, custom_mapping=counting)
+        with counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference, model, _ = random_official_setup(8, tmp)
+    dist, ref = torch.rand(2, 4, 3, 224, 224)
+    with torch.no_grad():
+        official_pair = gflop(lambda: reference(dist[:1], ref[:1]))
+        features = model.reference_features(ref[:1])
+        reference_crop = gflop(lambda: model.reference_features(ref[:1]))
+        distorted_crop = gflop(lambda: model.score_with_reference(dist[:1], features))
+    print(f"flops_eval_pipal_{crops}crop: reference {crops * official_pair:.0f} GFLOP/pair, ahiq "
+          f"{crops * (distorted_crop + reference_crop / per_reference):.0f} GFLOP/pair, ratio "
+          f"{official_pair / (distorted_crop + reference_crop / per_reference):.2f}x (per crop: reference "
+          f"{official_pair:.1f}; ahiq {distorted_crop:.1f} per distorted crop + {reference_crop:.1f} per "
+          f"reference crop, shared by {per_reference})", flush=True)
+
+    from ahiq.engine import make_optimizer, train_step
+    recipe = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}
+    target = torch.rand(4)
+    reference.fusion.train(), reference.head.train()  # the backbones stay in eval mode, inside autograd
+    official_step = gflop(lambda: torch.nn.functional.mse_loss(reference(dist, ref), target).backward())
+    model.train()
+    optimizer, scheduler = make_optimizer(model, recipe)
+    ahiq_step = gflop(lambda: train_step(model, optimizer, scheduler, dist, ref, target))
+    print(f"flops_train_p8_batch4: reference {official_step / 4:.0f} GFLOP/pair, ahiq {ahiq_step / 4:.0f} "
+          f"GFLOP/pair, ratio {official_step / ahiq_step:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "train", "all"], default="all")
+    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="model: timed calls per path (the fastest counts); train: timed steps per path")
@@ -290,6 +356,8 @@ def main() -> None:
         eval_suite(device, args.distortions or (16 if cuda else 4), args.crops or (20 if cuda else 5), runtimes)
     if args.suite in ("train", "all"):
         train_suite(device, args.repeats, runtimes)
+    if args.suite in ("flops", "all"):
+        flops_suite(args.crops or 20, args.distortions or 16)
 
 
 if __name__ == "__main__":
