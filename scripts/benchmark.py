@@ -43,6 +43,9 @@ from ahiq.reference import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime  # noqa: E402
 
 
+RECIPE = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}  # the official training recipe
+
+
 def best_time(fn, repeats: int, device: torch.device) -> float:
     """Fastest of ``repeats`` timed calls after one warm-up call."""
     fn()
@@ -197,15 +200,14 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         reference, model, _ = random_official_setup(8, tmp)
-    recipe = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}
 
     def official_stepper():
         net = copy.deepcopy(reference).to(device)
         net.fusion.train(), net.head.train()  # the backbones stay in eval mode, inside autograd
         optimizer = torch.optim.Adam([
-            {"params": net.head.parameters(), "lr": recipe["lr"], "weight_decay": recipe["weight_decay"]},
-            {"params": net.fusion.parameters(), "lr": recipe["lr"], "weight_decay": recipe["weight_decay"]}])
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe["t_max"], recipe["eta_min"])
+            {"params": net.head.parameters(), "lr": RECIPE["lr"], "weight_decay": RECIPE["weight_decay"]},
+            {"params": net.fusion.parameters(), "lr": RECIPE["lr"], "weight_decay": RECIPE["weight_decay"]}])
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, RECIPE["t_max"], RECIPE["eta_min"])
 
         def step(dist, ref, target):
             loss = torch.nn.functional.mse_loss(net(dist, ref).squeeze(), target)
@@ -218,7 +220,7 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
 
     def ahiq_stepper(runtime):
         net = runtime.prepare(copy.deepcopy(model), device).train()
-        optimizer, scheduler = make_optimizer(net, recipe)
+        optimizer, scheduler = make_optimizer(net, RECIPE)
         return lambda dist, ref, target: train_step(net, optimizer, scheduler, runtime.inputs(dist, device),
                                                     runtime.inputs(ref, device), target, runtime=runtime)
 
@@ -267,53 +269,57 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
                    f", batch reference {b_ref}, ahiq {b_ours}")
 
 
+def _deform_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
+def _deform_backward_flop(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _deform_flop(x_shape, w_shape, out_shape=grad_shape)  # input and weight gradients
+
+
+def _as_gpu_attention(name: str):
+    """torch's table lacks the CPU's attention kernels, which compute what the GPU's flash kernels do."""
+    from torch.utils.flop_counter import flop_registry
+
+    def count(*args, **kwargs):
+        return flop_registry[getattr(torch.ops.aten, name)](*args, **kwargs)
+    count._get_raw = True  # the table's entries take tensors, not shapes
+    return count
+
+
+def count_gflop(fn) -> float:
+    """GFLOP of ``fn()`` as torch.utils.flop_counter counts them (matmuls, convolutions, attention and their
+    gradients), with torchvision's deformable convolution counted as the 3x3 convolution it computes and
+    the CPU's attention kernels as the GPU's. Not counted: bilinear sampling and elementwise work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.torchvision.deform_conv2d: _deform_flop,
+        torch.ops.torchvision._deform_conv2d_backward: _deform_backward_flop,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            _as_gpu_attention("_scaled_dot_product_flash_attention"),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            _as_gpu_attention("_scaled_dot_product_flash_attention_backward"),
+    })
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def flops_suite(crops: int, per_reference: int) -> None:
-    """Operations per pair, counted (torch.utils.flop_counter, on the CPU: the counts hold on any device).
-
-    Counted: matmuls, convolutions, attention and their gradients; torchvision's deformable convolution as
-    the 3x3 convolution it computes (its gradient as two: input and weight). Not counted: the bilinear
-    sampling of the deformable convolution (memory traffic, a few operations per element) and elementwise
-    work. Evaluation is the PIPAL-shaped case: ``crops`` crops per pair, ``per_reference`` distorted images
-    per reference (ahiq computes a reference crop's features once for all of them)."""
-    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry
-
-    aten = torch.ops.aten
-
-    def deform_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
-
-    def deform_backward_flop(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        return 2 * conv_flop_count(list(x_shape), list(w_shape), list(grad_shape), transposed=False)
-
-    def as_gpu(op):  # torch's table lacks the CPU's attention kernels, which compute what the GPU's do
-        def count(*args, **kwargs):
-            return flop_registry[op](*args, **kwargs)
-        count._get_raw = True  # the table's entries take tensors, not shapes
-        return count
-
-    counting = {
-        torch.ops.torchvision.deform_conv2d: deform_flop,
-        torch.ops.torchvision._deform_conv2d_backward: deform_backward_flop,
-        aten._scaled_dot_product_flash_attention_for_cpu: as_gpu(aten._scaled_dot_product_flash_attention),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            as_gpu(aten._scaled_dot_product_flash_attention_backward),
-    }
-
-    def gflop(fn) -> float:
-        counter = FlopCounterMode(display=False, custom_mapping=counting)
-        with counter:
-            fn()
-        return counter.get_total_flops() / 1e9
-
+    """Operations per pair (count_gflop, on the CPU: the counts hold on any device). Evaluation is the
+    PIPAL-shaped case: ``crops`` crops per pair, ``per_reference`` distorted images per reference (ahiq
+    computes a reference crop's features once for all of them)."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         reference, model, _ = random_official_setup(8, tmp)
     dist, ref = torch.rand(2, 4, 3, 224, 224)
     with torch.no_grad():
-        official_pair = gflop(lambda: reference(dist[:1], ref[:1]))
+        official_pair = count_gflop(lambda: reference(dist[:1], ref[:1]))
         features = model.reference_features(ref[:1])
-        reference_crop = gflop(lambda: model.reference_features(ref[:1]))
-        distorted_crop = gflop(lambda: model.score_with_reference(dist[:1], features))
+        reference_crop = count_gflop(lambda: model.reference_features(ref[:1]))
+        distorted_crop = count_gflop(lambda: model.score_with_reference(dist[:1], features))
     print(f"flops_eval_pipal_{crops}crop: reference {crops * official_pair:.0f} GFLOP/pair, ahiq "
           f"{crops * (distorted_crop + reference_crop / per_reference):.0f} GFLOP/pair, ratio "
           f"{official_pair / (distorted_crop + reference_crop / per_reference):.2f}x (per crop: reference "
@@ -321,13 +327,12 @@ def flops_suite(crops: int, per_reference: int) -> None:
           f"reference crop, shared by {per_reference})", flush=True)
 
     from ahiq.engine import make_optimizer, train_step
-    recipe = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}
     target = torch.rand(4)
     reference.fusion.train(), reference.head.train()  # the backbones stay in eval mode, inside autograd
-    official_step = gflop(lambda: torch.nn.functional.mse_loss(reference(dist, ref), target).backward())
+    official_step = count_gflop(lambda: torch.nn.functional.mse_loss(reference(dist, ref), target).backward())
     model.train()
-    optimizer, scheduler = make_optimizer(model, recipe)
-    ahiq_step = gflop(lambda: train_step(model, optimizer, scheduler, dist, ref, target))
+    optimizer, scheduler = make_optimizer(model, RECIPE)
+    ahiq_step = count_gflop(lambda: train_step(model, optimizer, scheduler, dist, ref, target))
     print(f"flops_train_p8_batch4: reference {official_step / 4:.0f} GFLOP/pair, ahiq {ahiq_step / 4:.0f} "
           f"GFLOP/pair, ratio {official_step / ahiq_step:.2f}x", flush=True)
 
