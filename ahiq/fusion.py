@@ -75,7 +75,7 @@ class DeformFusion(nn.Module):
         # offset by up to 0.01 px.
         with torch.autocast(vit_ref.device.type, enabled=False):
             vit_ref = vit_ref.to(torch.promote_types(vit_ref.dtype, torch.float32))
-            if torch.is_grad_enabled():
+            if _needs_grad(self.offset_conv.weight):
                 # Training: the upsampled features (4x the ViT features, 46 MB per ViT-B/8 crop in fp32) are
                 # recomputed in the backward pass instead of kept for the convolution's weight gradient.
                 return checkpoint(self._offsets, vit_ref, size, use_reentrant=False)
@@ -91,7 +91,7 @@ class DeformFusion(nn.Module):
         if self.deform_impl == "torchvision":
             deformed = deform_conv2d(cnn, _per_image(offset, cnn.shape[0]), self.deform.weight, self.deform.bias,
                                      padding=(1, 1))
-        elif torch.is_grad_enabled() and self.deform.weight.requires_grad:
+        elif _needs_grad(self.deform.weight):
             deformed = self._deform_recomputed(cnn, offset)
         else:
             deformed = self._deform(cnn, offset)
@@ -110,6 +110,11 @@ class DeformFusion(nn.Module):
         group = 1 if cnn.is_cuda else torch.get_num_threads()
         return torch.cat([checkpoint(self._deform, cnn[a:a + group], offset[a:a + group], use_reentrant=False)
                           for a in range(0, cnn.shape[0], group)])
+
+
+def _needs_grad(weight: torch.Tensor) -> bool:
+    """Training this weight: what its backward pass keeps is worth recomputing instead."""
+    return torch.is_grad_enabled() and weight.requires_grad
 
 
 def _per_image(offset: torch.Tensor, n: int) -> torch.Tensor:

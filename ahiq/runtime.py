@@ -47,9 +47,7 @@ class Runtime:
             warnings.warn("runtime.precision=bf16 on the CPU: most CPUs emulate bf16 and run it far slower than "
                           "fp32 (it is meant for GPUs)", stacklevel=2)
         if device.type == "cuda":
-            mode = "tf32" if self.tf32 else "ieee"
-            torch.backends.cuda.matmul.fp32_precision = mode
-            torch.backends.cudnn.conv.fp32_precision = mode
+            set_tf32(self.tf32)
         model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         if self.compile:
             backend = "inductor" if self.compile is True else self.compile  # a name or a backend function
@@ -61,3 +59,11 @@ class Runtime:
         """A batch of images [N, 3, H, W] on ``device`` in this runtime's memory layout."""
         images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def set_tf32(enabled: bool) -> None:
+    """Whether fp32 matmuls and convolutions may use TF32 on GPUs that have it (process-wide; off: strict
+    fp32, where cuDNN's own default would allow TF32 convolutions)."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode

@@ -39,11 +39,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ahiq.engine import make_optimizer, train_step  # noqa: E402
+from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.reference import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime  # noqa: E402
-
-
-RECIPE = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}  # the official training recipe
 
 
 def best_time(fn, repeats: int, device: torch.device) -> float:
@@ -193,36 +192,39 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                        extra)
 
 
+def official_stepper(reference: torch.nn.Module, device: torch.device):
+    """The official training step (the default recipe) on a copy of ``reference``: step(dist, ref, target) -> loss."""
+    recipe = DEFAULTS["train"]
+    net = copy.deepcopy(reference).to(device)
+    net.fusion.train(), net.head.train()  # the backbones stay in eval mode, inside autograd
+    optimizer = torch.optim.Adam([
+        {"params": net.head.parameters(), "lr": recipe["lr"], "weight_decay": recipe["weight_decay"]},
+        {"params": net.fusion.parameters(), "lr": recipe["lr"], "weight_decay": recipe["weight_decay"]}])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe["t_max"], recipe["eta_min"])
+
+    def step(dist, ref, target):
+        loss = torch.nn.functional.mse_loss(net(dist, ref).squeeze(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss.item()
+    return step
+
+
+def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device):
+    """ahiq.engine.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
+    net = runtime.prepare(copy.deepcopy(model), device).train()
+    optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
+    return lambda dist, ref, target: train_step(net, optimizer, scheduler, runtime.inputs(dist, device),
+                                                runtime.inputs(ref, device), target, runtime=runtime)
+
+
 def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]) -> None:
     """Training steps of ViT-B/8: the official step against ahiq.engine.train_step, from the same weights."""
-    from ahiq.engine import make_optimizer, train_step
-
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         reference, model, _ = random_official_setup(8, tmp)
-
-    def official_stepper():
-        net = copy.deepcopy(reference).to(device)
-        net.fusion.train(), net.head.train()  # the backbones stay in eval mode, inside autograd
-        optimizer = torch.optim.Adam([
-            {"params": net.head.parameters(), "lr": RECIPE["lr"], "weight_decay": RECIPE["weight_decay"]},
-            {"params": net.fusion.parameters(), "lr": RECIPE["lr"], "weight_decay": RECIPE["weight_decay"]}])
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, RECIPE["t_max"], RECIPE["eta_min"])
-
-        def step(dist, ref, target):
-            loss = torch.nn.functional.mse_loss(net(dist, ref).squeeze(), target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            return loss.item()
-        return step
-
-    def ahiq_stepper(runtime):
-        net = runtime.prepare(copy.deepcopy(model), device).train()
-        optimizer, scheduler = make_optimizer(net, RECIPE)
-        return lambda dist, ref, target: train_step(net, optimizer, scheduler, runtime.inputs(dist, device),
-                                                    runtime.inputs(ref, device), target, runtime=runtime)
 
     def run(stepper, batches):
         """Losses of all steps and the seconds of all but the first (the warm-up)."""
@@ -241,9 +243,9 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
                  torch.rand(size, generator=g).to(device)) for _ in range(count)]
 
     data = batches(4, repeats + 1)
-    ref_losses, t_ref, mem_ref = run(official_stepper(), data)
+    ref_losses, t_ref, mem_ref = run(official_stepper(reference, device), data)
     for name, runtime in runtimes.items():
-        losses, t_ours, mem_ours = run(ahiq_stepper(runtime), data)
+        losses, t_ours, mem_ours = run(ahiq_stepper(model, runtime, device), data)
         diff = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses))
         report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours, diff, mem_ref, mem_ours)
     if device.type != "cuda":
@@ -251,7 +253,8 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
         return
     for name, runtime in runtimes.items():
         found = {}
-        for label, make in (("reference", official_stepper), ("ahiq", lambda: ahiq_stepper(runtime))):
+        for label, make in (("reference", lambda: official_stepper(reference, device)),
+                            ("ahiq", lambda: ahiq_stepper(model, runtime, device))):
             size = 4
             while size <= 512:  # doubling until the device runs out of memory
                 try:
@@ -326,13 +329,9 @@ def flops_suite(crops: int, per_reference: int) -> None:
           f"{official_pair:.1f}; ahiq {distorted_crop:.1f} per distorted crop + {reference_crop:.1f} per "
           f"reference crop, shared by {per_reference})", flush=True)
 
-    from ahiq.engine import make_optimizer, train_step
-    target = torch.rand(4)
-    reference.fusion.train(), reference.head.train()  # the backbones stay in eval mode, inside autograd
-    official_step = count_gflop(lambda: torch.nn.functional.mse_loss(reference(dist, ref), target).backward())
-    model.train()
-    optimizer, scheduler = make_optimizer(model, RECIPE)
-    ahiq_step = count_gflop(lambda: train_step(model, optimizer, scheduler, dist, ref, target))
+    cpu, target = torch.device("cpu"), torch.rand(4)
+    official_step = count_gflop(lambda: official_stepper(reference, cpu)(dist, ref, target))
+    ahiq_step = count_gflop(lambda: ahiq_stepper(model, Runtime(), cpu)(dist, ref, target))
     print(f"flops_train_p8_batch4: reference {official_step / 4:.0f} GFLOP/pair, ahiq {ahiq_step / 4:.0f} "
           f"GFLOP/pair, ratio {official_step / ahiq_step:.2f}x", flush=True)
 

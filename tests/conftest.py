@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ahiq.options import load_options  # noqa: E402
+from ahiq.runtime import set_tf32  # noqa: E402
 
 # A reduced AHIQ for fast tests: same structure as the paper's, far fewer channels and a 64-pixel input.
 TINY = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
@@ -21,8 +22,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 def _seed():
     torch.manual_seed(0)
     if torch.cuda.is_available():  # tests compare fp32 paths: TF32 only where runtime.tf32 asks for it
-        torch.backends.cuda.matmul.fp32_precision = "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        set_tf32(False)
 
 
 def tiny_options(tmp_path, *overrides):

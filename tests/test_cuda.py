@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ahiq.engine import make_optimizer, run_test, train, train_step
+from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
 from ahiq.runtime import Runtime
 from conftest import TINY, tiny_options
@@ -81,12 +82,11 @@ def test_compiled_model_on_cuda_equals_eager(tmp_path):
 def test_bf16_training_step_on_cuda_matches_fp32_and_keeps_fp32_weights(full_size):
     model, dist, ref, _ = full_size
     target = torch.linspace(0.2, 0.8, 4, device=CUDA)
-    recipe = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}
     losses, weights = {}, {}
     for precision in ("fp32", "bf16"):
         runtime = Runtime(precision=precision)
         net = runtime.prepare(copy.deepcopy(model), CUDA).train()
-        optimizer, scheduler = make_optimizer(net, recipe)
+        optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
         losses[precision] = train_step(net, optimizer, scheduler, runtime.inputs(dist[:4], CUDA),
                                        runtime.inputs(ref[:4], CUDA), target, runtime=runtime)
         weights[precision] = net.state_dict()

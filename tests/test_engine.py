@@ -185,7 +185,6 @@ def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     assert all(reads[p.dist] == 1 for p in part.pairs)
 
 
-
 def test_resuming_on_fewer_gpus_restores_the_random_state_of_those_there(monkeypatch):
     """A checkpoint saved on a 4-GPU machine, resumed on one GPU (simulated: the test needs no GPU)."""
     state = {**engine._rng_state(), "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}

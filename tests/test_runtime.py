@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ahiq.engine import load_parts, make_optimizer, predict, train_step
+from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
 from ahiq.runtime import Runtime
 from conftest import TINY, tiny_options
@@ -96,7 +97,7 @@ def test_crop_chunks_give_the_same_scores(chunk, tmp_path):
 def test_bf16_training_step_keeps_fp32_weights(model_and_pairs):
     model, dist, ref = model_and_pairs
     model = copy.deepcopy(model).train()
-    optimizer, scheduler = make_optimizer(model, {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0})
+    optimizer, scheduler = make_optimizer(model, DEFAULTS["train"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fp32_loss = torch.nn.functional.mse_loss(model(dist[:4], ref[:4]), torch.full((4,), 0.5)).item()
     loss = train_step(model, optimizer, scheduler, dist[:4], ref[:4], torch.full((4,), 0.5),
@@ -113,7 +114,6 @@ def test_compiled_training_steps_equal_eager(model_and_pairs):
     fusion's activation checkpoints inside), run without code generation."""
     model, dist, ref = model_and_pairs
     target = torch.linspace(0.2, 0.8, 4)
-    recipe = {"lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0}
     losses, weights, graphs = {}, {}, []
 
     def aot_eager(graph_module, example_inputs):  # records what dynamo captured
@@ -122,7 +122,7 @@ def test_compiled_training_steps_equal_eager(model_and_pairs):
 
     for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=aot_eager))):
         net = runtime.prepare(copy.deepcopy(model), CPU).train()
-        optimizer, scheduler = make_optimizer(net, recipe)
+        optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
         losses[name] = [train_step(net, optimizer, scheduler, dist[:4], ref[:4], target, runtime=runtime)
                         for _ in range(2)]
         weights[name] = net.state_dict()
