@@ -3,7 +3,7 @@
 import sys
 
 from ahiq.cli import run
-from ahiq.engine import run_test
+from ahiq.evaluation import run_test
 
 if __name__ == "__main__":
     sys.exit(run(__doc__, run_test))

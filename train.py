@@ -3,7 +3,7 @@
 import sys
 
 from ahiq.cli import run
-from ahiq.engine import train
+from ahiq.training import train
 
 if __name__ == "__main__":
     sys.exit(run(__doc__, train))

@@ -214,3 +214,26 @@ class AHIQ(nn.Module):
         model = cls(vit_pretrained=vit_pretrained, cnn_pretrained=cnn_pretrained, **config)
         model.load_saved(saved, path)
         return model
+
+
+# ---- from the options ----------------------------------------------------------------------------------
+
+SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
+
+
+def build_model(model_opt: dict) -> AHIQ:
+    """A new AHIQ from the ``model`` options."""
+    return AHIQ(model_opt["patch_size"], model_opt["vit_pretrained"], model_opt["cnn_pretrained"],
+                freeze_backbones=model_opt["freeze_backbones"], deform_impl=model_opt["deform_impl"],
+                **{k: model_opt[k] for k in SIZE_KEYS})
+
+
+def load_model(path: str | os.PathLike, model_opt: dict) -> AHIQ:
+    """A model for a checkpoint: this project's (its saved architecture) or an official one (the options')."""
+    saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
+    if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
+        settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint
+        return AHIQ.from_saved(saved, Path(path), model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
+    model = build_model(model_opt)
+    model.load_saved(saved, Path(path))
+    return model

@@ -61,6 +61,15 @@ class Runtime:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
+def select_device(name: str) -> torch.device:
+    """``auto`` (CUDA where there is a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
 def set_tf32(enabled: bool) -> None:
     """Whether fp32 matmuls and convolutions may use TF32 on GPUs that have it (process-wide; off: strict
     fp32, where cuDNN's own default would allow TF32 convolutions)."""

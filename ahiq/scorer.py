@@ -11,8 +11,10 @@ import numpy as np
 from .backbones import Pretrained
 from .data import DatasetError, Pair, Pairs, check_images
 from .data.images import IMAGE_EXTENSIONS
-from .engine import Part, load_model, predict, select_device
-from .runtime import Runtime
+from .data import Part
+from .evaluation import predict
+from .model import load_model
+from .runtime import Runtime, select_device
 from .options import DEFAULTS
 
 PathLike = str | os.PathLike

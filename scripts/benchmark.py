@@ -8,10 +8,10 @@
 Suite ``model``: one 224x224 pair through the whole network, ViT-B/8 and ViT-B/16, random weights (speed and
 agreement do not depend on trained values). Suite ``eval``: crop-ensemble evaluation, ViT-B/8, of a
 PIPAL-shaped set (288x288 images, ``--distortions`` distorted images for each of 2 references) and of single
-768x512 pairs (LIVE's size), ``--crops`` random 224 crops per pair; ahiq runs ``ahiq.engine.predict`` end
+768x512 pairs (LIVE's size), ``--crops`` random 224 crops per pair; ahiq runs ``ahiq.evaluation.predict`` end
 to end from image files (decoding included), the reference gets the same crops as in-memory tensors.
 Suite ``train``: training steps of ViT-B/8 on random 224 crops at the paper's batch (4) and, on CUDA, at the
-largest batch each path fits; ahiq runs ``ahiq.engine.train_step`` (frozen backbones without gradients), the
+largest batch each path fits; ahiq runs ``ahiq.training.train_step`` (frozen backbones without gradients), the
 reference the official step (backbones in eval mode but inside autograd, as the official train.py runs
 them). The reference is ahiq.reference.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
 block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.engine import make_optimizer, train_step  # noqa: E402
 from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.reference import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime  # noqa: E402
+from ahiq.training import make_optimizer, train_step  # noqa: E402
 
 
 def best_time(fn, repeats: int, device: torch.device) -> float:
@@ -132,7 +132,8 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
     from scipy.stats import spearmanr
 
     from ahiq.data import EvalPairs, Pair, Pairs
-    from ahiq.engine import Part, predict
+    from ahiq.data import Part
+    from ahiq.evaluation import predict
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +214,7 @@ def official_stepper(reference: torch.nn.Module, device: torch.device):
 
 
 def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device):
-    """ahiq.engine.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
+    """ahiq.training.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
     net = runtime.prepare(copy.deepcopy(model), device).train()
     optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
     return lambda dist, ref, target: train_step(net, optimizer, scheduler, runtime.inputs(dist, device),
@@ -221,7 +222,7 @@ def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device)
 
 
 def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]) -> None:
-    """Training steps of ViT-B/8: the official step against ahiq.engine.train_step, from the same weights."""
+    """Training steps of ViT-B/8: the official step against ahiq.training.train_step, from the same weights."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         reference, model, _ = random_official_setup(8, tmp)

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.engine import run_test, train  # noqa: E402
+from ahiq.evaluation import run_test  # noqa: E402
 from ahiq.options import load_options  # noqa: E402
+from ahiq.training import train  # noqa: E402
 
 
 def summarise(rows: list[dict]) -> str:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ahiq import engine  # noqa: E402
+from ahiq import evaluation, training  # noqa: E402
 from ahiq.cli import run  # noqa: E402
 from ahiq.model import AHIQ  # noqa: E402
 
@@ -47,7 +47,7 @@ def on_call(n: int, function, action):
 
 
 def kill_at_step(n: int) -> None:
-    engine.train_step = on_call(n, engine.train_step, lambda *a, **k: die())
+    training.train_step = on_call(n, training.train_step, lambda *a, **k: die())
 
 
 def kill_in_validation(n: int) -> None:
@@ -56,7 +56,7 @@ def kill_in_validation(n: int) -> None:
     def arm(*args, **kwargs):  # the second scoring batch of this validation dies
         AHIQ.score_with_reference = on_call(2, real_score, lambda *a, **k: die())
 
-    engine.predict = on_call(n, engine.predict, arm)
+    evaluation.predict = on_call(n, evaluation.predict, arm)
 
 
 def kill_while_saving(name: str, n: int) -> None:
@@ -91,4 +91,4 @@ if __name__ == "__main__":
         kill_while_saving(file_name, int(count))
     else:
         sys.exit(f"unknown fault {sys.argv[1]!r}; see {__file__}")
-    sys.exit(run("train.py with an injected crash", engine.train, sys.argv[2:]))
+    sys.exit(run("train.py with an injected crash", training.train, sys.argv[2:]))

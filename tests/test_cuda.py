@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from ahiq.engine import make_optimizer, run_test, train, train_step
+from ahiq.evaluation import run_test
 from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
 from ahiq.runtime import Runtime
+from ahiq.training import make_optimizer, train, train_step
 from conftest import TINY, tiny_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

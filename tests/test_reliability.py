@@ -18,11 +18,13 @@ import pytest
 import torch
 
 import ahiq.weights as weights
-from ahiq import engine
+from ahiq import training
 from ahiq.cli import run
-from ahiq.engine import load_parts, predict, run_test, train
-from ahiq.model import AHIQ
+from ahiq.data import load_parts
+from ahiq.evaluation import predict, run_test
+from ahiq.model import AHIQ, build_model
 from ahiq.reference import random_official_setup
+from ahiq.training import train
 from conftest import ROOT, TINY, tiny_options
 
 SIGKILLED = -signal.SIGKILL
@@ -195,7 +197,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
     opt = tiny_options(tmp_path)
     part = load_parts(opt["data"])["test"]
-    model = engine.build_model(opt["model"])
+    model = build_model(opt["model"])
 
     def no_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -280,7 +282,7 @@ def run_cli(action, args, monkeypatch, capsys):
     def no_step(*a, **k):
         raise AssertionError("a training step ran before the bad input was found")
 
-    monkeypatch.setattr(engine, "train_step", no_step)
+    monkeypatch.setattr(training, "train_step", no_step)
     code = run("test", action, args)
     return code, capsys.readouterr().err.strip().splitlines()
 

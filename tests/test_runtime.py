@@ -5,10 +5,12 @@ import copy
 import pytest
 import torch
 
-from ahiq.engine import load_parts, make_optimizer, predict, train_step
+from ahiq.data import load_parts
+from ahiq.evaluation import predict
 from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
 from ahiq.runtime import Runtime
+from ahiq.training import make_optimizer, train_step
 from conftest import TINY, tiny_options
 
 CPU = torch.device("cpu")

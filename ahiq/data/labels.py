@@ -1,24 +1,23 @@
 """Label readers for the full-reference IQA datasets, in the layouts their authors distribute.
 
-``read_labels(dataset, root, **options)`` returns a ``Pairs`` list of ``Pair(ref, dist, mos, name)`` with
-absolute paths of files that exist (names resolved case-insensitively) and the published score as ``mos``.
-Every problem found (missing files, unparsable lines, non-finite or duplicate entries) is reported at once.
+Each reader returns a ``Pairs`` list of ``Pair(ref, dist, mos, name)`` with absolute paths of files that
+exist (names resolved case-insensitively) and the published score as ``mos``. Every problem found (missing
+files, unparsable lines, non-finite or duplicate entries) is reported at once. ``registry.read_labels``
+picks the reader by dataset name.
 """
 from __future__ import annotations
 
 import csv
-import inspect
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from ..messages import listed
 from .images import IMAGE_EXTENSIONS
-from .synthetic import read_synthetic
 
 
 class DatasetError(ValueError):
@@ -384,27 +383,3 @@ def read_custom_csv(root: Path, labels: str, higher_is_better: bool = True, ref_
                     dist_column: str = "dist", mos_column: str = "mos") -> Pairs:
     """Your own data: a CSV with ``ref,dist,mos`` columns, image paths relative to ``root``."""
     return _read_csv("csv", root, labels, (ref_column, dist_column, mos_column), higher_is_better)
-
-
-READERS: dict[str, Callable[..., Pairs]] = {
-    "pipal": read_pipal, "live": read_live, "csiq": read_csiq, "tid2013": read_tid2013, "tid2008": read_tid2008,
-    "kadid10k": read_kadid10k, "csv": read_custom_csv, "synthetic": read_synthetic,
-}
-
-
-def read_labels(dataset: str, root: str | os.PathLike, **options) -> Pairs:
-    """The pairs of ``dataset`` (one of READERS) unpacked at ``root``; ``options`` are the reader's keyword
-    arguments (label file, folders, direction), defaulting to the distributed layout."""
-    key = dataset.lower().replace("-", "").replace("_", "")
-    if key not in READERS:
-        raise DatasetError(f"unknown dataset '{dataset}'; known: {', '.join(READERS)}")
-    params = [p for p in inspect.signature(READERS[key]).parameters if p != "root"]
-    unknown = [k for k in options if k not in params]
-    if unknown:
-        raise DatasetError(f"unknown option(s) {', '.join(unknown)} for dataset '{key}'; it takes {', '.join(params)}")
-    root = Path(root).expanduser()
-    if key == "synthetic":  # generated on first use
-        root.mkdir(parents=True, exist_ok=True)
-    if not root.is_dir():
-        raise DatasetError(f"{dataset} root folder {root} does not exist")
-    return READERS[key](root.resolve(), **options)

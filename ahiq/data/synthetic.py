@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .labels import Pairs, read_custom_csv
 
 DISTORTIONS = {  # five levels each, mild to strong
     "noise": [3.0, 6.0, 10.0, 16.0, 26.0],        # Gaussian noise sigma (grey levels)
@@ -93,10 +94,8 @@ def make_synthetic_dataset(root: Path, references: int = 24, size: int = 96, see
     tmp.replace(root / LABELS)
 
 
-def read_synthetic(root: Path, references: int = 24, size: int = 96, seed: int = 0):
+def read_synthetic(root: Path, references: int = 24, size: int = 96, seed: int = 0) -> Pairs:
     """The synthetic demo set at ``root`` (a Pairs list), generated there first if it is not."""
-    from .labels import read_custom_csv  # labels.py registers this reader
-
     if not (root / LABELS).is_file():
         make_synthetic_dataset(root, references, size, seed)
     pairs = read_custom_csv(root, LABELS, higher_is_better=True)

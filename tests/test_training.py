@@ -1,18 +1,17 @@
+"""Training: the experiment folder, exact resume, the official step, the K-split script."""
 import json
 import math
 import sys
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from ahiq import engine
-from ahiq.data import read_labels
-from ahiq.engine import load_parts, make_optimizer, predict, run_test, train, train_step
+from ahiq import experiment
+from ahiq.evaluation import run_test
 from ahiq.model import official_to_ahiq
 from ahiq.reference import random_official_setup
+from ahiq.training import make_optimizer, train, train_step
 from conftest import ROOT, TINY, tiny_options
 
 
@@ -91,62 +90,6 @@ def test_one_step_equals_the_official_training_step(tmp_path):
     assert scheduler.get_last_lr() == official_sched.get_last_lr()[:1] == official_sched.get_last_lr()[1:]
 
 
-def test_grouped_prediction_equals_scoring_each_pair_alone(tmp_path):
-    """The fast path (pairs grouped by reference, reference features computed once) against the obvious one."""
-    from ahiq.data import EvalPairs
-
-    opt = tiny_options(tmp_path)
-    part = load_parts(opt["data"])["train"]  # 3 references x 25 distorted images
-    model = engine.build_model(opt["model"]).eval()
-    # Spread the scores and move the sampling, so that agreement to 1e-5 says something (see reference.py).
-    torch.nn.init.normal_(model.head.score.weight, std=30.0 / model.head.score.in_channels ** 0.5)
-    fan_in = model.fusion.offset_conv.in_channels * 9
-    torch.nn.init.normal_(model.fusion.offset_conv.weight, std=3.0 / fan_in ** 0.5)
-    for crops, count in (("random", 4), ("five", 5)):
-        fast = predict([model], part, 64, crops, num_crops=count, seed=3, batch_size=7)
-        items = EvalPairs(part.pairs, 64, crops, count, seed=3)
-        with torch.no_grad():
-            slow = np.array([model(items[i][0], items[i][1]).mean().item() for i in range(len(items))])
-        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5)
-        assert np.ptp(slow) > 1e-2
-
-
-def test_predict_keeps_every_pair_and_averages_an_ensemble(tmp_path):
-    opt = tiny_options(tmp_path)
-    part = load_parts(opt["data"])["test"]
-    models = [engine.build_model(opt["model"]) for _ in range(2)]
-    single = [predict([m], part, 64, "five", batch_size=4) for m in models]
-    both = predict(models, part, 64, "five", batch_size=4)
-    assert len(both) == len(part.pairs) == 25  # 25 is not a multiple of the batch size
-    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, rtol=1e-6)
-    again = predict(models[:1], part, 64, "random", num_crops=3, seed=5, batch_size=7)
-    np.testing.assert_allclose(again, predict(models[:1], part, 64, "random", num_crops=3, seed=5, batch_size=2), rtol=1e-6)
-
-
-def test_unlabelled_test_set_gives_a_submission(tmp_path):
-    opt = tiny_options(tmp_path, "train.epochs=1")
-    train(opt, tmp_path / "ckpt")
-    pairs = read_labels("synthetic", tmp_path / "data", references=5, size=72)
-    unlabelled = tmp_path / "ntire"
-    (unlabelled / "Ref").mkdir(parents=True)
-    (unlabelled / "Dis").mkdir()
-    for i, pair in enumerate(pairs[:6]):  # PIPAL-style names: A####.bmp references, A####_xx_yy.bmp distorted
-        ref_name = f"A{i // 3:04d}"
-        (unlabelled / "Ref" / f"{ref_name}.bmp").write_bytes(Path(pair.ref).read_bytes())
-        (unlabelled / "Dis" / f"{ref_name}_10_{i % 3:02d}.bmp").write_bytes(Path(pair.dist).read_bytes())
-    opt = tiny_options(tmp_path, "train.epochs=1", f"data.test={{dataset: pipal, root: {unlabelled}, "
-                       "options: {labels: null, ref_dir: Ref, dist_dirs: [Dis]}}", "test.submission.gpu=false")
-    result = run_test(opt, tmp_path / "ckpt")
-    with zipfile.ZipFile(result["submission"]) as zf:
-        output = zf.read("output.txt").decode().splitlines()
-        readme = zf.read("readme.txt").decode()
-    assert [line.split(",")[0] for line in output] == sorted(f"A{i // 3:04d}_10_{i % 3:02d}.bmp" for i in range(6))
-    assert "CPU[1] / GPU[0] : 1" in readme
-    # The test set alone is read: scoring it does not need the training data on disk.
-    opt["data"].update(dataset="pipal", root=str(tmp_path / "nowhere"), options={})
-    assert Path(run_test(opt, tmp_path / "ckpt")["submission"]).is_file()
-
-
 def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import run_splits
@@ -169,28 +112,13 @@ def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     assert (tmp_path / "ckpt" / "demo_split0" / "train.log").read_text().count("epoch 1 loss") == 1
 
 
-def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
-    from collections import Counter
-
-    import ahiq.data.datasets as datasets
-
-    opt = tiny_options(tmp_path)
-    part = load_parts(opt["data"])["train"]  # 3 references x 25 distorted images
-    reads = Counter()
-    real_read = datasets.read_image
-    monkeypatch.setattr(datasets, "read_image", lambda path: reads.update([path]) or real_read(path))
-    predict([engine.build_model(opt["model"])], part, 64, "five", batch_size=4)
-    refs = {p.ref for p in part.pairs}
-    assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
-    assert all(reads[p.dist] == 1 for p in part.pairs)
-
-
 def test_resuming_on_fewer_gpus_restores_the_random_state_of_those_there(monkeypatch):
     """A checkpoint saved on a 4-GPU machine, resumed on one GPU (simulated: the test needs no GPU)."""
-    state = {**engine._rng_state(), "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
+    state = {**experiment.rng_state(), "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
     restored = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda gpu_state, index: restored.update({index: gpu_state}))
-    engine._set_rng_state(state)
+    experiment.set_rng_state(state)
     assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+

@@ -1,0 +1,82 @@
+"""torchrun: this process's place in the job, its share of every global batch, and gathering results."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job described by the environment (nccl on CUDA, gloo on the CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return Dist(tdist.get_rank(), world, local_rank)
+
+
+def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator) -> list[list[tuple[int, float]]]:
+    """This process's share of every global batch of one epoch, as (index, weight) lists.
+
+    The global order comes from ``generator`` alone; each global batch is cut into equal shares, a short
+    share padded with weight-0 copies, so that the training does not depend on the number of processes.
+    """
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = []
+    for start in range(0, n, batch_size):
+        chunk = order[start:start + batch_size]
+        share = -(-len(chunk) // dist.world)
+        mine = chunk[dist.rank * share:(dist.rank + 1) * share]
+        batches.append([(i, 1.0) for i in mine] + [(chunk[0], 0.0)] * (share - len(mine)))
+    return batches
+
+
+class Weighted(torch.utils.data.Dataset):
+    """Items (index, weight) -> the dataset's sample and the weight."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, weight = item
+        return (*self.dataset[index], torch.tensor(weight))
+
+
+def gather_object(value, dist: Dist) -> list:
+    """``value`` of every process, in rank order (on every process)."""
+    if dist.world == 1:
+        return [value]
+    import torch.distributed as tdist
+
+    gathered: list = [None] * dist.world
+    tdist.all_gather_object(gathered, value)
+    return gathered
+
+
+def destroy(dist: Dist) -> None:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()

@@ -1,0 +1,166 @@
+"""Crop-ensemble prediction, which computes each reference crop's features once for all its distorted
+images, and ``run_test`` (test.py): metrics and reports for a labelled set, an NTIRE 2022 submission for
+an unlabelled one."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data import EvalPairs, Part, check_images, load_parts
+from .data.parts import subset
+from .distributed import Dist, gather_object
+from .metrics import evaluate, summary_line
+from .model import AHIQ, ReferenceFeatures, load_model
+from .runtime import Runtime, select_device
+
+
+@torch.no_grad()
+def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_crops: int = 20, seed: int = 0,
+            batch_size: int = 2, num_workers: int = 0, device: torch.device = torch.device("cpu"),
+            progress: bool = False, runtime: Runtime = Runtime()) -> np.ndarray:
+    """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble), in the order
+    of ``part.pairs``; no pair is dropped. Images must have been checked (check_images) by the caller.
+
+    Pairs are taken grouped by reference. All distorted images of a reference are cut at the same windows,
+    so the reference crops' features (offsets, reduced head features) are computed once per reference and
+    reused; the distorted images of one reference in a batch are scored together, at most
+    ``runtime.crop_chunk`` crops per forward pass.
+    """
+    order = sorted(range(len(part.pairs)), key=lambda i: (part.pairs[i].ref, i))
+    first_of_reference = {i for k, i in enumerate(order) if k == 0 or part.pairs[order[k - 1]].ref != part.pairs[i].ref}
+    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False, reference_for=first_of_reference)
+    # Batches of ragged items: the reference crops come with the first pair of each reference only.
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_collate_eval, pin_memory=device.type == "cuda")
+    for m in models:
+        m.eval()
+    out = np.empty(len(dataset))
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, disable=None)
+    chunk = runtime.crop_chunk
+    cached_ref, cached = None, []
+    for dist, refs_crops, index in loader:
+        b, k = dist.shape[:2]
+        refs = [part.pairs[i].ref for i in index.tolist()]
+        start = 0
+        while start < b:
+            stop = start + 1
+            while stop < b and refs[stop] == refs[start]:
+                stop += 1
+            try:
+                with runtime.autocast(device):
+                    if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
+                        cached_ref = refs[start]
+                        ref_crops = runtime.inputs(refs_crops[start], device)
+                        cached = [_in_chunks(m.reference_features, ref_crops, chunk) for m in models]
+                    scores = torch.stack([_score_group(m, dist[start:stop], feats, chunk, runtime, device)
+                                          for m, feats in zip(models, cached)]).mean(0)
+            except torch.OutOfMemoryError as exc:
+                raise MemoryError(f"out of memory on {device} scoring {stop - start} pairs x {k} crops, "
+                                  f"{min(chunk, (stop - start) * k)} crops per forward pass: lower "
+                                  f"runtime.crop_chunk (now {chunk}), or the pairs per batch (test.batch_size; "
+                                  f"train.batch_size during validation; now {batch_size})") from exc
+            out[index[start:stop].numpy()] = scores.double().cpu().numpy()
+            start = stop
+    return out
+
+
+def _in_chunks(reference_features, crops: torch.Tensor, chunk: int) -> ReferenceFeatures:
+    parts = [reference_features(crops[a:a + chunk]) for a in range(0, crops.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else ReferenceFeatures(*(torch.cat(t) for t in zip(*parts)))
+
+
+def _score_group(model: AHIQ, dist: torch.Tensor, ref: ReferenceFeatures, chunk: int, runtime: Runtime,
+                 device: torch.device) -> torch.Tensor:
+    """Mean score over the crops of each pair in ``dist`` [P, K, 3, S, S] (one reference), at most ``chunk``
+    crops per forward pass: whole pairs together when their crops fit, else windows of one pair's crops."""
+    p, k = dist.shape[:2]
+    total = torch.zeros(p, device=device)
+    for a in range(0, k, chunk):
+        window = min(chunk, k - a)
+        feats = ReferenceFeatures(ref.offset[a:a + window], ref.reduced[a:a + window])
+        per_pass = max(1, chunk // window)
+        for s in range(0, p, per_pass):
+            crops = runtime.inputs(dist[s:s + per_pass, a:a + window].flatten(0, 1), device)
+            total[s:s + per_pass] += model.score_with_reference(crops, feats).float().view(-1, window).sum(1)
+    return total / k
+
+
+def _collate_eval(items):
+    """EvalPairs items -> (distorted crops [B, K, 3, S, S], list of reference crops or empty tensors, indices)."""
+    return (torch.stack([item[0] for item in items]), [item[1] for item in items],
+            torch.tensor([item[3] for item in items]))
+
+
+def predict_shared(models: Sequence[AHIQ], part: Part, dist: Dist, **kwargs) -> np.ndarray:
+    """predict() with the pairs shared out over the processes and the scores gathered on every process."""
+    if dist.world == 1:
+        return predict(models, part, **kwargs)
+    mine = list(range(dist.rank, len(part.pairs), dist.world))
+    scores = predict(models, subset(part.pairs, None, mine), **kwargs) if mine else np.empty(0)
+    out = np.empty(len(part.pairs))
+    for indices, values in gather_object((mine, scores), dist):
+        out[indices] = values
+    return out
+
+
+# ---- test.py -----------------------------------------------------------------------------------------------
+
+def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path]:
+    """The files ``test.checkpoint`` names: best, latest, a path, or a list of them (an ensemble)."""
+    given = opt["test"]["checkpoint"]
+    paths = []
+    for item in given if isinstance(given, list) else [given]:
+        path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"test.checkpoint: {path} does not exist (train first, or set "
+                                    f"test.checkpoint=<path> or a list of paths for an ensemble)")
+        paths.append(path)
+    return paths
+
+
+def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
+    """Score the test part with one checkpoint or an ensemble of them. Labelled: predictions, metrics.json,
+    a scatter plot and one summary line. Unlabelled: an NTIRE 2022 submission."""
+    from .report import scatter_plot, write_metrics, write_predictions
+    from .submission import write_ntire_submission
+
+    test_opt = opt["test"]
+    experiment_dir = Path(checkpoints_root) / opt["name"]
+    paths = checkpoint_paths(opt, experiment_dir)
+    part = load_parts(opt["data"], roles=("test",))["test"]
+    device = select_device(opt["train"]["device"])
+    runtime = Runtime(**opt["runtime"])
+    models = [runtime.prepare(load_model(p, opt["model"]), device) for p in paths]
+    crop = models[0].config["img_size"]
+    check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
+    out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    pred = predict(models, part, crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"],
+                   test_opt["batch_size"], opt["data"]["num_workers"], device, progress=True, runtime=runtime)
+    seconds_per_image = (time.time() - start) / len(pred)
+    names = [p.name for p in part.pairs]
+    if part.targets is None:
+        sub = test_opt["submission"]
+        seconds = sub["runtime"] if sub["runtime"] is not None else seconds_per_image
+        gpu = sub["gpu"] if sub["gpu"] is not None else device.type == "cuda"
+        zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, seconds, gpu,
+                                          sub["extra_data"], sub["description"])
+        print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
+        return {"submission": str(zip_path)}
+    metrics = evaluate(pred, part.targets)
+    write_predictions(out_dir / "results.txt", names, pred)
+    write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
+                  dataset=part.pairs.dataset, crops=test_opt["crops"], num_crops=test_opt["num_crops"])
+    scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
+                 f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
+    print(summary_line(metrics))
+    return metrics
