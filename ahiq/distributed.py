@@ -34,15 +34,17 @@ def init_distributed() -> Dist:
     return Dist(tdist.get_rank(), world, local_rank)
 
 
-def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator) -> list[list[tuple[int, float]]]:
+def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator,
+                 drop_last: bool = False) -> list[list[tuple[int, float]]]:
     """This process's share of every global batch of one epoch, as (index, weight) lists.
 
     The global order comes from ``generator`` alone; each global batch is cut into equal shares, a short
     share padded with weight-0 copies, so that the training does not depend on the number of processes.
+    ``drop_last`` leaves out a last global batch smaller than ``batch_size`` (the official loader does).
     """
     order = torch.randperm(n, generator=generator).tolist()
     batches = []
-    for start in range(0, n, batch_size):
+    for start in range(0, n - batch_size + 1 if drop_last else n, batch_size):
         chunk = order[start:start + batch_size]
         share = -(-len(chunk) // dist.world)
         mine = chunk[dist.rank * share:(dist.rank + 1) * share]

@@ -26,12 +26,12 @@ DEFAULTS: dict[str, Any] = {
         **SOURCE,
         "split": {"ratios": [0.6, 0.2, 0.2], "seed": 0, "file": None},
         "val": None, "test": None,
-        "flip": "width", "num_workers": 2,
+        "flip": "width", "random_crop": "all", "targets": "dataset", "num_workers": 2,
     },
     "train": {
         "epochs": 200, "batch_size": 4, "lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0,
         "seed": 1919, "val_crops": "five", "val_every": 1, "save_interval": 5, "resume": None,
-        "device": "auto", "log_every": 20, "nonfinite_loss": "stop",
+        "device": "auto", "log_every": 20, "nonfinite_loss": "stop", "drop_last": False, "best": "main",
     },
     "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": 64},
     "test": {
@@ -54,7 +54,8 @@ CHOICES = {
     "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),
     "data.flip": ("width", "height", None), "train.val_crops": ("five", "nine", "random", "centre", "whole"),
     "test.crops": ("five", "nine", "random", "centre", "whole"), "train.nonfinite_loss": ("stop", "skip"),
-    "runtime.precision": ("fp32", "bf16"),
+    "runtime.precision": ("fp32", "bf16"), "data.random_crop": ("all", "official"), "data.targets": ("dataset", "part"),
+    "train.best": ("main", "official"),
 }
 
 

@@ -73,6 +73,14 @@ def make_optimizer(model: AHIQ, train_opt: dict):
     return optimizer, scheduler
 
 
+def improves(metrics: dict, best: dict, rule: str) -> bool:
+    """Whether validation ``metrics`` beat ``best``: ``main`` (|PLCC| + |SROCC|, the NTIRE 2022 score) is
+    higher, or (``official``, as the official train.py) SROCC or PLCC alone is higher."""
+    if rule == "official":
+        return metrics["srocc"] > best.get("srocc", -math.inf) or metrics["plcc"] > best.get("plcc", -math.inf)
+    return metrics["main"] > best["main"]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -103,12 +111,16 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
 
     parts = load_parts(data_opt, experiment_dir if dist.main else None)
     for role in ("train", "val"):
-        if parts[role].targets is None:
-            raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs labelled data")
         if not parts[role].pairs:
             raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
+        if parts[role].targets is None:
+            raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs labelled data")
+    if train_opt["drop_last"] and len(parts["train"].pairs) < train_opt["batch_size"]:
+        raise DatasetError(f"train.drop_last is set and the {len(parts['train'].pairs)} training pairs are fewer than "
+                           f"train.batch_size {train_opt['batch_size']}: no batch would be left")
     crop = opt["model"]["img_size"]
-    train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"])
+    train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"],
+                           crop_positions=data_opt["random_crop"])
     check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
     if parts["test"] is not parts["val"]:  # found now, not by test.py after days of training
         check_images(parts["test"].pairs, crop, whole=opt["test"]["crops"] == "whole")
@@ -138,7 +150,9 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     from tqdm import tqdm
 
     writer = SummaryWriter(str(experiment_dir / "tensorboard")) if dist.main else None
-    step = start_epoch * math.ceil(len(train_set) / train_opt["batch_size"])
+    steps_per_epoch = (len(train_set) // train_opt["batch_size"] if train_opt["drop_last"]
+                       else math.ceil(len(train_set) / train_opt["batch_size"]))
+    step = start_epoch * steps_per_epoch
     eval_kwargs = dict(crop_size=crop, crops=train_opt["val_crops"], batch_size=train_opt["batch_size"],
                        num_workers=data_opt["num_workers"], device=device, runtime=runtime)
     try:
@@ -148,7 +162,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
             # The order of epoch e depends on (seed, e) alone: a resumed run replays it exactly.
             order = torch.Generator().manual_seed(train_opt["seed"] * 100003 + epoch)
             loader = DataLoader(Weighted(train_set), batch_sampler=rank_batches(len(train_set),
-                                train_opt["batch_size"], dist, order), num_workers=data_opt["num_workers"],
+                                train_opt["batch_size"], dist, order, train_opt["drop_last"]), num_workers=data_opt["num_workers"],
                                 pin_memory=device.type == "cuda")
             losses, skipped = [], 0
             start = time.time()
@@ -192,7 +206,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
                     for key in ("srocc", "plcc", "krocc", "rmse", "main"):
                         writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
                 record["val"] = summary_line(metrics)
-                if metrics["main"] > best["main"]:
+                if improves(metrics, best, train_opt["best"]):
                     best = {**metrics, "epoch": epoch + 1}
                     if dist.main:
                         save_training_checkpoint(experiment_dir / "best.pth", model, optimizer, scheduler, epoch,

@@ -38,6 +38,19 @@ def test_training_crops_aligned_all_positions_reached_flips_paired(pair_files):
     assert 140 < flips < 260
 
 
+def test_official_random_crops_never_reach_the_last_row_and_column(pair_files):
+    """data.random_crop=official: np.random.randint(0, size - crop) excludes the last position."""
+    data = TrainPairs(pair_files, [0.5, 1.0], crop_size=8, seed=0, crop_positions="official")
+    corners = set()
+    for epoch in range(400):  # 10 positions: missing one in 400 draws has probability < 1e-17
+        data.set_epoch(epoch)
+        d = (data[0][0] * 255).round().long()
+        corners.add((int(d[0, 0, 0]), int(d[1, 0, :].min())))
+    assert corners == {(t, l) for t in range(2) for l in range(5)}  # rows 0..1 of 0..2, columns 0..4 of 0..5
+    whole = TrainPairs(pair_files, [0.5, 1.0], crop_size=10, seed=0, crop_positions="official")
+    assert whole[0][0].shape == (3, 10, 10)  # the crop's own size: position 0 (the official code fails there)
+
+
 def test_official_height_flip_and_no_flip(pair_files):
     data = TrainPairs(pair_files, TargetScale(1.0, 5.0, True).to_target([3.0, 5.0]), crop_size=8, flip_axis="height", seed=0)
     seen = set()

@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 
-from ahiq.data import DatasetError, Pair, Pairs, load_split, save_split, split_by_reference
+from ahiq.data import DatasetError, Pair, Pairs, load_parts, load_split, save_split, split_by_reference
 from trees import live_tree, meta
 
 
@@ -56,3 +57,19 @@ def test_split_file_round_trip_and_unknown_names(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DatasetError, match="bad.json cannot be read"):
         load_split(tmp_path / "bad.json", pairs)
+
+
+def test_targets_per_dataset_or_per_part_as_the_official_list_files(tmp_path):
+    """data.targets: one scale over the whole labelled source (default) or each part on its own (official)."""
+    data = {"dataset": "synthetic", "root": str(tmp_path), "options": {"references": 5, "size": 72},
+            "split": {"ratios": [0.6, 0.2, 0.2], "seed": 0, "file": None}, "val": None, "test": None}
+    by_dataset = load_parts({**data, "targets": "dataset"})
+    by_part = load_parts({**data, "targets": "part"})
+    everything = np.concatenate([by_dataset[r].targets for r in ("train", "val", "test")])
+    assert everything.min() == 0 and everything.max() == 1  # one scale spans the whole source
+    for role in ("train", "val", "test"):
+        assert by_part[role].pairs == by_dataset[role].pairs
+        assert by_part[role].targets.min() == 0 and by_part[role].targets.max() == 1
+        mos = np.array([p.mos for p in by_part[role].pairs])  # PSNR, higher is better
+        np.testing.assert_allclose(by_part[role].targets, (mos - mos.min()) / np.ptp(mos))
+    assert not np.allclose(by_part["test"].targets, by_dataset["test"].targets)

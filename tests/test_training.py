@@ -11,7 +11,9 @@ from ahiq import experiment
 from ahiq.evaluation import run_test
 from ahiq.model import official_to_ahiq
 from ahiq.reference import random_official_setup
-from ahiq.training import make_optimizer, train, train_step
+from ahiq.distributed import Dist, rank_batches
+from ahiq.options import load_options
+from ahiq.training import improves, make_optimizer, train, train_step
 from conftest import ROOT, TINY, tiny_options
 
 
@@ -122,3 +124,41 @@ def test_resuming_on_fewer_gpus_restores_the_random_state_of_those_there(monkeyp
     experiment.set_rng_state(state)
     assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
 
+
+
+def test_official_drop_last_leaves_out_the_short_last_batch(tmp_path):
+    """train.drop_last: 75 pairs in batches of 8 give 9 steps (the official loader) instead of 10."""
+    train(tiny_options(tmp_path, "train.epochs=1", "train.drop_last=true"), tmp_path / "ckpt")
+    assert torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)["scheduler"]["last_epoch"] == 9
+    for world in (1, 2):
+        kept = [rank_batches(75, 8, Dist(rank, world), torch.Generator().manual_seed(3), drop_last=True)
+                for rank in range(world)]
+        assert all(len(batches) == 9 for batches in kept)
+        indices = [i for batches in kept for batch in batches for i, w in batch if w]
+        assert len(indices) == len(set(indices)) == 72
+    full = rank_batches(75, 8, Dist(0, 1), torch.Generator().manual_seed(3))
+    assert len(full) == 10 and len(full[-1]) == 3
+    assert rank_batches(75, 8, Dist(0, 1), torch.Generator().manual_seed(3), drop_last=True) == full[:9]
+
+
+def test_official_best_rule_takes_either_correlation():
+    best = {"srocc": 0.80, "plcc": 0.90, "main": 1.70}
+    srocc_up = {"srocc": 0.81, "plcc": 0.85, "main": 1.66}  # worse sum, better SROCC
+    assert improves(srocc_up, best, "official") and not improves(srocc_up, best, "main")
+    assert improves({"srocc": 0.85, "plcc": 0.88, "main": 1.73}, best, "main")
+    assert not improves({"srocc": 0.79, "plcc": 0.89, "main": 1.68}, best, "official")
+    assert improves({"srocc": 0.1, "plcc": 0.1, "main": 0.2}, {"main": -math.inf}, "official")  # the first validation
+
+
+def test_official_option_file_is_pipal_with_the_quirks_switched_back_on():
+    ours, official = load_options(ROOT / "options" / "pipal.yaml"), load_options(ROOT / "options" / "pipal_official.yaml")
+    quirks = {("data", "flip"): ("width", "height"), ("data", "random_crop"): ("all", "official"),
+              ("data", "targets"): ("dataset", "part"), ("train", "drop_last"): (False, True),
+              ("train", "best"): ("main", "official"), ("name",): ("ahiq_pipal", "ahiq_pipal_official")}
+    for path, (mine, theirs) in quirks.items():
+        a, b = ours, official
+        for key in path[:-1]:
+            a, b = a[key], b[key]
+        assert (a[path[-1]], b[path[-1]]) == (mine, theirs)
+        a[path[-1]] = b[path[-1]]
+    assert ours == official  # nothing else differs

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from .images import ImageError, image_size, read_image
 from .labels import DatasetError, Pair, Pairs
-from .transforms import crop, eval_crop_positions, flip, random_crop_position
+from .transforms import RANDOM_CROPS, crop, eval_crop_positions, flip, random_crop_position
 
 
 class TargetScale:
@@ -81,16 +81,21 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class TrainPairs(Dataset):
-    """One random crop at the same position in both images, and a paired random flip.
+    """One random crop at the same position in both images, and a paired random flip. ``flip_axis`` and
+    ``crop_positions`` ("all" or "official", see random_crop_position) reproduce the official code's
+    quirks on demand.
 
     The randomness of sample i in epoch e comes from a generator seeded by (seed, e, i): the same crops in
     every worker layout, and a resumed run sees exactly the crops an uninterrupted one would.
     """
 
     def __init__(self, pairs: Pairs, targets: Sequence[float], crop_size: int = 224, flip_axis: str | None = "width",
-                 seed: int = 0, check: bool = True):
+                 seed: int = 0, check: bool = True, crop_positions: str = "all"):
         if flip_axis not in ("width", "height", None):
             raise ValueError(f"flip_axis must be 'width', 'height' (the official code's) or None, got {flip_axis!r}")
+        if crop_positions not in RANDOM_CROPS:
+            raise ValueError(f"crop_positions must be one of {', '.join(RANDOM_CROPS)}, got {crop_positions!r}")
+        self.crop_positions = crop_positions
         if check:
             check_images(pairs, crop_size)
         self.pairs, self.crop_size, self.flip_axis, self.seed = list(pairs), crop_size, flip_axis, seed
@@ -111,7 +116,7 @@ class TrainPairs(Dataset):
         dist, ref = read_image(pair.dist), read_image(pair.ref)
         if dist.shape != ref.shape:
             raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
-        top, left = random_crop_position(dist.shape[0], dist.shape[1], self.crop_size, rng)
+        top, left = random_crop_position(dist.shape[0], dist.shape[1], self.crop_size, rng, self.crop_positions)
         dist, ref = crop(dist, top, left, self.crop_size), crop(ref, top, left, self.crop_size)
         if self.flip_axis and rng.random() < 0.5:
             dist, ref = flip(dist, self.flip_axis), flip(ref, self.flip_axis)

@@ -43,7 +43,9 @@ def whole(pairs: Pairs) -> Part:
 
 def load_parts(data: dict, experiment_dir: Path | None = None,
                roles: Sequence[str] = ("train", "val", "test")) -> dict[str, Part]:
-    """train/val/test parts. Each labelled source is normalised over all of its own pairs (before any split).
+    """train/val/test parts. Each labelled source is normalised over all of its own pairs, before any split
+    (``data.targets: dataset``), or each part over its own pairs as the official code normalises each of
+    its list files (``data.targets: part``).
 
     Without ``data.val`` the main source is split by reference (``data.split``; the split is saved in the
     experiment folder, or read from ``data.split.file``); with it, the main source is all training data.
@@ -71,9 +73,9 @@ def load_parts(data: dict, experiment_dir: Path | None = None,
                            ratios=split["ratios"])
         if len(indices) not in (2, 3):
             raise DatasetError(f"data.split must give 2 parts (train, test) or 3 (train, val, test), got {len(indices)}")
-        parts["train"] = subset(main, scale, indices[0])
-        parts["val"] = subset(main, scale, indices[1])
-        parts["test"] = subset(main, scale, indices[-1])
+        for role, part_indices in zip(("train", "val", "test"), (indices[0], indices[1], indices[-1])):
+            own = data.get("targets") == "part" and part_indices
+            parts[role] = whole(subset(main, None, part_indices).pairs) if own else subset(main, scale, part_indices)
     if data.get("test"):
         parts["test"] = whole(read_source(data["test"]))
     return parts

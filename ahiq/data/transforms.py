@@ -8,9 +8,16 @@ import numpy as np
 EVAL_CROPS = ("five", "nine", "random", "centre", "whole")
 
 
-def random_crop_position(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Uniform over every valid (top, left), the last one included (the official randint excluded it)."""
-    return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+RANDOM_CROPS = ("all", "official")
+
+
+def random_crop_position(height: int, width: int, size: int, rng: np.random.Generator,
+                         positions: str = "all") -> tuple[int, int]:
+    """Uniform over every valid (top, left): ``all`` includes the last row and column; ``official`` draws
+    as the official code's ``np.random.randint(0, height - size)``, which never picks them (an image of
+    exactly the crop size, where that call fails, gets position 0)."""
+    last = 1 if positions == "all" else 0
+    return (int(rng.integers(0, max(1, height - size + last))), int(rng.integers(0, max(1, width - size + last))))
 
 
 def eval_crop_positions(height: int, width: int, size: int, mode: str, count: int = 20, seed: int = 0,
