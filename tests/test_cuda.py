@@ -1,6 +1,9 @@
 """The GPU paths on the paper's full-size network against the official compute pattern: fp32, bf16,
-channels_last, torch.compile and a bf16 training step. Skipped without a CUDA device (CI has none); the
-fusion's CUDA checks are in test_fusion.py, and on a GPU machine every engine test runs on CUDA too."""
+channels_last, torch.compile and a bf16 training step, and the demo trained, resumed and tested on CUDA.
+Skipped without a CUDA device (CI has none). Parametrised over the devices present (conftest.DEVICES), so
+also run on CUDA there: the fusion tests (test_fusion.py) and grouped prediction against per-pair scoring
+(test_evaluation.py). Bit-exact resume is tested on the CPU only: CUDA's atomic adds in grid_sample's
+backward pass are not deterministic."""
 import copy
 import math
 

@@ -3,31 +3,35 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ahiq.data import load_parts, read_labels
 from ahiq.evaluation import predict, run_test
 from ahiq.model import build_model
 from ahiq.training import train
-from conftest import tiny_options
+from conftest import DEVICES, tiny_options
 
 
-def test_grouped_prediction_equals_scoring_each_pair_alone(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_prediction_equals_scoring_each_pair_alone(tmp_path, device):
     """The fast path (pairs grouped by reference, reference features computed once) against the obvious one."""
     from ahiq.data import EvalPairs
 
     opt = tiny_options(tmp_path)
     part = load_parts(opt["data"])["train"]  # 3 references x 25 distorted images
-    model = build_model(opt["model"]).eval()
+    device = torch.device(device)
+    model = build_model(opt["model"]).eval().to(device)
     # Spread the scores and move the sampling, so that agreement to 1e-5 says something (see reference.py).
     torch.nn.init.normal_(model.head.score.weight, std=30.0 / model.head.score.in_channels ** 0.5)
     fan_in = model.fusion.offset_conv.in_channels * 9
     torch.nn.init.normal_(model.fusion.offset_conv.weight, std=3.0 / fan_in ** 0.5)
     for crops, count in (("random", 4), ("five", 5)):
-        fast = predict([model], part, 64, crops, num_crops=count, seed=3, batch_size=7)
+        fast = predict([model], part, 64, crops, num_crops=count, seed=3, batch_size=7, device=device)
         items = EvalPairs(part.pairs, 64, crops, count, seed=3)
         with torch.no_grad():
-            slow = np.array([model(items[i][0], items[i][1]).mean().item() for i in range(len(items))])
+            slow = np.array([model(items[i][0].to(device), items[i][1].to(device)).mean().item()
+                             for i in range(len(items))])
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5)
         assert np.ptp(slow) > 1e-2
 

@@ -21,6 +21,22 @@ def test_metrics_against_scipy_with_ties():
     assert m["n"] == 200
 
 
+def test_metrics_by_hand_with_ties():
+    """pred has a tie (2, 2); worked out by hand, not by the scipy calls the code makes."""
+    pred, mos = [1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0]
+    m = evaluate(pred, mos)
+    # PLCC: deviations (-1, 0, 0, 1) and (-1.5, .5, -.5, 1.5): 3 / sqrt(2 * 5)
+    assert m["plcc"] == pytest.approx(3 / np.sqrt(10), abs=1e-12)
+    # SROCC with average ranks: pred ranks (1, 2.5, 2.5, 4), mos ranks (1, 3, 2, 4): 4.5 / sqrt(4.5 * 5).
+    # Ordinal ranks (1, 2, 3, 4) would give 0.8.
+    assert m["srocc"] == pytest.approx(4.5 / np.sqrt(22.5), abs=1e-12)
+    # KROCC tau-b: 5 concordant pairs, 0 discordant, 1 pair tied in pred only, of 6:
+    # 5 / sqrt((6 - 1) * (6 - 0)). tau-a would give 5 / 6.
+    assert m["krocc"] == pytest.approx(5 / np.sqrt(30), abs=1e-12)
+    assert m["rmse"] == pytest.approx(np.sqrt(0.5), abs=1e-12)  # differences (0, -1, 0, -1)
+    assert m["main"] == pytest.approx(3 / np.sqrt(10) + 4.5 / np.sqrt(22.5), abs=1e-12)
+
+
 def test_logistic_fit_recovers_a_nonlinear_mapping():
     pred = np.linspace(-3, 3, 300)
     mos = logistic4(pred, 5.0, 1.0, 0.5, 0.7)
