@@ -91,7 +91,10 @@ class ViTFeatures(nn.Module):
         tokens = torch.cat(tokens, dim=2)  # [B, N, 5 * dim]: block 0's channels first, as the official code
         b, n, c = tokens.shape
         h, w = self.vit.patch_embed.dynamic_feat_size(x.shape[-2:])
-        return tokens.transpose(1, 2).reshape(b, c, h, w)
+        grid = tokens.view(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, h, w] with NHWC strides: no copy
+        # channels_last input (runtime.channels_last): keep the free NHWC view, so the convolutions and the
+        # concatenation with the channels_last CNN features stay NHWC; otherwise the plain NCHW layout
+        return grid if x.is_contiguous(memory_format=torch.channels_last) else grid.contiguous()
 
 
 class ResNetLayer1Features(nn.Module):

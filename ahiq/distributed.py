@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .runtime import select_device
+
 
 @dataclass
 class Dist:
@@ -19,19 +21,32 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the torchrun job described by the environment (nccl on CUDA, gloo on the CPU)."""
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun job described by the environment, if any, on the device ``device_name`` asks for
+    (``auto``, ``cpu``, ``cuda``...): returns this process's place and its device.
+
+    The device decides the backend, not what the machine has: on CUDA each process takes the GPU of its
+    LOCAL_RANK and nccl; on the CPU gloo, and no GPU is touched, so ``train.device=cpu`` runs under
+    torchrun on a GPU machine too."""
+    device = select_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist()
+        return Dist(), device
     import torch.distributed as tdist
 
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    return Dist(tdist.get_rank(), world, local_rank)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"process {local_rank} of this node has no GPU: the node has {torch.cuda.device_count()}; "
+                             f"start at most that many processes per node (torchrun --nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not tdist.is_initialized():
+        if device.type == "cuda":
+            tdist.init_process_group("nccl", device_id=device)
+        else:
+            tdist.init_process_group("gloo")
+    return Dist(tdist.get_rank(), world, local_rank), device
 
 
 def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator,

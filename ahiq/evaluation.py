@@ -59,7 +59,8 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
                     if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
                         cached_ref = refs[start]
                         ref_crops = runtime.inputs(refs_crops[start], device)
-                        cached = [_in_chunks(m.reference_features, ref_crops, chunk) for m in models]
+                        cached = [_in_chunks(runtime.entry(m, "reference_features"), ref_crops, chunk)
+                                  for m in models]
                     scores = torch.stack([_score_group(m, dist[start:stop], feats, chunk, runtime, device)
                                           for m, feats in zip(models, cached)]).mean(0)
             except torch.OutOfMemoryError as exc:
@@ -82,6 +83,7 @@ def _score_group(model: AHIQ, dist: torch.Tensor, ref: ReferenceFeatures, chunk:
     """Mean score over the crops of each pair in ``dist`` [P, K, 3, S, S] (one reference), at most ``chunk``
     crops per forward pass: whole pairs together when their crops fit, else windows of one pair's crops."""
     p, k = dist.shape[:2]
+    score = runtime.entry(model, "score_with_reference")
     total = torch.zeros(p, device=device)
     for a in range(0, k, chunk):
         window = min(chunk, k - a)
@@ -89,7 +91,7 @@ def _score_group(model: AHIQ, dist: torch.Tensor, ref: ReferenceFeatures, chunk:
         per_pass = max(1, chunk // window)
         for s in range(0, p, per_pass):
             crops = runtime.inputs(dist[s:s + per_pass, a:a + window].flatten(0, 1), device)
-            total[s:s + per_pass] += model.score_with_reference(crops, feats).float().view(-1, window).sum(1)
+            total[s:s + per_pass] += score(crops, feats).float().view(-1, window).sum(1)
     return total / k
 
 

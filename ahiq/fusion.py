@@ -40,8 +40,10 @@ def deform_conv2d_bilinear(
     exact = torch.promote_types(x.dtype, torch.float32)
     grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
     grid = grid.to(exact).view(b, taps * h, w, 2).repeat(n // b, 1, 1, 1)
-    # Batched, not stacked on channels: the CPU kernel parallelises over images.
-    cols = F.grid_sample(x.to(exact), grid, mode="bilinear", padding_mode="zeros", align_corners=True)  # [N, C, 9H, W]
+    # Batched, not stacked on channels: the CPU kernel parallelises over images. The native kernel
+    # (bilinear, zeros, align_corners) called directly: F.grid_sample would send these settings on CUDA to
+    # cuDNN's sampler, which the equality tests never covered and which takes channels_last input badly.
+    cols = torch.grid_sampler_2d(x.to(exact), grid, 0, 0, True)  # [N, C, 9H, W]
     cols = cols.to(x.dtype)  # bf16 features give bf16 columns: half the memory of the largest tensor here
     # bmm with the weight broadcast, not matmul: for a weight that requires grad (a parameter, even under
     # no_grad) matmul folds the batch and copies the columns, the largest tensor here (1.7x slower on the CPU).

@@ -3,13 +3,12 @@ torch.compile. Shared by train.py, test.py, the scorer and the benchmark (the ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-COMPILED_METHODS = ("forward", "reference_features", "score_with_reference")
 
 
 @dataclass(frozen=True)
@@ -39,26 +38,47 @@ class Runtime:
         return contextlib.nullcontext()
 
     def prepare(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """``model`` on ``device`` with this runtime's settings; its state_dict keys are unchanged."""
-        if self.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"runtime.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
-                             f"use runtime.precision=fp32")
+        """``model`` on ``device`` with this runtime's settings; its state_dict keys are unchanged. Nothing
+        compiled is stored on it (see ``entry`` and ``compiled``), so copies and torch.save behave."""
+        if self.precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+            raise ValueError(f"runtime.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
+                             f"(it would be emulated, slower than fp32); use runtime.precision=fp32")
         if self.precision == "bf16" and device.type == "cpu":
             warnings.warn("runtime.precision=bf16 on the CPU: most CPUs emulate bf16 and run it far slower than "
                           "fp32 (it is meant for GPUs)", stacklevel=2)
         if device.type == "cuda":
             set_tf32(self.tf32)
-        model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        if self.compile:
-            backend = "inductor" if self.compile is True else self.compile  # a name or a backend function
-            for name in COMPILED_METHODS:  # instance attributes: checkpoints keep their keys
-                setattr(model, name, torch.compile(getattr(model, name), backend=backend))
-        return model
+        return model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+
+    def _backend(self):
+        return "inductor" if self.compile is True else self.compile  # a name or a backend function
+
+    def entry(self, model: torch.nn.Module, name: str) -> Callable:
+        """``model.<name>`` (an entry point such as ``reference_features``), compiled when this runtime
+        compiles: the class's function is compiled and given the model as its first argument, so the
+        compiled code always runs the weights of the model it is called with."""
+        if not self.compile:
+            return getattr(model, name)
+        return functools.partial(torch.compile(getattr(type(model), name), backend=self._backend()), model)
+
+    def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` (the model, or the DistributedDataParallel wrapping it) compiled as a whole when this
+        runtime compiles: for DDP, dynamo then splits the graph at DDP's gradient buckets, so the all-reduce
+        of each bucket overlaps the rest of the backward pass."""
+        return torch.compile(module, backend=self._backend()) if self.compile else module
 
     def inputs(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """A batch of images [N, 3, H, W] on ``device`` in this runtime's memory layout."""
         images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (not emulated in fp32, which is slower than fp32)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # the device asked for, not the current one
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    return False
 
 
 def select_device(name: str) -> torch.device:
@@ -72,7 +92,11 @@ def select_device(name: str) -> torch.device:
 
 def set_tf32(enabled: bool) -> None:
     """Whether fp32 matmuls and convolutions may use TF32 on GPUs that have it (process-wide; off: strict
-    fp32, where cuDNN's own default would allow TF32 convolutions)."""
-    mode = "tf32" if enabled else "ieee"
-    torch.backends.cuda.matmul.fp32_precision = mode
-    torch.backends.cudnn.conv.fp32_precision = mode
+    fp32, where cuDNN's own default would allow TF32 convolutions).
+
+    Through the allow_tf32 switches: on torch 2.14 they set the fp32_precision switches too, and every
+    getter (allow_tf32, fp32_precision, torch.get_float32_matmul_precision, which inductor and
+    torch.utils.benchmark read) stays readable. Setting the fp32_precision switches alone leaves the
+    legacy getters raising "mix of legacy and new APIs"."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

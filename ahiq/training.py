@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .data import DatasetError, TrainPairs, check_images, load_parts
-from .distributed import Weighted, destroy, init_distributed, rank_batches
+from .distributed import Dist, Weighted, destroy, init_distributed, rank_batches
 from .evaluation import predict_shared
 from .experiment import (load_training_checkpoint, log, remove_stale_temporaries, resume_path,
                          save_training_checkpoint, set_rng_state, setup_logging, stopped)
 from .metrics import evaluate, summary_line
 from .model import AHIQ, build_model
 from .options import save_options
-from .runtime import Runtime, select_device
+from .runtime import Runtime
 
 
 def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=None, norm: float = 1.0,
@@ -81,6 +81,17 @@ def improves(metrics: dict, best: dict, rule: str) -> bool:
     return metrics["main"] > best["main"]
 
 
+def make_stepper(model: AHIQ, dist: Dist, device: torch.device, runtime: Runtime) -> torch.nn.Module:
+    """What a training step calls: the model, wrapped in DistributedDataParallel under several processes,
+    and compiled as a whole (wrapper included) when ``runtime.compile`` asks."""
+    stepper = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        stepper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return runtime.compiled(stepper)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -92,7 +103,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     (options, label files, every image) is checked before the first step. Under torchrun, each process
     trains on its share of every global batch; rank 0 alone writes logs and checkpoints."""
     train_opt, data_opt = opt["train"], opt["data"]
-    dist = init_distributed()
+    dist, device = init_distributed(train_opt["device"])
     experiment_dir = Path(checkpoints_root) / opt["name"]
     resume_from = resume_path(train_opt["resume"], experiment_dir)
     if dist.main:
@@ -101,9 +112,6 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
         remove_stale_temporaries(experiment_dir)
     else:
         log.setLevel("WARNING")
-    device = select_device(train_opt["device"])
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", dist.local_rank)
     if train_opt["batch_size"] % dist.world:
         raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of the "
                          f"{dist.world} processes")
@@ -139,12 +147,7 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
         set_rng_state(saved["rng"])
         start_epoch, best = saved["epoch"] + 1, saved["best"]
         log.info(f"resumed from {resume_from} after epoch {saved['epoch'] + 1}")
-    stepper = model
-    if dist.world > 1:
-        import torch.distributed as tdist
-        from torch.nn.parallel import DistributedDataParallel
-
-        stepper = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    stepper = make_stepper(model, dist, device, runtime)
 
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
@@ -168,16 +171,16 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
             start = time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_opt['epochs']}", unit="batch", dynamic_ncols=True,
                        disable=None if dist.main else True, leave=False)
-            for dist_img, ref_img, target, weight in bar:
+            for index, (dist_img, ref_img, target, weight) in enumerate(bar):
                 lr = optimizer.param_groups[0]["lr"]
                 images = runtime.inputs(dist_img, device), runtime.inputs(ref_img, device)
                 if dist.world == 1:
                     loss = train_step(stepper, optimizer, scheduler, *images, target.to(device), runtime=runtime)
                 else:
-                    n_global = torch.tensor(float(weight.sum()), device=device)
-                    tdist.all_reduce(n_global)  # samples in this global batch
+                    # the samples in this global batch, known from the batch plan: no collective needed
+                    n_global = min(train_opt["batch_size"], len(train_set) - index * train_opt["batch_size"])
                     loss = train_step(stepper, optimizer, scheduler, *images, target.to(device), weight.to(device),
-                                      n_global.item() / dist.world, dist.world, runtime)
+                                      n_global / dist.world, dist.world, runtime)
                 if not math.isfinite(loss):
                     where = f"loss is {loss} at epoch {epoch + 1}, step {step}"
                     if train_opt["nonfinite_loss"] == "stop":

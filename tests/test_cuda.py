@@ -14,8 +14,9 @@ from ahiq.evaluation import run_test
 from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
 from ahiq.runtime import Runtime
-from ahiq.training import make_optimizer, train, train_step
-from conftest import TINY, tiny_options
+from ahiq.distributed import Dist
+from ahiq.training import make_optimizer, make_stepper, train, train_step
+from conftest import ROOT, TINY, tiny_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -32,7 +33,7 @@ def full_size(tmp_path_factory):
     # Strict fp32 for the reference scores: this module-scoped fixture runs before the per-test setup,
     # and cuDNN allows TF32 convolutions by default.
     reference = Runtime().prepare(reference, CUDA)
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert not torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.conv.fp32_precision != "tf32"
     with torch.no_grad():
         expected = reference(dist.to(CUDA), ref.to(CUDA)).cpu()
     return model, dist, ref, expected
@@ -64,9 +65,9 @@ def test_full_size_scores_match_the_official_pattern(full_size, runtime, toleran
 def test_tf32_is_used_only_when_asked(full_size):
     model, dist, ref, expected = full_size
     strict = scores(model, dist, ref, Runtime())
-    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert not torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
     loose = scores(model, dist, ref, Runtime(tf32=True))
-    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cuda.matmul.fp32_precision == "tf32"
     # TF32 rounds the operands to 10 bits: visibly different from strict fp32, still close to it
     assert 0 < (loose - strict).abs().max().item() < 1e-2
 
@@ -111,3 +112,63 @@ def test_training_resuming_and_testing_on_cuda(tmp_path):
     assert saved["epoch"] == 2 and "cuda" in saved["rng"]  # resumed, the GPU's random state saved with it
     metrics = run_test(three, tmp_path / "ckpt")
     assert metrics["n"] == 25 and math.isfinite(metrics["srocc"])
+
+
+# ---- the first GPU run (issue 17): python -m pytest -q tests/test_cuda.py tests/test_fusion.py -------------
+
+def test_channels_last_stays_nhwc_into_the_head_on_cuda(full_size):
+    """No NCHW fallback between the ViT map, its concatenation with the fused CNN features and the head."""
+    model, dist, ref, expected = full_size
+    runtime = Runtime(channels_last=True)
+    net = runtime.prepare(copy.deepcopy(model), CUDA)
+    layouts = {}
+    hooks = [net.vit.register_forward_hook(lambda m, i, o: layouts.update(vit=o)),
+             net.head.reduce.register_forward_pre_hook(lambda m, i: layouts.update(head=i[0])),
+             net.head.smooth[0].register_forward_pre_hook(lambda m, i: layouts.update(smooth=i[0]))]
+    with torch.no_grad():
+        got = net(runtime.inputs(dist, CUDA), runtime.inputs(ref, CUDA)).cpu()
+    for hook in hooks:
+        hook.remove()
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in layouts.values()), \
+        {k: t.stride() for k, t in layouts.items()}
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_ddp_wrapped_module_compiled_on_cuda_equals_eager(tmp_path):
+    """One nccl process: the compiled DDP wrapper (dynamo's DDP graph splitting) steps like eager."""
+    import torch.distributed as tdist
+
+    torch.manual_seed(0)
+    _, model, _ = random_official_setup(8, tmp_path, **TINY)
+    dist, ref = torch.rand(2, 4, 3, 64, 64, device=CUDA)
+    target = torch.linspace(0.2, 0.8, 4, device=CUDA)
+    tdist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                             device_id=CUDA)
+    try:
+        losses = {}
+        for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=True))):
+            net = runtime.prepare(copy.deepcopy(model), CUDA).train()
+            optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
+            stepper = make_stepper(net, Dist(0, 2, 0), torch.device("cuda", 0), runtime)
+            losses[name] = [train_step(stepper, optimizer, scheduler, dist, ref, target, torch.ones(4, device=CUDA),
+                                       4.0, 1, runtime) for _ in range(2)]
+        assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_benchmark_suites_run_in_strict_fp32(monkeypatch, capsys):
+    """The benchmark sets strict fp32 for every suite (the model suite uses no Runtime, and cuDNN's
+    default allows TF32) and warms both evaluation paths up before timing them."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import benchmark
+
+    torch.backends.cudnn.allow_tf32 = True  # cuDNN's own default
+    for suite in (["--suite", "model", "--repeats", "1"], ["--suite", "eval", "--crops", "1", "--distortions", "2"]):
+        monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cuda", *suite])
+        benchmark.main()
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    lines = [line for line in capsys.readouterr().out.splitlines() if "speedup" in line]
+    assert any(line.startswith("pair224_p8:") for line in lines) and any("_bf16:" in line for line in lines)

@@ -1,5 +1,5 @@
 """Two-process training with torchrun on the CPU (gloo) gives the single-process result, and one process
-resumes a two-process run."""
+resumes a two-process run; what a GPU machine changes, with CUDA and the collectives simulated."""
 import os
 import shutil
 import subprocess
@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as tdist
 
-from conftest import TINY
+from ahiq import training
+from ahiq.distributed import Dist, init_distributed
+from ahiq.evaluation import predict
+from ahiq.runtime import Runtime
+from ahiq.training import train
+from conftest import TINY, tiny_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +61,80 @@ def test_two_processes_train_like_one(tmp_path):
     c = torch.load(tmp_path / "checkpoints" / "resumed" / "latest.pth", weights_only=True)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """Process 1 of 2 under torchrun on a machine with two GPUs (simulated: nothing touches a GPU)."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(tdist, "get_rank", lambda: 1)
+    return calls
+
+
+def test_the_device_asked_for_decides_the_backend(gpu_machine):
+    dist, device = init_distributed("cpu")  # train.device=cpu on a GPU machine: gloo, no GPU touched
+    assert (dist.rank, dist.world, device) == (1, 2, torch.device("cpu"))
+    assert gpu_machine == [("gloo", {})]
+    gpu_machine.clear()
+    dist, device = init_distributed("auto")  # each process its own GPU, nccl bound to it
+    assert device == torch.device("cuda", 1)
+    assert gpu_machine == [("set_device", device), ("nccl", {"device_id": device})]
+
+
+def test_more_processes_than_gpus_is_refused(gpu_machine, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="the node has 2; start at most that many processes per node"):
+        init_distributed("cuda")
+
+
+def test_a_training_step_holds_one_collective_its_loss(tmp_path, monkeypatch):
+    """The number of real samples in a global batch comes from the batch plan, not from an all_reduce
+    and .item() (a device sync) per step. Two processes simulated: every collective is counted."""
+    reduced = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduced.append(tuple(tensor.shape))
+        tensor.mul_(2)  # the other process holds the same loss
+
+    monkeypatch.setattr(training, "init_distributed", lambda device: (Dist(0, 2, 0), torch.device("cpu")))
+    monkeypatch.setattr(tdist, "all_reduce", all_reduce)
+    monkeypatch.setattr(training, "destroy", lambda dist: None)
+    monkeypatch.setattr("torch.nn.parallel.DistributedDataParallel", lambda module, **kwargs: module)
+    # validation as one process would share and gather it
+    monkeypatch.setattr(training, "predict_shared", lambda models, part, dist, **kw: predict(models, part, **kw))
+    train(tiny_options(tmp_path, "train.epochs=1", "train.device=cpu"), tmp_path / "ckpt")
+    steps = torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)["scheduler"]["last_epoch"]
+    assert steps == 10 and reduced == [()] * steps  # 75 pairs, global batches of 8: one scalar a step
+
+
+def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
+    """Under DDP the DistributedDataParallel wrapper itself is compiled (dynamo's DDP graph splitting lets
+    gradient all-reduce overlap the backward pass). A one-process gloo group stands in for the job."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ahiq.reference import random_official_setup
+    from ahiq.training import make_stepper
+
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = random_official_setup(8, tmp_path, **TINY)[1].train()
+        stepper = make_stepper(model, Dist(0, 2, 0), torch.device("cpu"), Runtime(compile=backend))
+        assert isinstance(stepper._orig_mod, DistributedDataParallel) and stepper._orig_mod.module is model
+        dist_img, ref_img = torch.rand(2, 2, 3, 64, 64)
+        torch.testing.assert_close(stepper(dist_img, ref_img), model(dist_img, ref_img), rtol=0, atol=1e-6)
+        assert graphs
+    finally:
+        tdist.destroy_process_group()

@@ -26,6 +26,21 @@ def test_bilinear_deform_conv_equals_torchvision(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sampling_uses_the_native_kernel_for_any_layout(device, monkeypatch):
+    """torch.grid_sampler (what F.grid_sample calls) would hand these settings to cuDNN's sampler on CUDA;
+    the native kernel is called directly, and channels_last features give the same numbers."""
+    def refused(*args, **kwargs):
+        raise AssertionError("torch.grid_sampler (which dispatches to cuDNN on CUDA) was called")
+
+    monkeypatch.setattr(torch, "grid_sampler", refused)
+    x, offset, weight, bias = _inputs(device=device)
+    expected = deform_conv2d(x, offset, weight, bias, padding=(1, 1))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(deform_conv2d_bilinear(nhwc, offset, weight, bias, padding=1), expected,
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bilinear_deform_conv_equals_torchvision_fp32_and_gradients(device):
     # Fractional offsets only: at a whole pixel the bilinear weight has a kink, and either one-sided
     # derivative is a valid gradient (the two implementations pick different sides).

@@ -1,6 +1,7 @@
 """The fast paths of ahiq.runtime against the plain fp32 model: bf16 autocast, channels_last, torch.compile
 and crop chunking. bf16 runs on the CPU here (emulated, slow: the tiny model only)."""
 import copy
+import io
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from ahiq.data import load_parts
 from ahiq.evaluation import predict
 from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
-from ahiq.runtime import Runtime
-from ahiq.training import make_optimizer, train_step
+from ahiq.runtime import Runtime, native_bf16, set_tf32
+from ahiq.distributed import Dist
+from ahiq.training import make_optimizer, make_stepper, train_step
 from conftest import TINY, tiny_options
 
 CPU = torch.device("cpu")
@@ -27,7 +29,8 @@ def model_and_pairs(tmp_path_factory):
 def scores(model, dist, ref, runtime=Runtime()):
     model = runtime.prepare(copy.deepcopy(model), CPU)
     with torch.no_grad(), runtime.autocast(CPU):
-        return model.score_with_reference(runtime.inputs(dist, CPU), model.reference_features(runtime.inputs(ref, CPU)))
+        features = runtime.entry(model, "reference_features")(runtime.inputs(ref, CPU))
+        return runtime.entry(model, "score_with_reference")(runtime.inputs(dist, CPU), features)
 
 
 def test_bf16_scores_within_a_hundredth_of_fp32(model_and_pairs):
@@ -80,8 +83,17 @@ def test_compiled_model_equals_eager_and_keeps_checkpoint_keys(model_and_pairs):
     compiled = scores(model, dist, ref, Runtime(compile=counting_backend))
     assert graphs  # the model really went through torch.compile
     torch.testing.assert_close(compiled, scores(model, dist, ref), rtol=0, atol=1e-6)
-    prepared = Runtime(compile=counting_backend).prepare(copy.deepcopy(model), CPU)
+    runtime = Runtime(compile=counting_backend)
+    prepared = runtime.prepare(copy.deepcopy(model), CPU)
     assert prepared.state_dict().keys() == model.state_dict().keys()
+    # Nothing compiled lives on the model: a copy computes with its own weights, and the model pickles.
+    twin = copy.deepcopy(prepared)
+    torch.nn.init.zeros_(twin.head.score.weight)
+    torch.nn.init.constant_(twin.head.score.bias, 0.25)
+    with torch.no_grad():
+        features = runtime.entry(twin, "reference_features")(ref)
+        torch.testing.assert_close(runtime.entry(twin, "score_with_reference")(dist, features), torch.full((16,), 0.25))
+    torch.save(prepared, io.BytesIO())
 
 
 @pytest.mark.parametrize("chunk", [3, 7, 12])
@@ -125,7 +137,8 @@ def test_compiled_training_steps_equal_eager(model_and_pairs):
     for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=aot_eager))):
         net = runtime.prepare(copy.deepcopy(model), CPU).train()
         optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-        losses[name] = [train_step(net, optimizer, scheduler, dist[:4], ref[:4], target, runtime=runtime)
+        stepper = make_stepper(net, Dist(), CPU, runtime)
+        losses[name] = [train_step(stepper, optimizer, scheduler, dist[:4], ref[:4], target, runtime=runtime)
                         for _ in range(2)]
         weights[name] = net.state_dict()
     assert graphs  # the training forward really went through torch.compile
@@ -133,3 +146,63 @@ def test_compiled_training_steps_equal_eager(model_and_pairs):
     assert losses["eager"][1] != losses["eager"][0]  # the first step changed the weights
     for key, value in weights["eager"].items():
         torch.testing.assert_close(weights["compiled"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_tf32_switches_keep_every_getter_readable():
+    """Inductor's max-autotune, torch.utils.benchmark and other code read the legacy getters; setting only
+    the new fp32_precision switches makes them raise "mix of legacy and new APIs" on torch 2.14."""
+    for enabled in (True, False):
+        set_tf32(enabled)
+        assert torch.backends.cudnn.allow_tf32 is enabled and torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+        assert (torch.backends.cuda.matmul.fp32_precision == "tf32") is enabled
+        assert (torch.backends.cudnn.conv.fp32_precision == "tf32") is enabled
+
+
+def test_bf16_refused_on_a_gpu_that_emulates_it(monkeypatch):
+    """A V100 or T4 (simulated): torch.cuda.is_bf16_supported() says yes by default, counting emulation;
+    the check must ask without it, and about the GPU the run uses, not the current one."""
+    asked = []
+
+    class DeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            asked.append(("device", self.device))
+
+        def __exit__(self, *exc):
+            return False
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(("emulation", including_emulation))
+        return including_emulation  # emulated only
+
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    gpu = torch.device("cuda", 1)
+    assert not native_bf16(gpu)
+    assert asked == [("device", gpu), ("emulation", False)]
+    with pytest.raises(ValueError, match="V100.* no native bf16 .*runtime.precision=fp32"):
+        Runtime(precision="bf16").prepare(torch.nn.Linear(2, 2), gpu)
+
+
+def test_channels_last_keeps_the_vit_map_and_the_head_input_nhwc(model_and_pairs):
+    """Under channels_last the ViT map is a free NHWC view of the tokens (no NCHW copy), so the
+    concatenation that feeds the head stays NHWC instead of falling back to NCHW."""
+    model, dist, ref = model_and_pairs
+    runtime = Runtime(channels_last=True)
+    prepared = runtime.prepare(copy.deepcopy(model), CPU)
+    layouts = {}
+    hooks = [prepared.vit.register_forward_hook(lambda m, i, o: layouts.update(vit=o)),
+             prepared.head.reduce.register_forward_pre_hook(lambda m, i: layouts.update(head=i[0]))]
+    with torch.no_grad():
+        prepared(runtime.inputs(dist[:2], CPU), runtime.inputs(ref[:2], CPU))
+    for hook in hooks:
+        hook.remove()
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in layouts.values())
+    with torch.no_grad():
+        plain = prepared.vit((dist[:2] - 0.5) / 0.5)  # NCHW input: the plain layout, as before; same values
+    assert plain.is_contiguous()
+    torch.testing.assert_close(plain, layouts["vit"], rtol=0, atol=1e-6)  # the last ViT call was on dist
