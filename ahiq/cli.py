@@ -8,7 +8,9 @@ from typing import Callable
 
 from .backbones import PretrainedWeightsError
 from .data import DatasetError, ImageError
+from .messages import for_the_user
 from .options import OptionsError, load_options
+from .signals import Stopped
 from .weights import CheckpointWriteError, WeightsError
 
 EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, PretrainedWeightsError, FileNotFoundError,
@@ -27,9 +29,14 @@ def run(description: str, action: Callable[[dict], object], argv: list[str] | No
     except EXPECTED as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {for_the_user(exc)}", file=sys.stderr)
         return 2
+    except Stopped as exc:
+        if not exc.logged:
+            print(exc, file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; continue a training run with train.resume=auto", file=sys.stderr)
+        print("interrupted at once (a second signal); continue a training run with train.resume=auto",
+              file=sys.stderr)
         return 130
     return 0

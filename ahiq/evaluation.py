@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,64 +13,83 @@ from torch.utils.data import DataLoader
 
 from .data import EvalPairs, Part, check_images, load_parts
 from .data.parts import subset
-from .distributed import Dist, gather_object
+from .distributed import Dist, destroy, gather_object, init_distributed
 from .metrics import evaluate, summary_line
 from .model import AHIQ, ReferenceFeatures, load_model
-from .runtime import Runtime, select_device
+from .runtime import Runtime
+from .signals import batches, ignore_in_workers
 
 
 @torch.no_grad()
 def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_crops: int = 20, seed: int = 0,
             batch_size: int = 2, num_workers: int = 0, device: torch.device = torch.device("cpu"),
-            progress: bool = False, runtime: Runtime = Runtime()) -> np.ndarray:
+            progress: bool | str = False, runtime: Runtime = Runtime(),
+            on_reference: Callable[[list[int], np.ndarray], None] | None = None) -> np.ndarray:
     """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble), in the order
     of ``part.pairs``; no pair is dropped. Images must have been checked (check_images) by the caller.
 
     Pairs are taken grouped by reference. All distorted images of a reference are cut at the same windows,
     so the reference crops' features (offsets, reduced head features) are computed once per reference and
-    reused; the distorted images of one reference in a batch are scored together, at most
-    ``runtime.crop_chunk`` crops per forward pass.
+    reused; the distorted images of one reference are scored ``batch_size`` at a time (a batch never mixes
+    references, so a pair's score does not depend on the other references scored), at most
+    ``runtime.crop_chunk`` crops per forward pass. ``on_reference(indices, scores)`` is called as each
+    reference's pairs are done; ``progress``: a progress bar (a string: its label).
     """
-    order = sorted(range(len(part.pairs)), key=lambda i: (part.pairs[i].ref, i))
-    first_of_reference = {i for k, i in enumerate(order) if k == 0 or part.pairs[order[k - 1]].ref != part.pairs[i].ref}
-    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False, reference_for=first_of_reference)
+    groups = reference_groups(part.pairs)
+    plan = [group[a:a + batch_size] for group in groups for a in range(0, len(group), batch_size)]
+    ends_reference = [a + batch_size >= len(group) for group in groups for a in range(0, len(group), batch_size)]
+    dataset = EvalPairs(part.pairs, crop_size, crops, num_crops, seed, check=False,
+                        reference_for={group[0] for group in groups})
     # Batches of ragged items: the reference crops come with the first pair of each reference only.
-    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate_eval, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=_collate_eval,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_in_workers)
     for m in models:
         m.eval()
-    out = np.empty(len(dataset))
+    out = np.empty(len(part.pairs))
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=len(part.pairs), desc=progress if isinstance(progress, str) else "predict", unit="pair",
+                   dynamic_ncols=True, disable=None)
     chunk = runtime.crop_chunk
-    cached_ref, cached = None, []
-    for dist, refs_crops, index in loader:
-        b, k = dist.shape[:2]
-        refs = [part.pairs[i].ref for i in index.tolist()]
-        start = 0
-        while start < b:
-            stop = start + 1
-            while stop < b and refs[stop] == refs[start]:
-                stop += 1
+    cached, done = [], []  # the current reference's features, and its pairs scored so far
+    with batches(loader) as loaded:  # workers shut down at the end, also by an exception
+        for (dist, refs_crops, index), last in zip(loaded, ends_reference):
+            k = dist.shape[1]
+            indices = index.tolist()
             try:
                 with runtime.autocast(device):
-                    if refs[start] != cached_ref:  # sorted by reference: the previous one is finished
-                        cached_ref = refs[start]
-                        ref_crops = runtime.inputs(refs_crops[start], device)
+                    if refs_crops[0].numel():  # the first batch of a reference: its features, once
+                        ref_crops = runtime.inputs(refs_crops[0], device)
                         cached = [_in_chunks(runtime.entry(m, "reference_features"), ref_crops, chunk)
                                   for m in models]
-                    scores = torch.stack([_score_group(m, dist[start:stop], feats, chunk, runtime, device)
+                    scores = torch.stack([_score_group(m, dist, feats, chunk, runtime, device)
                                           for m, feats in zip(models, cached)]).mean(0)
             except torch.OutOfMemoryError as exc:
-                raise MemoryError(f"out of memory on {device} scoring {stop - start} pairs x {k} crops, "
-                                  f"{min(chunk, (stop - start) * k)} crops per forward pass: lower "
+                raise MemoryError(f"out of memory on {device} scoring {len(indices)} pairs x {k} crops, "
+                                  f"{min(chunk, len(indices) * k)} crops per forward pass: lower "
                                   f"runtime.crop_chunk (now {chunk}), or the pairs per batch (test.batch_size; "
                                   f"train.batch_size during validation; now {batch_size})") from exc
-            out[index[start:stop].numpy()] = scores.double().cpu().numpy()
-            start = stop
+            out[indices] = scores.double().cpu().numpy()
+            done += indices
+            if bar is not None:
+                bar.update(len(indices))
+            if last:
+                if on_reference is not None:
+                    on_reference(done, out[done])
+                done = []
+    if bar is not None:
+        bar.close()
     return out
+
+
+def reference_groups(pairs: Sequence) -> list[list[int]]:
+    """Indices of ``pairs`` grouped by reference image, references in sorted order, pairs in their order."""
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(pair.ref, []).append(i)
+    return [groups[ref] for ref in sorted(groups)]
 
 
 def _in_chunks(reference_features, crops: torch.Tensor, chunk: int) -> ReferenceFeatures:
@@ -101,11 +120,24 @@ def _collate_eval(items):
             torch.tensor([item[3] for item in items]))
 
 
+def reference_shares(pairs: Sequence, world: int) -> list[list[int]]:
+    """The pair indices of each of ``world`` processes: whole references (each reference's features are
+    computed by one process only), balanced by pair count (largest reference first to the least loaded
+    process; the same on every process)."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for group in sorted(reference_groups(pairs), key=len, reverse=True):
+        min(shares, key=len).extend(group)
+    return [sorted(share) for share in shares]
+
+
 def predict_shared(models: Sequence[AHIQ], part: Part, dist: Dist, **kwargs) -> np.ndarray:
-    """predict() with the pairs shared out over the processes and the scores gathered on every process."""
+    """predict() with whole references shared out over the processes and the scores gathered on every
+    process. With a progress bar, each process shows its own share."""
     if dist.world == 1:
         return predict(models, part, **kwargs)
-    mine = list(range(dist.rank, len(part.pairs), dist.world))
+    if kwargs.get("progress"):
+        kwargs["progress"] = f"predict (process {dist.rank} of {dist.world}: its share)"
+    mine = reference_shares(part.pairs, dist.world)[dist.rank]
     scores = predict(models, subset(part.pairs, None, mine), **kwargs) if mine else np.empty(0)
     out = np.empty(len(part.pairs))
     for indices, values in gather_object((mine, scores), dist):
@@ -130,39 +162,51 @@ def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path]:
 
 def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     """Score the test part with one checkpoint or an ensemble of them. Labelled: predictions, metrics.json,
-    a scatter plot and one summary line. Unlabelled: an NTIRE 2022 submission."""
+    a scatter plot and one summary line. Unlabelled: an NTIRE 2022 submission. Under torchrun the pairs
+    are shared out by reference, and rank 0 writes."""
+    dist, device = init_distributed(opt["train"]["device"])
+    try:
+        return _run_test(opt, Path(checkpoints_root) / opt["name"], dist, device)
+    finally:
+        destroy(dist)
+
+
+def _run_test(opt: dict, experiment_dir: Path, dist: Dist, device: torch.device) -> dict:
     from .report import scatter_plot, write_metrics, write_predictions
     from .submission import write_ntire_submission
 
     test_opt = opt["test"]
-    experiment_dir = Path(checkpoints_root) / opt["name"]
     paths = checkpoint_paths(opt, experiment_dir)
     part = load_parts(opt["data"], roles=("test",))["test"]
-    device = select_device(opt["train"]["device"])
     runtime = Runtime(**opt["runtime"])
-    models = [runtime.prepare(load_model(p, opt["model"]), device) for p in paths]
+    models = [runtime.prepare(load_model(p, opt["model"], test_opt["allow_random_backbones"]), device) for p in paths]
     crop = models[0].config["img_size"]
     check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    pred = predict(models, part, crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"],
-                   test_opt["batch_size"], opt["data"]["num_workers"], device, progress=True, runtime=runtime)
-    seconds_per_image = (time.time() - start) / len(pred)
+    pred = predict_shared(models, part, dist, crop_size=crop, crops=test_opt["crops"], num_crops=test_opt["num_crops"],
+                          seed=test_opt["seed"], batch_size=test_opt["batch_size"],
+                          num_workers=opt["data"]["num_workers"], device=device, progress=dist.main, runtime=runtime)
+    seconds_per_image = (time.time() - start) / len(pred) * dist.world  # each process's time per image
     names = [p.name for p in part.pairs]
     if part.targets is None:
         sub = test_opt["submission"]
         seconds = sub["runtime"] if sub["runtime"] is not None else seconds_per_image
         gpu = sub["gpu"] if sub["gpu"] is not None else device.type == "cuda"
-        zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, seconds, gpu,
-                                          sub["extra_data"], sub["description"])
-        print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
+        zip_path = out_dir / "submission.zip"
+        if dist.main:
+            zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, seconds, gpu,
+                                              sub["extra_data"], sub["description"])
+            print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
         return {"submission": str(zip_path)}
     metrics = evaluate(pred, part.targets)
-    write_predictions(out_dir / "results.txt", names, pred)
-    write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
-                  dataset=part.pairs.dataset, crops=test_opt["crops"], num_crops=test_opt["num_crops"])
-    scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
-                 f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
-    print(summary_line(metrics))
+    if dist.main:
+        write_predictions(out_dir / "results.txt", names, pred)
+        write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
+                      dataset=part.pairs.dataset, crops=test_opt["crops"], num_crops=test_opt["num_crops"])
+        scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
+                     f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
+        print(summary_line(metrics))
     return metrics

@@ -74,9 +74,10 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(gpu_state, index)
 
 
-def save_training_checkpoint(path: Path, model: AHIQ, optimizer, scheduler, epoch: int, best: dict, opt: dict) -> None:
+def save_training_checkpoint(path: Path, model: AHIQ, optimizer, scheduler, epoch: int, best: dict, opt: dict,
+                             **extra) -> None:
     model.save_checkpoint(path, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                          best=best, rng=rng_state(), options=opt)
+                          best=best, rng=rng_state(), options=opt, **extra)
 
 
 def load_training_checkpoint(path: Path, experiment_dir: Path) -> tuple[Path, dict]:
@@ -101,3 +102,34 @@ def stopped(what: str, experiment_dir: Path, advice: str) -> FloatingPointError:
     latest = experiment_dir / "latest.pth"
     kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"
     return FloatingPointError(f"{what}; {kept}; {advice}")
+
+
+class ExperimentBusy(ValueError):
+    """Another process is running in the experiment folder."""
+
+
+def lock_folder(experiment_dir: Path):
+    """An exclusive lock on ``experiment_dir`` for as long as the returned file stays open. The operating
+    system releases it when the process ends in any way (SIGKILL included), so a lock is never stale; a
+    second run on the folder fails at once, naming the process that holds it."""
+    import fcntl
+    import os
+    import socket
+    import time
+
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(experiment_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ExperimentBusy(f"{experiment_dir} is in use by {holder}: wait for that run to end (or stop it), "
+                             f"or choose another name=...") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on host {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle

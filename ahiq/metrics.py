@@ -13,7 +13,10 @@ def logistic4(x, b1, b2, b3, b4):
 
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray | None:
-    """Parameters of logistic4 mapping predictions onto the scores, or None when the fit fails."""
+    """Parameters of logistic4 mapping predictions onto the scores, or None when the fit fails or has
+    fewer points than its four parameters (scipy raises then)."""
+    if len(pred) <= 4:
+        return None
     spread = float(np.std(pred)) or 1.0
     p0 = [float(np.max(mos)), float(np.min(mos)), float(np.mean(pred)), spread / 4 if spread else 1.0]
     try:

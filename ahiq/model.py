@@ -228,12 +228,26 @@ def build_model(model_opt: dict) -> AHIQ:
                 **{k: model_opt[k] for k in SIZE_KEYS})
 
 
-def load_model(path: str | os.PathLike, model_opt: dict) -> AHIQ:
-    """A model for a checkpoint: this project's (its saved architecture) or an official one (the options')."""
+def load_model(path: str | os.PathLike, model_opt: dict, allow_random_backbones: bool = False) -> AHIQ:
+    """A model for a checkpoint: this project's (its saved architecture) or an official one (the options').
+
+    A backbone that neither the checkpoint nor a pretrained source provides would be random, and scores
+    would change from run to run: refused unless ``allow_random_backbones``."""
     saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
     if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
         settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint
-        return AHIQ.from_saved(saved, Path(path), model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
-    model = build_model(model_opt)
-    model.load_saved(saved, Path(path))
+        model = AHIQ.from_saved(saved, Path(path), model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
+    else:
+        model = build_model(model_opt)
+        model.load_saved(saved, Path(path))
+    held = saved["model"].keys() if saved.get("format") == CHECKPOINT_FORMAT else ()  # official files hold none
+    random = [(option, what) for option, what, prefix in
+              (("vit_pretrained", "ViT", "vit."), ("cnn_pretrained", "ResNet", "cnn."))
+              if model_opt[option] is False and not any(k.startswith(prefix) for k in held)]
+    if random and not allow_random_backbones:
+        options = " and ".join(f"model.{o} (--{o.replace('_', '-')})" for o, _ in random)
+        raise WeightsError(f"checkpoint {path} holds no {' or '.join(w for _, w in random)} weights and {options} "
+                           f"{'are' if len(random) > 1 else 'is'} false: the scores would come from random backbone weights; set it to true (timm's "
+                           f"hub) or a weight file, or allow it with test.allow_random_backbones=true "
+                           f"(--allow-random-backbones)")
     return model

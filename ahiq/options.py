@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": 64},
     "test": {
         "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
+        "allow_random_backbones": False,
         "submission": {"runtime": None, "gpu": None, "extra_data": False,
                        "description": "AHIQ (Lao, Gong et al., CVPRW 2022), ahiq reference implementation."},
     },
@@ -56,6 +58,20 @@ CHOICES = {
     "test.crops": ("five", "nine", "random", "centre", "whole"), "train.nonfinite_loss": ("stop", "skip"),
     "runtime.precision": ("fp32", "bf16"), "data.random_crop": ("all", "official"), "data.targets": ("dataset", "part"),
     "train.best": ("main", "official"),
+}
+
+# The domain of every numeric option: (lowest value, whether the lowest itself is allowed). Every number must
+# also be finite. Where 0 is allowed it means: data.num_workers 0 loads in the main process;
+# train.weight_decay 0 and train.eta_min 0 are none; data.split.seed, train.seed, test.seed 0 are seeds.
+RANGES: dict[str, tuple[float, bool]] = {
+    "model.img_size": (16, True), "model.vit_dim": (1, True), "model.vit_heads": (1, True),
+    "model.cnn_width": (1, True), "model.fusion_hidden": (1, True), "model.head_dim": (1, True),
+    "model.head_hidden": (1, True), "data.split.seed": (0, True), "data.num_workers": (0, True),
+    "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.weight_decay": (0, True),
+    "train.t_max": (1, True), "train.eta_min": (0, True), "train.seed": (0, True), "train.val_every": (1, True),
+    "train.save_interval": (1, True), "train.log_every": (1, True), "runtime.crop_chunk": (1, True),
+    "test.num_crops": (1, True), "test.seed": (0, True), "test.batch_size": (1, True),
+    "test.submission.runtime": (0, True),
 }
 
 
@@ -95,6 +111,8 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> None:
     allowed = TYPES.get(key)
     if allowed is None:
         allowed = (float, int) if isinstance(default, float) else (type(default),)
+    elif float in allowed:
+        allowed = (*allowed, int)
     if "source" in allowed:
         if value is None:
             return
@@ -110,6 +128,37 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> None:
         raise OptionsError(f"{where}: option '{key}' must be {names}, got {value!r} ({type(value).__name__})")
     if key in CHOICES and value not in CHOICES[key]:
         raise OptionsError(f"{where}: option '{key}' must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
+    if key in RANGES and value is not None:
+        low, inclusive = RANGES[key]
+        if not math.isfinite(value):
+            raise OptionsError(f"{where}: option '{key}' must be a finite number, got {value!r}")
+        if value < low or (value == low and not inclusive):
+            bound = f"at least {low}" if inclusive else f"greater than {low}"
+            raise OptionsError(f"{where}: option '{key}' must be {bound}, got {value!r}")
+    if key == "name" and value is not None and not _plain_folder_name(value):
+        raise OptionsError(f"{where}: option 'name' must be a plain folder name (it becomes checkpoints/<name>/: "
+                           f"no '/' or '\\', not '.' or '..', no surrounding spaces), got {value!r}")
+
+
+def _plain_folder_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and name.strip() == name
+
+
+def _check_relations(options: dict, where: str) -> None:
+    """What no single option can check: sizes that must divide, and the split's shares."""
+    model = options["model"]
+    if model["img_size"] % model["patch_size"]:
+        raise OptionsError(f"{where}: model.img_size {model['img_size']} must be a multiple of model.patch_size "
+                           f"{model['patch_size']}")
+    if model["vit_dim"] % model["vit_heads"]:
+        raise OptionsError(f"{where}: model.vit_dim {model['vit_dim']} must be a multiple of model.vit_heads "
+                           f"{model['vit_heads']}")
+    ratios = options["data"]["split"]["ratios"]
+    if (not isinstance(ratios, list) or len(ratios) not in (2, 3)
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0
+                       for r in ratios) or sum(ratios) <= 0):
+        raise OptionsError(f"{where}: data.split.ratios must be 2 (train, test) or 3 (train, val, test) non-negative "
+                           f"numbers with a positive sum, got {ratios!r}")
 
 
 def _merge(base: dict, update: dict, schema: dict, where: str, prefix: str = "") -> dict:
@@ -175,6 +224,7 @@ def load_options(path: str | os.PathLike | None, overrides: list[str] = ()) -> d
         options = _merge(options, nested, DEFAULTS, f"override '{text}'")
     if not options["name"]:
         raise OptionsError(f"{path or 'options'}: option 'name' (the experiment folder checkpoints/<name>/) is not set")
+    _check_relations(options, f"{path or 'options'}{' with the command-line overrides' if overrides else ''}")
     return options
 
 

@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.distributed as tdist
 
 from .backbones import Pretrained
-from .data import DatasetError, Pair, Pairs, check_images
+from .data import DatasetError, Pair, Pairs, Part, check_images
 from .data.images import IMAGE_EXTENSIONS
-from .data import Part
-from .evaluation import predict
+from .distributed import Dist
+from .evaluation import predict, reference_shares
+from .journal import Journal, check_writable, count_rows, csv_row, finish, journal_paths, read_journals
 from .model import load_model
 from .runtime import Runtime, select_device
+from .signals import Stopped, StopSignals
 from .options import DEFAULTS
 
 PathLike = str | os.PathLike
@@ -73,30 +79,99 @@ class Scorer:
 
     def __init__(self, checkpoint: PathLike | Sequence[PathLike], patch_size: int = 8,
                  vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, crops: str = "random",
-                 num_crops: int = 20, seed: int = 0, device: str = "auto", batch_size: int = 1,
-                 runtime: Runtime = Runtime()):
+                 num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", batch_size: int = 1,
+                 runtime: Runtime = Runtime(), allow_random_backbones: bool = False):
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         # Official checkpoints take the paper's architecture with this patch size; the project's carry theirs.
         model_opt = {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
                      "cnn_pretrained": cnn_pretrained}
-        self.device = select_device(device)
+        self.device = device if isinstance(device, torch.device) else select_device(device)
         self.runtime = runtime
-        self.models = [runtime.prepare(load_model(p, model_opt), self.device).eval() for p in paths]
+        self.models = [runtime.prepare(load_model(p, model_opt, allow_random_backbones), self.device).eval()
+                       for p in paths]
         self.crop_size = self.models[0].config["img_size"]
         self.crops, self.num_crops, self.seed, self.batch_size = crops, num_crops, seed, batch_size
 
-    def score_pairs(self, pairs: Pairs, progress: bool = False) -> np.ndarray:
+    def score_pairs(self, pairs: Pairs, progress: bool = False, on_reference=None) -> np.ndarray:
+        """Scores of ``pairs`` in their order; ``on_reference(indices, scores)`` as each reference is done."""
         check_images(pairs, self.crop_size, whole=self.crops == "whole")  # every pair before the first score
         return predict(self.models, Part(pairs, None), self.crop_size, self.crops, self.num_crops, self.seed,
-                       self.batch_size, 0, self.device, progress=progress, runtime=self.runtime)
+                       self.batch_size, 0, self.device, progress=progress, runtime=self.runtime,
+                       on_reference=on_reference)
 
     def score(self, dist: PathLike, ref: PathLike) -> float:
         return float(self.score_pairs(pair_files(dist, ref))[0])
 
 
-def write_scores(path: PathLike, pairs: Pairs, scores: Sequence[float]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["dist", "ref", "score"])
-        for pair, score in zip(pairs, scores):
-            writer.writerow([pair.dist, pair.ref, f"{score:.6f}"])
+def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = Dist(), resume: bool = False,
+                  progress: bool = False) -> None:
+    """Score ``pairs`` into the CSV ``out`` (dist,ref,score in the pairs' order), or print ``name,score``
+    lines as references finish when ``out`` is None.
+
+    Nothing is held only in memory: each process journals every reference it finishes (ahiq.journal), so a
+    job killed at pair 90,000 keeps them and ``resume`` scores only the rest. Under torchrun the processes
+    share the pairs by reference and rank 0 writes ``out`` from all journals. SIGTERM or SIGINT stops at
+    the next reference with everything scored kept (Stopped)."""
+    if out is None:
+        if dist.world > 1 or resume:
+            raise ValueError("give --out: " + ("the processes' rows go to one file" if dist.world > 1
+                                               else "--resume continues the file of an earlier run"))
+
+        printed = []
+
+        def show(indices, scores):
+            print("".join(f"{pairs[i].name},{value:.6f}\n" for i, value in zip(indices, scores)), end="", flush=True)
+            printed.extend(indices)
+            if signals.requested:
+                raise Stopped(f"stopped by {signals.name} after {len(printed)} of {len(pairs)} pairs (printed above)",
+                              signals.requested)
+
+        with StopSignals() as signals:
+            scorer.score_pairs(pairs, progress, on_reference=show)
+        return
+    check_writable(out)
+    leftovers = journal_paths(out)
+    if leftovers and not resume:
+        raise ValueError(f"{leftovers[0]} holds the scores of an unfinished run: continue it with --resume, or "
+                         f"delete {' '.join(map(str, leftovers))}")
+    done = read_journals(out) if resume else {}
+    todo = Pairs([p for p in pairs if (p.dist, p.ref) not in done], pairs.higher_is_better, pairs.dataset)
+    if resume and dist.main:
+        print(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs already scored", file=sys.stderr)
+    if dist.world > 1:
+        tdist.barrier()  # every process has read the journals before any process appends to them
+    mine = Pairs([todo[i] for i in reference_shares(todo, dist.world)[dist.rank]])
+    bar = None
+    if progress and dist.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pairs), initial=count_rows(out), desc="score", unit="pair", dynamic_ncols=True,
+                   disable=None)
+
+    def global_progress():  # every process's journal: the count rank 0 shows is the job's
+        if bar is not None:
+            bar.update(count_rows(out) - bar.n)
+
+    with StopSignals() as signals, Journal(out, dist.rank) as journal:
+        def stop_if_asked():
+            if signals.requested:
+                raise Stopped(f"stopped by {signals.name}: the pairs scored so far are kept in {journal.path}; run "
+                              f"the same command with --resume to score the rest", signals.requested)
+
+        def keep(indices, scores):
+            journal.add(csv_row(mine[i].dist, mine[i].ref, value) for i, value in zip(indices, scores))
+            global_progress()
+            stop_if_asked()
+
+        scorer.score_pairs(mine, on_reference=keep)
+        if dist.world > 1:
+            while bar is not None and count_rows(out) < len(pairs):  # the other processes' progress
+                stop_if_asked()
+                global_progress()
+                time.sleep(0.5)
+            tdist.barrier()  # every process's journal is complete
+    if bar is not None:
+        global_progress()
+        bar.close()
+    if dist.main:
+        finish(out, pairs)

@@ -17,16 +17,17 @@ from torch.utils.data import DataLoader
 from .data import DatasetError, TrainPairs, check_images, load_parts
 from .distributed import Dist, Weighted, destroy, init_distributed, rank_batches
 from .evaluation import predict_shared
-from .experiment import (load_training_checkpoint, log, remove_stale_temporaries, resume_path,
+from .experiment import (load_training_checkpoint, lock_folder, log, remove_stale_temporaries, resume_path,
                          save_training_checkpoint, set_rng_state, setup_logging, stopped)
 from .metrics import evaluate, summary_line
 from .model import AHIQ, build_model
 from .options import save_options
 from .runtime import Runtime
+from .signals import Stopped, StopSignals, batches, ignore_in_workers
 
 
 def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=None, norm: float = 1.0,
-               world: int = 1, runtime: Runtime = Runtime()) -> float:
+               world: int = 1, runtime: Runtime = Runtime(), stop: torch.Tensor | None = None) -> float:
     """One step of the official recipe: MSE on normalised targets, optimiser step, scheduler step (every
     iteration, as the official code does). Returns the loss of the whole global batch. The forward pass
     runs under ``runtime``'s precision (the weights and their gradients stay fp32).
@@ -36,7 +37,9 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
     With several processes, ``weight`` (1 for a sample, 0 for padding) and ``norm`` (global batch size /
     number of processes) make the processes' averaged gradient equal to the MSE gradient of the whole
     global batch, whatever the number of processes; every process sees the same global loss, so all of
-    them skip or stop together.
+    them skip or stop together. ``stop`` (several processes): a one-element CPU tensor, 1 where this
+    process was asked to stop; reduced in place with the loss, in the same collective, so that every
+    process learns whether any was.
     """
     with runtime.autocast(dist_img.device):
         pred = model(dist_img, ref_img).float()
@@ -50,9 +53,11 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
     if world > 1:
         import torch.distributed as tdist
 
-        total = total.clone()
-        tdist.all_reduce(total)
-        total = total / world
+        vote = stop if stop is not None else torch.zeros(1)
+        packed = torch.cat((total.view(1), vote.to(total.device, total.dtype)))
+        tdist.all_reduce(packed)
+        vote.copy_(packed[1:].to(vote.device, vote.dtype))
+        total = packed[0] / world
     value = total.item()
     if math.isfinite(value):
         optimizer.step()
@@ -101,129 +106,209 @@ def seed_everything(seed: int) -> None:
 def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     """Train with the options ``opt``; returns the best validation metrics. Everything that can be checked
     (options, label files, every image) is checked before the first step. Under torchrun, each process
-    trains on its share of every global batch; rank 0 alone writes logs and checkpoints."""
-    train_opt, data_opt = opt["train"], opt["data"]
-    dist, device = init_distributed(train_opt["device"])
+    trains on its share of every global batch; rank 0 alone writes logs and checkpoints, and holds the
+    experiment folder's lock. SIGTERM or SIGINT stops the run at the next step boundary with latest.pth
+    written (Stopped); train.resume=auto continues it exactly."""
+    dist, device = init_distributed(opt["train"]["device"])
     experiment_dir = Path(checkpoints_root) / opt["name"]
-    resume_from = resume_path(train_opt["resume"], experiment_dir)
-    if dist.main:
-        setup_logging(experiment_dir)
-        save_options(opt, experiment_dir / "options.yaml")
-        remove_stale_temporaries(experiment_dir)
-    else:
-        log.setLevel("WARNING")
-    if train_opt["batch_size"] % dist.world:
-        raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of the "
-                         f"{dist.world} processes")
-    seed_everything(train_opt["seed"])
-
-    parts = load_parts(data_opt, experiment_dir if dist.main else None)
-    for role in ("train", "val"):
-        if not parts[role].pairs:
-            raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
-        if parts[role].targets is None:
-            raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs labelled data")
-    if train_opt["drop_last"] and len(parts["train"].pairs) < train_opt["batch_size"]:
-        raise DatasetError(f"train.drop_last is set and the {len(parts['train'].pairs)} training pairs are fewer than "
-                           f"train.batch_size {train_opt['batch_size']}: no batch would be left")
-    crop = opt["model"]["img_size"]
-    train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"],
-                           crop_positions=data_opt["random_crop"])
-    check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
-    if parts["test"] is not parts["val"]:  # found now, not by test.py after days of training
-        check_images(parts["test"].pairs, crop, whole=opt["test"]["crops"] == "whole")
-    log.info(f"{opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} validation "
-             f"pairs ({data_opt['dataset']} at {data_opt['root']}), device {device}, {dist.world} process(es)")
-
-    runtime = Runtime(**opt["runtime"])
-    model = runtime.prepare(build_model(opt["model"]), device)
-    optimizer, scheduler = make_optimizer(model, train_opt)
-    start_epoch, best = 0, {"main": -math.inf}
-    if resume_from is not None:
-        resume_from, saved = load_training_checkpoint(resume_from, experiment_dir)
-        model.load_saved(saved, resume_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
-        start_epoch, best = saved["epoch"] + 1, saved["best"]
-        log.info(f"resumed from {resume_from} after epoch {saved['epoch'] + 1}")
-    stepper = make_stepper(model, dist, device, runtime)
-
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
-
-    writer = SummaryWriter(str(experiment_dir / "tensorboard")) if dist.main else None
-    steps_per_epoch = (len(train_set) // train_opt["batch_size"] if train_opt["drop_last"]
-                       else math.ceil(len(train_set) / train_opt["batch_size"]))
-    step = start_epoch * steps_per_epoch
-    eval_kwargs = dict(crop_size=crop, crops=train_opt["val_crops"], batch_size=train_opt["batch_size"],
-                       num_workers=data_opt["num_workers"], device=device, runtime=runtime)
+    lock = lock_folder(experiment_dir) if dist.main else None  # before anything in the folder is touched
     try:
-        for epoch in range(start_epoch, train_opt["epochs"]):
-            model.train()
-            train_set.set_epoch(epoch)
-            # The order of epoch e depends on (seed, e) alone: a resumed run replays it exactly.
-            order = torch.Generator().manual_seed(train_opt["seed"] * 100003 + epoch)
-            loader = DataLoader(Weighted(train_set), batch_sampler=rank_batches(len(train_set),
-                                train_opt["batch_size"], dist, order, train_opt["drop_last"]), num_workers=data_opt["num_workers"],
-                                pin_memory=device.type == "cuda")
-            losses, skipped = [], 0
-            start = time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{train_opt['epochs']}", unit="batch", dynamic_ncols=True,
-                       disable=None if dist.main else True, leave=False)
-            for index, (dist_img, ref_img, target, weight) in enumerate(bar):
-                lr = optimizer.param_groups[0]["lr"]
-                images = runtime.inputs(dist_img, device), runtime.inputs(ref_img, device)
-                if dist.world == 1:
-                    loss = train_step(stepper, optimizer, scheduler, *images, target.to(device), runtime=runtime)
-                else:
-                    # the samples in this global batch, known from the batch plan: no collective needed
-                    n_global = min(train_opt["batch_size"], len(train_set) - index * train_opt["batch_size"])
-                    loss = train_step(stepper, optimizer, scheduler, *images, target.to(device), weight.to(device),
-                                      n_global / dist.world, dist.world, runtime)
-                if not math.isfinite(loss):
-                    where = f"loss is {loss} at epoch {epoch + 1}, step {step}"
-                    if train_opt["nonfinite_loss"] == "stop":
-                        raise stopped(f"{where}: stopping (the weights were not updated)", experiment_dir,
-                                      "to skip such batches instead, set train.nonfinite_loss=skip")
-                    log.warning(f"{where}: batch skipped (train.nonfinite_loss=skip)")
-                    skipped += 1
-                    step += 1
-                    continue
-                losses.append(loss)
-                step += 1
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if writer and step % train_opt["log_every"] == 0:
-                    writer.add_scalar("train/loss", loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-            if not losses:
-                raise stopped(f"every batch of epoch {epoch + 1} had a non-finite loss: stopping", experiment_dir,
-                              "look for bad targets or lower train.lr")
-            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "time_s": time.time() - start}
-            if skipped:
-                record["skipped_batches"] = skipped
-            if (epoch + 1) % train_opt["val_every"] == 0 or epoch + 1 == train_opt["epochs"]:
-                pred = predict_shared([model], parts["val"], dist, **eval_kwargs)
-                metrics = evaluate(pred, parts["val"].targets)
-                if writer:
-                    for key in ("srocc", "plcc", "krocc", "rmse", "main"):
-                        writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
-                record["val"] = summary_line(metrics)
-                if improves(metrics, best, train_opt["best"]):
-                    best = {**metrics, "epoch": epoch + 1}
-                    if dist.main:
-                        save_training_checkpoint(experiment_dir / "best.pth", model, optimizer, scheduler, epoch,
-                                                 best, opt)
-                    record["best"] = True
-            log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            if dist.main:
-                save_training_checkpoint(experiment_dir / "latest.pth", model, optimizer, scheduler, epoch, best, opt)
-                if (epoch + 1) % train_opt["save_interval"] == 0:
-                    save_training_checkpoint(experiment_dir / f"epoch_{epoch + 1}.pth", model, optimizer, scheduler,
-                                             epoch, best, opt)
+        with StopSignals() as signals:
+            return Trainer(opt, experiment_dir, dist, device, signals).run()
     finally:
-        if writer:
-            writer.close()
+        if lock is not None:
+            lock.close()
         destroy(dist)
-    log.info(f"best validation: {summary_line(best) if 'srocc' in best else 'none'} at epoch {best.get('epoch')}")
-    return best
+
+
+class Trainer:
+    """One training run: its data, model, optimiser and schedule, and the loop over epochs."""
+
+    def __init__(self, opt: dict, experiment_dir: Path, dist: Dist, device: torch.device, signals: StopSignals):
+        self.opt, self.experiment_dir, self.dist, self.device, self.signals = opt, experiment_dir, dist, device, signals
+        train_opt = opt["train"]
+        resume_from = resume_path(train_opt["resume"], experiment_dir)
+        if dist.main:
+            setup_logging(experiment_dir)
+            save_options(opt, experiment_dir / "options.yaml")
+            remove_stale_temporaries(experiment_dir)
+        else:
+            log.setLevel("WARNING")
+        if train_opt["batch_size"] % dist.world:
+            raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of "
+                             f"the {dist.world} processes")
+        seed_everything(train_opt["seed"])
+        self.parts, self.train_set = self._data()
+        self.runtime = Runtime(**opt["runtime"])
+        self.model = self.runtime.prepare(build_model(opt["model"]), device)
+        self.optimizer, self.scheduler = make_optimizer(self.model, train_opt)
+        self.start_epoch, self.best, self.partial = 0, {"main": -math.inf}, None
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.stepper = make_stepper(self.model, dist, device, self.runtime)
+        batch = train_opt["batch_size"]
+        self.steps_per_epoch = len(self.train_set) // batch if train_opt["drop_last"] else -(-len(self.train_set) // batch)
+        self.step = self.start_epoch * self.steps_per_epoch + (self.partial["steps"] if self.partial else 0)
+
+    def _data(self):
+        """The parts, every image checked, and the training set."""
+        train_opt, data_opt = self.opt["train"], self.opt["data"]
+        parts = load_parts(data_opt, self.experiment_dir if self.dist.main else None)
+        for role in ("train", "val"):
+            if not parts[role].pairs:
+                raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
+            if parts[role].targets is None:
+                raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs "
+                                   f"labelled data")
+        if train_opt["drop_last"] and len(parts["train"].pairs) < train_opt["batch_size"]:
+            raise DatasetError(f"train.drop_last is set and the {len(parts['train'].pairs)} training pairs are fewer "
+                               f"than train.batch_size {train_opt['batch_size']}: no batch would be left")
+        crop = self.opt["model"]["img_size"]
+        train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"],
+                               crop_positions=data_opt["random_crop"])
+        check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
+        if parts["test"] is not parts["val"]:  # found now, not by test.py after days of training
+            check_images(parts["test"].pairs, crop, whole=self.opt["test"]["crops"] == "whole")
+        log.info(f"{self.opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} "
+                 f"validation pairs ({data_opt['dataset']} at {data_opt['root']}), device {self.device}, "
+                 f"{self.dist.world} process(es)")
+        return parts, train_set
+
+    def _resume(self, path: Path) -> None:
+        path, saved = load_training_checkpoint(path, self.experiment_dir)
+        self.model.load_saved(saved, path)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        self.start_epoch, self.best = saved["epoch"] + 1, saved["best"]
+        self.partial = saved.get("partial")  # a run stopped within an epoch
+        within = f", step {self.partial['steps']} of epoch {self.start_epoch + 1}" if self.partial else ""
+        log.info(f"resumed from {path} after epoch {saved['epoch'] + 1}{within}")
+
+    def _save(self, name: str, epoch: int, partial: dict | None = None) -> None:
+        """A training checkpoint; ``epoch`` is the last whole epoch (0-based), ``partial`` the steps of the
+        next one done so far."""
+        if self.dist.main:
+            save_training_checkpoint(self.experiment_dir / name, self.model, self.optimizer, self.scheduler, epoch,
+                                     self.best, self.opt, **({"partial": partial} if partial else {}))
+
+    def _stop(self, where: str) -> Stopped:
+        message = (f"stopped by {self.signals.name} {where}; {self.experiment_dir / 'latest.pth'} holds the run so "
+                   f"far: continue it with train.resume=auto")
+        log.warning(message)
+        return Stopped(message, self.signals.requested or 15, logged=True)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (one small collective; at epoch ends only)."""
+        if self.dist.world == 1:
+            return bool(self.signals.requested)
+        import torch.distributed as tdist
+
+        flag = torch.tensor([float(bool(self.signals.requested))], device=self.device)
+        tdist.all_reduce(flag)
+        return flag.item() > 0
+
+    def run(self) -> dict:
+        from torch.utils.tensorboard import SummaryWriter
+
+        epochs = self.opt["train"]["epochs"]
+        self.writer = SummaryWriter(str(self.experiment_dir / "tensorboard")) if self.dist.main else None
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                record = self._epoch(epoch)
+                if (epoch + 1) % self.opt["train"]["val_every"] == 0 or epoch + 1 == epochs:
+                    self._validate(epoch, record)
+                log.info(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                self._save("latest.pth", epoch)
+                if (epoch + 1) % self.opt["train"]["save_interval"] == 0:
+                    self._save(f"epoch_{epoch + 1}.pth", epoch)
+                if epoch + 1 < epochs and self._stop_agreed():
+                    raise self._stop(f"after epoch {epoch + 1}")
+        finally:
+            if self.writer:
+                self.writer.close()
+        best = self.best
+        log.info(f"best validation: {summary_line(best) if 'srocc' in best else 'none'} at epoch {best.get('epoch')}")
+        return best
+
+    def _epoch(self, epoch: int) -> dict:
+        """Train one epoch (from the step a stopped run reached); returns its log record."""
+        from tqdm import tqdm
+
+        train_opt, dist = self.opt["train"], self.dist
+        self.model.train()
+        self.train_set.set_epoch(epoch)
+        # The order of epoch e depends on (seed, e) alone: a resumed run replays it exactly.
+        order = torch.Generator().manual_seed(train_opt["seed"] * 100003 + epoch)
+        plan = rank_batches(len(self.train_set), train_opt["batch_size"], dist, order, train_opt["drop_last"])
+        partial, self.partial = self.partial or {"steps": 0, "losses": [], "skipped": 0}, None
+        self.losses, self.skipped = list(partial["losses"]), partial["skipped"]
+        loader = DataLoader(Weighted(self.train_set), batch_sampler=plan[partial["steps"]:],
+                            num_workers=self.opt["data"]["num_workers"], pin_memory=self.device.type == "cuda",
+                            worker_init_fn=ignore_in_workers)
+        start = time.time()
+        self.bar = tqdm(total=len(plan), initial=partial["steps"], desc=f"epoch {epoch + 1}/{train_opt['epochs']}",
+                        unit="batch", dynamic_ncols=True, disable=None if dist.main else True, leave=False)
+        with batches(loader) as loaded:
+            for index, batch in enumerate(loaded, start=partial["steps"]):
+                self._step(epoch, index, batch)
+                if self._stop_requested and index + 1 < len(plan):
+                    self._save("latest.pth", epoch - 1, {"steps": index + 1, "losses": self.losses,
+                                                         "skipped": self.skipped})
+                    raise self._stop(f"at epoch {epoch + 1}, step {index + 1} of {len(plan)}")
+        self.bar.close()
+        if not self.losses:
+            raise stopped(f"every batch of epoch {epoch + 1} had a non-finite loss: stopping", self.experiment_dir,
+                          "look for bad targets or lower train.lr")
+        record = {"epoch": epoch + 1, "loss": float(np.mean(self.losses)), "time_s": time.time() - start}
+        if self.skipped:
+            record["skipped_batches"] = self.skipped
+        return record
+
+    def _step(self, epoch: int, index: int, batch) -> None:
+        """One training step on this process's share of global batch ``index``; sets _stop_requested."""
+        dist_img, ref_img, target, weight = batch
+        train_opt, dist, device, runtime = self.opt["train"], self.dist, self.device, self.runtime
+        lr = self.optimizer.param_groups[0]["lr"]
+        images = runtime.inputs(dist_img, device), runtime.inputs(ref_img, device)
+        # under torchrun, whether to stop is agreed in the loss's collective, voted before the step
+        vote = torch.tensor([float(bool(self.signals.requested))])
+        if dist.world == 1:
+            loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device), runtime=runtime)
+        else:
+            # the samples in this global batch, known from the batch plan: no collective needed
+            n_global = min(train_opt["batch_size"], len(self.train_set) - index * train_opt["batch_size"])
+            loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device),
+                              weight.to(device), n_global / dist.world, dist.world, runtime, vote)
+        self._stop_requested = vote.item() > 0 if dist.world > 1 else bool(self.signals.requested)
+        self.step += 1
+        self.bar.update(1)
+        if math.isfinite(loss):
+            self.losses.append(loss)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if self.writer and self.step % train_opt["log_every"] == 0:
+                self.writer.add_scalar("train/loss", loss, self.step)
+                self.writer.add_scalar("train/lr", lr, self.step)
+            return
+        where = f"loss is {loss} at epoch {epoch + 1}, step {self.step - 1}"
+        if train_opt["nonfinite_loss"] == "stop":
+            raise stopped(f"{where}: stopping (the weights were not updated)", self.experiment_dir,
+                          "to skip such batches instead, set train.nonfinite_loss=skip")
+        log.warning(f"{where}: batch skipped (train.nonfinite_loss=skip)")
+        self.skipped += 1
+
+    def _validate(self, epoch: int, record: dict) -> None:
+        """Score the validation part, log it, and write best.pth when it improves."""
+        train_opt = self.opt["train"]
+        pred = predict_shared([self.model], self.parts["val"], self.dist, crop_size=self.opt["model"]["img_size"],
+                              crops=train_opt["val_crops"], batch_size=train_opt["batch_size"],
+                              num_workers=self.opt["data"]["num_workers"], device=self.device, runtime=self.runtime)
+        metrics = evaluate(pred, self.parts["val"].targets)
+        if self.writer:
+            for key in ("srocc", "plcc", "krocc", "rmse", "main"):
+                self.writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
+        record["val"] = summary_line(metrics)
+        if improves(metrics, self.best, train_opt["best"]):
+            self.best = {**metrics, "epoch": epoch + 1}
+            self._save("best.pth", epoch)
+            record["best"] = True

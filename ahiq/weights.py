@@ -27,6 +27,8 @@ def read_weight_file(path: str | os.PathLike) -> Any:
     official AHIQ training script stores as ``loss``, are allowed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"weight file {path} is a folder; give the file itself")
     if not path.is_file():
         raise FileNotFoundError(f"weight file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -39,7 +41,20 @@ def read_weight_file(path: str | os.PathLike) -> Any:
         with torch.serialization.safe_globals(numpy_scalars):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError on bad files
-        raise WeightsError(f"{path} is not a readable torch or safetensors weight file: {exc}") from exc
+        raise WeightsError(f"{path} is not a readable torch or safetensors weight file ({_load_failure(exc)}); "
+                           f"give a file written by torch.save (.pth, .pt, .bin) or a .safetensors file") from exc
+
+
+def _load_failure(exc: Exception) -> str:
+    """The gist of torch.load's message, in one line: its weights_only explanation runs to paragraphs."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        marker = next((i for i, line in enumerate(lines) if "WeightsUnpickler error" in line), None)
+        detail = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else ""
+        return f"not a torch.save file of tensors and plain values{': ' + detail if detail else ''}"
+    first = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:

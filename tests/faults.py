@@ -1,14 +1,18 @@
-"""train.py with one injected crash, for tests/test_reliability.py: the process sends itself SIGKILL at a
-chosen point, as the out-of-memory killer, a cluster's pre-emption or a power cut would stop it (no
-exception handler, no ``finally`` runs).
+"""train.py with one injected crash or stop, for tests/test_reliability.py: the process sends itself SIGKILL
+at a chosen point, as the out-of-memory killer or a power cut would stop it (no exception handler, no
+``finally`` runs), or SIGTERM / SIGINT, as a cluster's pre-emption or Ctrl-C would.
 
     python tests/faults.py FAULT --opt options/demo.yaml [key.path=value ...]
+    python tests/faults.py FAULT score --dist ... --ref ... --out ... [...]     (the journal faults)
 
 FAULT is one of
     step:N          before the N-th training step of this process (counting from 1)
     validation:N    inside the N-th validation, after its first scoring batch
     save:NAME:N     halfway through writing the N-th NAME of this process (e.g. save:latest.pth:2): half of
                     the file's bytes are on disk, synced, when the process dies
+    signal:NAME:N   the real signal NAME (SIGTERM, SIGINT) during the N-th training step
+    journal:N       python -m ahiq score, killed right after the N-th reference's scores reach its journal
+    journal:NAME:N  python -m ahiq score, sent the signal NAME right after the N-th journal write
 """
 from __future__ import annotations
 
@@ -50,6 +54,31 @@ def kill_at_step(n: int) -> None:
     training.train_step = on_call(n, training.train_step, lambda *a, **k: die())
 
 
+def signal_at_step(name: str, n: int) -> None:
+    training.train_step = on_call(n, training.train_step, lambda *a, **k: os.kill(os.getpid(), getattr(signal, name)))
+
+
+def after_journal_write(n: int, action) -> None:
+    from ahiq import journal
+
+    journal.Journal.add = after_call(n, journal.Journal.add, action)
+
+
+def after_call(n: int, function, action):
+    """``function`` that runs ``action`` after its n-th call."""
+    calls = 0
+
+    def wrapped(*args, **kwargs):
+        nonlocal calls
+        result = function(*args, **kwargs)
+        calls += 1
+        if calls == n:
+            action()
+        return result
+
+    return wrapped
+
+
 def kill_in_validation(n: int) -> None:
     real_score = AHIQ.score_with_reference
 
@@ -82,10 +111,20 @@ def kill_while_saving(name: str, n: int) -> None:
 
 if __name__ == "__main__":
     kind, _, where = sys.argv[1].partition(":")
+    if kind == "journal":
+        from ahiq.__main__ import main
+
+        signal_name, _, count = where.rpartition(":")
+        after_journal_write(int(count), (lambda: os.kill(os.getpid(), getattr(signal, signal_name))) if signal_name
+                            else die)
+        sys.exit(main(sys.argv[2:]))
     if kind == "step":
         kill_at_step(int(where))
     elif kind == "validation":
         kill_in_validation(int(where))
+    elif kind == "signal":
+        signal_name, count = where.split(":")
+        signal_at_step(signal_name, int(count))
     elif kind == "save":
         file_name, count = where.rsplit(":", 1)
         kill_while_saving(file_name, int(count))

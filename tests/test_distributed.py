@@ -27,8 +27,11 @@ def _run(command, tmp_path):
     return result
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None and
-                    shutil.which("torchrun") is None, reason="torchrun not installed")
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
+
+
+@needs_torchrun
 def test_two_processes_train_like_one(tmp_path):
     # Frozen backbones: BatchNorm uses its running statistics, so no statistic depends on the per-process
     # batch. 75 training pairs in global batches of 8: the last batch (3 pairs) is shared unevenly.
@@ -36,9 +39,8 @@ def test_two_processes_train_like_one(tmp_path):
                "train.batch_size=8", "train.save_interval=1", "train.resume=null", "train.device=cpu", "model.freeze_backbones=true",
                "data.num_workers=0", *[f"model.{k}={v}" for k, v in TINY.items()]]
     train = [str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml")]
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     _run([sys.executable, *train, "name=one", *options], tmp_path)
-    _run([torchrun, "--standalone", "--nproc_per_node", "2", *train, "name=two", *options], tmp_path)
+    _run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *train, "name=two", *options], tmp_path)
     one_log = (tmp_path / "checkpoints" / "one" / "train.log").read_text()
     two_log = (tmp_path / "checkpoints" / "two" / "train.log").read_text()
     assert "2 process(es)" in two_log and "1 process(es)" in one_log
@@ -94,9 +96,10 @@ def test_more_processes_than_gpus_is_refused(gpu_machine, monkeypatch):
         init_distributed("cuda")
 
 
-def test_a_training_step_holds_one_collective_its_loss(tmp_path, monkeypatch):
+def test_a_training_step_holds_one_collective_its_loss_and_stop_vote(tmp_path, monkeypatch):
     """The number of real samples in a global batch comes from the batch plan, not from an all_reduce
-    and .item() (a device sync) per step. Two processes simulated: every collective is counted."""
+    and .item() (a device sync) per step; the ranks' stop votes (a signal on any rank) ride in the same
+    all_reduce as the loss. Two processes simulated: every collective is counted."""
     reduced = []
 
     def all_reduce(tensor, *args, **kwargs):
@@ -111,7 +114,7 @@ def test_a_training_step_holds_one_collective_its_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(training, "predict_shared", lambda models, part, dist, **kw: predict(models, part, **kw))
     train(tiny_options(tmp_path, "train.epochs=1", "train.device=cpu"), tmp_path / "ckpt")
     steps = torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)["scheduler"]["last_epoch"]
-    assert steps == 10 and reduced == [()] * steps  # 75 pairs, global batches of 8: one scalar a step
+    assert steps == 10 and reduced == [(2,)] * steps  # 75 pairs, global batches of 8: (loss, stop vote) a step
 
 
 def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):

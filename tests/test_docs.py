@@ -57,3 +57,14 @@ def test_readme_is_a_five_minute_page():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 250
     assert "python train.py --opt" in readme and "python test.py" in readme and "python -m pytest -q tests" in readme
+
+
+def test_reliability_counts_agree():
+    """The README repeats the counts of docs/reliability.md; the fault count is the fault table's rows."""
+    page = (ROOT / "docs" / "reliability.md").read_text()
+    faults = int(re.search(r"\*\*(\d+) faults survived", page).group(1))
+    bad = int(re.search(r"\*\*(\d+) bad inputs rejected", page).group(1))
+    rows = [line for line in page.splitlines() if line.startswith("| ") and not line.startswith("| fault |")]
+    assert len(rows) == faults
+    assert f"{faults} faults survived" in (ROOT / "README.md").read_text()
+    assert f"{bad} bad inputs refused" in (ROOT / "README.md").read_text()

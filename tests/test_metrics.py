@@ -64,3 +64,11 @@ def test_summary_line_format():
         m = evaluate([0.1, 0.4, 0.2, 0.9], [0.0, 0.5, 0.25, 1.0])
     assert summary_line(m) == (f"SROCC 1.0000 PLCC {m['plcc']:.4f} KROCC 1.0000 RMSE {m['rmse']:.4f} "
                                f"main {m['main']:.4f} (4 pairs)")
+
+
+def test_too_few_pairs_for_the_logistic_fit_give_nan_fitted_metrics():
+    """A validation part of 3 pairs: the correlations exist, the four-parameter fit does not (scipy's
+    curve_fit raised TypeError there, ending a training run at its first validation)."""
+    m = evaluate([0.1, 0.5, 0.3], [0.2, 0.9, 0.4])
+    assert m["srocc"] == pytest.approx(1.0) and np.isnan(m["plcc_fitted"]) and m["logistic"] is None
+    assert fit_logistic(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4])) is None

@@ -1,29 +1,23 @@
-"""Faults a long run must survive and bad input it must refuse before the first step (README "Reliability").
-
-Faults: each crash is a real SIGKILL of a train.py process (tests/faults.py picks the moment); the run is
-then continued with train.resume=auto and must end with exactly the weights of an uninterrupted run.
-Bad input: each case goes through the command-line entry point and must end with exit status 2 and one
-line naming the file, line or key, before any training step.
-"""
+"""Faults a long run must survive (docs/reliability.md): each crash is a real SIGKILL of a train.py process
+(tests/faults.py picks the moment), each stop a real SIGTERM or SIGINT; the run is then continued with
+train.resume=auto and must end with exactly the weights of an uninterrupted run. Also: two runs on one
+experiment folder, and scoring jobs killed and resumed. Bad input is in test_bad_input.py."""
 import errno
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
 
-import cv2
 import numpy as np
 import pytest
 import torch
 
 import ahiq.weights as weights
-from ahiq import training
-from ahiq.cli import run
 from ahiq.data import load_parts
-from ahiq.evaluation import predict, run_test
+from ahiq.evaluation import predict
 from ahiq.model import AHIQ, build_model
-from ahiq.reference import random_official_setup
 from ahiq.training import train
 from conftest import ROOT, TINY, tiny_options
 
@@ -35,10 +29,10 @@ RUN = ["--opt", str(ROOT / "options" / "demo.yaml"), "data.options={references: 
 STEPS = 3 * 19
 
 
-def train_process(folder, name, fault=None, **popen):
+def train_process(folder, name, fault=None, extra=(), **popen):
     """train.py (or tests/faults.py with ``fault``) in ``folder``, writing checkpoints/<name>/."""
     script = [str(ROOT / "tests" / "faults.py"), fault] if fault else [str(ROOT / "train.py")]
-    return subprocess.Popen([sys.executable, *script, *RUN, f"name={name}", f"data.root={folder / 'data'}"],
+    return subprocess.Popen([sys.executable, *script, *RUN, f"name={name}", f"data.root={folder / 'data'}", *extra],
                             cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
 
 
@@ -209,147 +203,114 @@ def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
         predict([model], part, 64, "five", batch_size=4)
 
 
-# ---- bad input -------------------------------------------------------------------------------------------
+# ---- stop signals, two runs on one folder ---------------------------------------------------------------
 
-def write_image(path, height=72, width=72, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    assert cv2.imwrite(str(path), image)
-
-
-def distorted_path(root, name):
-    return root / f"Distortion_{int(name[1:5]) % 4 + 1}" / name
-
-
-def pipal_tree(root, references=5, distorted=3):
-    """A small PIPAL training release: Train_Ref/, Distortion_1..4/, Train_Label/A####.txt (name,elo lines)."""
-    for r in range(references):
-        write_image(root / "Train_Ref" / f"A{r:04d}.bmp", seed=r)
-        lines = []
-        for d in range(distorted):
-            name = f"A{r:04d}_00_{d:02d}.bmp"
-            write_image(distorted_path(root, name), seed=100 + 10 * r + d)
-            lines.append(f"{name},{1400.5 + 7 * r + d}")
-        (root / "Train_Label").mkdir(exist_ok=True)
-        (root / "Train_Label" / f"A{r:04d}.txt").write_text("\n".join(lines) + "\n")
+@pytest.mark.parametrize("name,status", [("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", 128 + signal.SIGINT)])
+def test_stop_signal_writes_latest_and_resume_ends_with_the_uninterrupted_weights(name, status, uninterrupted,
+                                                                                  tmp_path):
+    """SLURM and Kubernetes send SIGTERM before SIGKILL, a user presses Ctrl-C: the run stops at the next
+    step boundary (here the 7th step of epoch 2), writes latest.pth, says how to continue, no traceback."""
+    experiment = tmp_path / "checkpoints" / "killed"
+    code, err = finish(train_process(tmp_path, "killed", f"signal:{name}:{19 + 7}"))
+    assert code == status, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"stopped by {name} at epoch 2, step 7 of 19; checkpoints/killed/latest.pth "
+                                           f"holds the run so far: continue it with train.resume=auto")
+    saved = torch.load(experiment / "latest.pth", weights_only=True)
+    assert saved["epoch"] == 0 and saved["partial"]["steps"] == 7 and len(saved["partial"]["losses"]) == 7
+    code, err = finish(train_process(tmp_path, "killed"))
+    assert code == 0, err
+    assert "resumed from" in (experiment / "train.log").read_text()
+    check_like_uninterrupted(experiment, uninterrupted)
 
 
-def truncate(path, keep=0.5):
-    data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+def test_sigterm_to_the_whole_job_with_loader_workers_then_resume(uninterrupted, tmp_path):
+    """SLURM's scancel signals every process of the job step, DataLoader workers included: whether the main
+    process or a worker sees it first, the run stops with latest.pth written and resumes exactly."""
+    latest = tmp_path / "checkpoints" / "killed" / "latest.pth"
+    job = train_process(tmp_path, "killed", extra=["data.num_workers=2"], start_new_session=True)
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(8).uniform(0.0, 1.0))  # somewhere in epoch 2
+    assert job.poll() is None, "the run ended before it could be stopped"
+    os.killpg(job.pid, signal.SIGTERM)
+    code, err = finish(job)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert "holds the run so far: continue it with train.resume=auto" in err.strip().splitlines()[-1]
+    code, err = finish(train_process(tmp_path, "killed"))
+    assert code == 0, err
+    check_like_uninterrupted(latest.parent, uninterrupted)
 
 
-def replace_line(path, old, new):
-    path.write_text(path.read_text().replace(old, new))
+def test_a_second_run_on_a_busy_folder_fails_at_once_and_a_killed_run_leaves_no_stale_lock(tmp_path):
+    """Cluster job resubmission starts train.resume=auto while the first run still runs."""
+    first = train_process(tmp_path, "busy")
+    lock = tmp_path / "checkpoints" / "busy" / ".lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, str(ROOT / "train.py"), *RUN, "name=busy",
+                             f"data.root={tmp_path / 'data'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert first.poll() is None, "the first run ended before the second started"
+    assert second.returncode == 2 and second.stderr.startswith("error: ") and len(second.stderr.splitlines()) == 1
+    assert f"error: checkpoints/busy is in use by process {first.pid} on host " in second.stderr
+    first.send_signal(signal.SIGKILL)
+    assert finish(first)[0] == SIGKILLED
+    code, err = finish(train_process(tmp_path, "busy"))  # the lock died with the process
+    assert code == 0, err
 
 
-def png_instead(root):
-    label = root / "Train_Label" / "A0002.txt"
-    replace_line(label, "A0002_00_01.bmp", "A0002_00_01.png")
-    write_image(distorted_path(root, "A0002_00_01.png"), seed=3)
-    truncate(distorted_path(root, "A0002_00_01.png"))
+# ---- scoring jobs killed and stopped ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scoring(tmp_path_factory):
+    """A checkpoint holding its backbones, 6 references x 3 distorted images, and the uninterrupted CSV."""
+    from ahiq.data.synthetic import distort, reference_image
+    from trees import touch
+
+    folder = tmp_path_factory.mktemp("scoring")
+    AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(folder / "model.pth")
+    rng = np.random.default_rng(0)
+    rows = ["dist,ref"]
+    for r in range(6):
+        ref = reference_image(rng, 72)
+        touch(folder / "ref" / f"R{r}.png", ref)
+        for d in range(3):
+            touch(folder / "dist" / f"R{r}_{d}.png", distort(ref, "noise", d + 1, rng))
+            rows.append(f"dist/R{r}_{d}.png,ref/R{r}.png")
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    command = ["score", "--pairs", str(folder / "pairs.csv"), "--checkpoint", str(folder / "model.pth"),
+               "--vit-pretrained", "false", "--cnn-pretrained", "false", "--crops", "five"]
+    done = subprocess.run([sys.executable, "-m", "ahiq", *command, "--out", str(folder / "straight.csv")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return folder, command
 
 
-# (case, how the dataset is broken, what the one-line message must contain)
-BAD_DATA = [
-    ("missing image", lambda r: (distorted_path(r, "A0001_00_01.bmp")).unlink(),
-     "1 listed images not found: A0001_00_01.bmp (in"),
-    ("missing reference", lambda r: (r / "Train_Ref" / "A0003.bmp").unlink(), "reference A0003.bmp of A0003_00_00.bmp"),
-    ("zero-byte image", lambda r: (distorted_path(r, "A0001_00_01.bmp")).write_bytes(b""),
-     "A0001_00_01.bmp is empty (0 bytes)"),
-    ("truncated BMP", lambda r: truncate(distorted_path(r, "A0004_00_02.bmp")),
-     "A0004_00_02.bmp is truncated (7803 bytes, the BMP header needs 15606)"),
-    ("truncated PNG", png_instead, "A0002_00_01.png is truncated (no IEND chunk at the end of the PNG)"),
-    ("not an image", lambda r: (r / "Train_Ref" / "A0000.bmp").write_text("this is not a picture\n"),
-     "A0000.bmp is not a BMP image (its first bytes are b'this is ')"),
-    ("sizes differ", lambda r: write_image(distorted_path(r, "A0001_00_00.bmp"), 72, 80),
-     "A0001_00_00.bmp is 72x80 but its reference"),
-    ("smaller than the crop", lambda r: [write_image(p, 48, 48) for p in [r / "Train_Ref" / "A0003.bmp", *(
-        distorted_path(r, f"A0003_00_0{d}.bmp") for d in range(3))]], "A0003_00_01.bmp is 48x48, smaller than the 64x64 crop"),
-    ("unparsable line", lambda r: replace_line(r / "Train_Label" / "A0001.txt", "A0001_00_01.bmp,", "A0001_00_01.bmp "),
-     "A0001.txt:2: expected 'name,score', got 'A0001_00_01.bmp 1408.5'"),
-    ("NaN score", lambda r: replace_line(r / "Train_Label" / "A0001.txt", "1408.5", "nan"),
-     "A0001.txt:2: score is nan, not a finite number"),
-    ("duplicate name", lambda r: replace_line(r / "Train_Label" / "A0002.txt", "A0002_00_02.bmp", "A0002_00_01.bmp"),
-     "A0002.txt:3: distorted image 'A0002_00_01.bmp' is listed twice (first at"),
-    ("empty label file", lambda r: (r / "Train_Label" / "A0004.txt").write_text(""),
-     "A0004.txt: the file holds no labels (empty)"),
-]
+def score_process(command, out, fault=None, *extra):
+    script = [str(ROOT / "tests" / "faults.py"), fault] if fault else ["-m", "ahiq"]
+    return subprocess.run([sys.executable, *script, *command, "--out", str(out), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
 
 
-def run_cli(action, args, monkeypatch, capsys):
-    """(exit status, stderr lines) of the command line, with any training step made a test failure."""
-    def no_step(*a, **k):
-        raise AssertionError("a training step ran before the bad input was found")
-
-    monkeypatch.setattr(training, "train_step", no_step)
-    code = run("test", action, args)
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
-@pytest.mark.parametrize("case,breakage,message", BAD_DATA, ids=[c[0] for c in BAD_DATA])
-def test_bad_data_is_refused_before_the_first_step(case, breakage, message, tmp_path, monkeypatch, capsys):
-    root = tmp_path / "pipal"
-    pipal_tree(root)
-    breakage(root)
-    monkeypatch.chdir(tmp_path)
-    args = ["--opt", str(ROOT / "options" / "demo.yaml"), "data.dataset=pipal", f"data.root={root}",
-            "data.options={}", "data.split.ratios=[0.6, 0.2, 0.2]", *[f"model.{k}={v}" for k, v in TINY.items()]]
-    code, err = run_cli(train, args, monkeypatch, capsys)
-    # one line, or a first line and the list of problems when there are several
-    assert code == 2 and err[0].startswith("error: ") and message in "\n".join(err), err
-    assert not (tmp_path / "checkpoints" / "demo" / "latest.pth").exists()
-
-
-def test_label_file_without_a_final_newline_keeps_its_last_digit(tmp_path):
-    root = tmp_path / "pipal"
-    pipal_tree(root)
-    label = root / "Train_Label" / "A0004.txt"
-    label.write_text(label.read_text().rstrip("\n"))
-    parts = load_parts({"dataset": "pipal", "root": str(root), "options": {}, "val": None, "test": None,
-                        "split": {"ratios": [1.0, 0.0, 0.0], "seed": 0, "file": None}}, roles=("train",))
-    scores = {p.name: p.mos for p in parts["train"].pairs}
-    assert scores["A0004_00_02.bmp"] == 1430.5  # the official loader read 1430.
-
-
-def test_bad_options_and_checkpoints_are_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    demo = ["--opt", str(ROOT / "options" / "demo.yaml"), f"data.root={tmp_path / 'data'}"]
-    cases = [
-        (train, [*demo, "train.epoch=3"], "unknown option 'train.epoch'; did you mean 'train.epochs'?"),
-        (train, [*demo, "train.epochs=many"], "train.epochs"),
-        (train, [*demo, "train.val_crops=ten"], "train.val_crops"),
-        (train, ["--opt", str(tmp_path / "nowhere.yaml")], f"option file {tmp_path / 'nowhere.yaml'} does not exist"),
-    ]
-    # Checkpoints: a timm ResNet's weights, an official release for other head sizes, an official patch-16
-    # release for a patch-8 model, a truncated file, a missing one.
-    _, _, official_p8 = random_official_setup(8, tmp_path / "official", **TINY)
-    p16 = official_p8.with_name(official_p8.name.replace("_p8_", "_p16_"))
-    p16.write_bytes(official_p8.read_bytes())
-    corrupt = tmp_path / "corrupt.pth"
-    corrupt.write_bytes(p16.read_bytes()[:500])
-    tiny = [f"model.{k}={v}" for k, v in TINY.items()] + ["model.vit_pretrained=false", "model.cnn_pretrained=false"]
-    for path, size, message in (
-            (tmp_path / "official" / "resnet.pth", [], "resnet.pth is not an AHIQ checkpoint (top level: conv1.weight"),
-            (official_p8, ["model.head_dim=24"], "does not fit this model; wrongly shaped keys: head."),
-            (p16, [], "p16_epoch33-da3ea303.pth is named for patch size 16, this model has patch_size=8"),
-            (corrupt, [], "corrupt.pth is not a readable torch or safetensors weight file"),
-            (tmp_path / "none.pth", [], "none.pth does not exist")):
-        cases.append((run_test, [*demo, *tiny, *size, f"test.checkpoint={path}"], message))
-    for action, args, message in cases:
-        code, err = run_cli(action, args, monkeypatch, capsys)
-        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], (args, err)
-
-
-def test_command_line_errors_are_one_line_without_traceback(tmp_path):
-    bad = subprocess.run([sys.executable, "train.py", "--opt", "options/demo.yaml", "train.epoch=3"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert bad.returncode == 2
-    assert bad.stderr.strip() == ("error: override 'train.epoch=3': unknown option 'train.epoch'; "
-                                  "did you mean 'train.epochs'?")
-    missing = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml"], cwd=ROOT,
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and "option file options/nowhere.yaml does not exist" in missing.stderr
-    debug = subprocess.run([sys.executable, "test.py", "--opt", "options/nowhere.yaml", "--debug"], cwd=ROOT,
-                           capture_output=True, text=True)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr
+@pytest.mark.parametrize("fault,status", [("journal:2", SIGKILLED), ("journal:SIGTERM:2", 128 + signal.SIGTERM)],
+                         ids=["sigkill", "sigterm"])
+def test_killed_scoring_resumes_to_the_same_csv(fault, status, scoring, tmp_path):
+    """Two of six references scored, then SIGKILL (nothing runs) or SIGTERM (stops at the next reference):
+    the journal keeps them, --resume scores the rest, the CSV is byte for byte the uninterrupted one's."""
+    folder, command = scoring
+    out = tmp_path / "scores.csv"
+    killed = score_process(command, out, fault)
+    assert killed.returncode == status, killed.stderr[-2000:]
+    assert not out.exists() and len((tmp_path / "scores.csv.part0").read_text().splitlines()) >= 6
+    if status != SIGKILLED:
+        assert "Traceback" not in killed.stderr and "--resume" in killed.stderr.strip().splitlines()[-1]
+    refused = score_process(command, out)  # without --resume the journal is not overwritten
+    assert refused.returncode == 2 and "continue it with --resume" in refused.stderr
+    resumed = score_process(command, out, None, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming: 6 of 18 pairs already scored" in resumed.stderr  # two references of three pairs
+    assert out.read_bytes() == (folder / "straight.csv").read_bytes()
+    assert not list(tmp_path.glob("scores.csv.part*"))

@@ -8,6 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..messages import last_line
+
+# Every decode failure is reported by ImageError, naming the file; OpenCV's own log lines would only add
+# noise around that one line.
+if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 IMAGE_EXTENSIONS = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 
 
@@ -17,11 +24,54 @@ class ImageError(ValueError):
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 [H, W, 3]. Grayscale becomes three channels and alpha is dropped (OpenCV's IMREAD_COLOR,
-    as the official code reads)."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    as the official code reads). Any failure is an ImageError naming the file and what is wrong."""
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except cv2.error as exc:  # OpenCV's size limits, among others
+        if "CV_IO_MAX_IMAGE" in str(exc):
+            raise ImageError(f"cannot decode image {path}: it is over OpenCV's size limits; raise them with the "
+                             f"environment variables {', '.join(opencv_limits())}") from None
+        raise ImageError(f"cannot decode image {path}: {last_line(str(exc))}") from None
     if image is None:
-        raise ImageError(f"cannot read image {path}: missing, empty, truncated or not an image")
+        raise ImageError(_unreadable(Path(path)))
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _unreadable(path: Path) -> str:
+    """Why OpenCV's colour reader returned nothing for ``path``."""
+    if not path.exists():
+        return f"image {path} does not exist"
+    if path.is_dir():
+        return f"{path} is a folder, not an image"
+    if path.stat().st_size == 0:
+        return f"image {path} is empty (0 bytes)"
+    try:
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        raw = None
+    if raw is not None:  # decodable, in a sample format the 8-bit colour reader does not convert
+        channels = raw.shape[2] if raw.ndim == 3 else 1
+        return (f"{path} holds {raw.dtype} samples ({channels} channel(s)), which the 8-bit colour reader cannot "
+                f"convert; save it as an 8-bit image (PNG, BMP or JPEG)")
+    return f"cannot read image {path}: truncated, damaged or not an image"
+
+
+def opencv_limits() -> dict[str, int]:
+    """The decoder's size limits, as OpenCV reads them from the environment (its defaults otherwise)."""
+    return {"OPENCV_IO_MAX_IMAGE_PIXELS": int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30)),
+            "OPENCV_IO_MAX_IMAGE_WIDTH": int(os.environ.get("OPENCV_IO_MAX_IMAGE_WIDTH", 1 << 20)),
+            "OPENCV_IO_MAX_IMAGE_HEIGHT": int(os.environ.get("OPENCV_IO_MAX_IMAGE_HEIGHT", 1 << 20))}
+
+
+def _check_decodable(path: Path, height: int, width: int) -> None:
+    """The header's size against OpenCV's limits: an image over them passes every header check and then
+    fails in the middle of a run."""
+    limits = opencv_limits()
+    for variable, value in (("OPENCV_IO_MAX_IMAGE_PIXELS", height * width), ("OPENCV_IO_MAX_IMAGE_WIDTH", width),
+                            ("OPENCV_IO_MAX_IMAGE_HEIGHT", height)):
+        if value > limits[variable]:
+            raise ImageError(f"{path} is {height}x{width}, over OpenCV's limit {variable}={limits[variable]}: "
+                             f"set the environment variable {variable}={value} (or more) to read it")
 
 
 def _png_size(data: bytes, path: Path) -> tuple[int, int]:
@@ -80,19 +130,25 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             data = f.read(64)
     except FileNotFoundError:
         raise ImageError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path} is a folder, not an image") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc}") from None
     if not data:
         raise ImageError(f"image {path} is empty (0 bytes)")
     try:
+        size = None
         if data.startswith(b"\x89PNG\r\n\x1a\n"):
-            return _png_size(data, path)
-        if data.startswith(b"BM") and len(data) >= 34:
-            return _bmp_size(data, path)
-        if data.startswith(b"\xff\xd8"):
-            return _jpeg_size(path)
+            size = _png_size(data, path)
+        elif data.startswith(b"BM") and len(data) >= 34:
+            size = _bmp_size(data, path)
+        elif data.startswith(b"\xff\xd8"):
+            size = _jpeg_size(path)
     except (struct.error, OSError) as exc:
         raise ImageError(f"{path} has a damaged header: {exc}") from None
+    if size is not None:
+        _check_decodable(path, *size)
+        return size
     if path.suffix.lower() in (".bmp", ".png", ".jpg", ".jpeg"):
         raise ImageError(f"{path} is not a {path.suffix[1:].upper()} image (its first bytes are {data[:8]!r})")
     return read_image(path).shape[:2]

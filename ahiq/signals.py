@@ -1,0 +1,72 @@
+"""Stopping cleanly on SIGTERM (what SLURM and Kubernetes send before their SIGKILL) and SIGINT (Ctrl-C):
+the signal only raises a flag, and training and scoring look at it at their next step boundary, keep what
+they have done, and end with ``Stopped``, whose message says how to continue."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+    """A run stopped on a signal with its work kept. The process exits with 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int, logged: bool = False):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.logged = logged  # already printed by the run's log
+
+
+class StopSignals:
+    """While entered, SIGTERM and SIGINT set ``requested`` (the signal's number) instead of ending the
+    process; a second one ends it at once (KeyboardInterrupt), for the impatient. Outside the main thread,
+    where Python cannot handle signals, it does nothing."""
+
+    def __init__(self):
+        self.requested = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.requested).name
+
+
+def ignore_in_workers(worker_id: int = 0) -> None:
+    """DataLoader workers leave the stop to their main process (SLURM signals every process of a job, and
+    Ctrl-C reaches the whole process group). A worker killed by the signal would make PyTorch raise its
+    loss in the main process at any moment (from its SIGCHLD handler), possibly in the middle of an
+    optimiser step; ignoring the signals, the workers keep serving until the main process stops at a step
+    boundary. They must then be shut down explicitly: see ``batches``."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def batches(loader) -> Iterator:
+    """Iterate ``loader``; its worker processes are shut down when the block ends, by an exception too.
+    Left to garbage collection, which an exception's reference cycles delay until the interpreter exits,
+    workers that ignore SIGTERM would hang that exit (multiprocessing stops leftover workers with it)."""
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's finaliser calls
+        if shutdown is not None:
+            shutdown()
