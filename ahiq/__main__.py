@@ -48,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--num-crops", type=_at_least(1), default=20, help="random crops per pair")
     score.add_argument("--seed", type=_at_least(0), default=0, help="seeds the random crops")
     score.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    score.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                       help="bf16: autocast (GPUs with bf16; scores within about 0.01 of fp32)")
+    score.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                       help="bf16: autocast (scores within about 0.01 of fp32); auto: bf16 where the device has it "
+                            "natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX)")
     score.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many pairs)")
     score.add_argument("--crop-chunk", type=_at_least(1), default=64, help="most crops in one forward pass (memory)")
     score.add_argument("--batch-size", type=_at_least(1), default=1, help="pairs of one reference scored together")

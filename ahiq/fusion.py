@@ -9,6 +9,11 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d, deform_conv2d
 
 
+# The most bytes of fp32 columns sampled at once: the columns are nine times the features (29 MB per ViT-B/8
+# crop), so a 64-crop pass sampled at once held 3.7 GB of them (and in bf16 their copy as well).
+COLUMN_BYTES = 256 * 2**20
+
+
 def deform_conv2d_bilinear(
     x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int
 ) -> torch.Tensor:
@@ -19,7 +24,7 @@ def deform_conv2d_bilinear(
     under torch.compile, where torchvision's op has no bf16 kernel. ``offset`` may have fewer images than
     ``x`` when consecutive groups of images share offsets (the distorted and reference features of a pair
     share the reference's): ``x`` [G * B, C, H, W] with ``offset`` [B, 18, H, W] uses offset i for images
-    i, B + i, 2B + i, ...
+    i, B + i, 2B + i, ... The columns are sampled and multiplied a few offsets at a time (``COLUMN_BYTES``).
     """
     n, c, h, w = x.shape
     b = offset.shape[0]
@@ -39,7 +44,27 @@ def deform_conv2d_bilinear(
     # normalised position on a 56-pixel map could be off by 0.1 pixel. Only the matmul runs in bf16.
     exact = torch.promote_types(x.dtype, torch.float32)
     grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), dim=-1)
-    grid = grid.to(exact).view(b, taps * h, w, 2).repeat(n // b, 1, 1, 1)
+    grid = grid.to(exact).view(b, taps * h, w, 2)
+    # The weight in the columns' dtype before it is broadcast: under autocast, bmm would otherwise cast the
+    # expanded weight as a whole, one copy per image.
+    w2d = weight.reshape(c_out, c_in * taps).to(x.dtype)  # column c * 9 + k
+    bias = None if bias is None else bias.to(x.dtype).view(1, c_out, 1)  # an fp32 bias would promote bf16 output
+    groups = n // b
+    per_chunk = max(1, COLUMN_BYTES // (groups * c_in * taps * h * w * exact.itemsize))
+    if per_chunk >= b:
+        out = _sample_and_multiply(x, grid.repeat(groups, 1, 1, 1), w2d, bias, exact)
+        return out.view(n, c_out, h, w)
+    images = x.view(groups, b, c, h, w)
+    chunks = [_sample_and_multiply(images[:, a:a + per_chunk].reshape(-1, c, h, w),
+                                   grid[a:a + per_chunk].repeat(groups, 1, 1, 1), w2d, bias, exact)
+              .view(groups, -1, c_out, h * w) for a in range(0, b, per_chunk)]
+    return torch.cat(chunks, dim=1).view(n, c_out, h, w)
+
+
+def _sample_and_multiply(x: torch.Tensor, grid: torch.Tensor, w2d: torch.Tensor, bias: torch.Tensor | None,
+                         exact: torch.dtype) -> torch.Tensor:
+    """The columns of ``x`` [N, C, H, W] at ``grid`` [N, 9H, W, 2] times ``w2d`` -> [N, C_out, H * W]."""
+    n, c, h, w = x.shape
     # Batched, not stacked on channels: the CPU kernel parallelises over images. The native kernel
     # (bilinear, zeros, align_corners) called directly: F.grid_sample would send these settings on CUDA to
     # cuDNN's sampler, which the equality tests never covered and which takes channels_last input badly.
@@ -47,11 +72,8 @@ def deform_conv2d_bilinear(
     cols = cols.to(x.dtype)  # bf16 features give bf16 columns: half the memory of the largest tensor here
     # bmm with the weight broadcast, not matmul: for a weight that requires grad (a parameter, even under
     # no_grad) matmul folds the batch and copies the columns, the largest tensor here (1.7x slower on the CPU).
-    w2d = weight.reshape(c_out, c_in * taps)  # column c * 9 + k
-    out = torch.bmm(w2d.expand(n, -1, -1), cols.view(n, c_in * taps, h * w))
-    if bias is not None:
-        out = out + bias.view(1, c_out, 1)
-    return out.view(n, c_out, h, w)
+    out = torch.bmm(w2d.expand(n, -1, -1), cols.view(n, w2d.shape[1], h * w))
+    return out if bias is None else out + bias
 
 
 class DeformFusion(nn.Module):

@@ -56,7 +56,7 @@ CHOICES = {
     "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),
     "data.flip": ("width", "height", None), "train.val_crops": ("five", "nine", "random", "centre", "whole"),
     "test.crops": ("five", "nine", "random", "centre", "whole"), "train.nonfinite_loss": ("stop", "skip"),
-    "runtime.precision": ("fp32", "bf16"), "data.random_crop": ("all", "official"), "data.targets": ("dataset", "part"),
+    "runtime.precision": ("fp32", "bf16", "auto"), "data.random_crop": ("all", "official"), "data.targets": ("dataset", "part"),
     "train.best": ("main", "official"),
 }
 

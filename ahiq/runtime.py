@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -13,8 +14,9 @@ import torch
 
 @dataclass(frozen=True)
 class Runtime:
-    """``precision``: "fp32", or "bf16" (autocast: convolutions and matmuls in bf16, the deformable
-    sampling positions and the final weighted mean in fp32). ``tf32``: let fp32 matmuls and convolutions
+    """``precision``: "fp32", "bf16" (autocast: convolutions and matmuls in bf16, the deformable
+    sampling positions and the final weighted mean in fp32), or "auto" (bf16 where the device computes it
+    natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; fp32 elsewhere). ``tf32``: let fp32 matmuls and convolutions
     use TF32 on GPUs that have it (off: strict fp32). ``channels_last``: NHWC weights and inputs, what
     tensor cores want. ``compile``: torch.compile the model's entry points (True: the default inductor
     backend; a string: that backend). ``crop_chunk``: the most crops in one forward pass when evaluating
@@ -27,13 +29,17 @@ class Runtime:
     crop_chunk: int = 64
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"runtime.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"runtime.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
         if self.crop_chunk < 1:
             raise ValueError(f"runtime.crop_chunk must be at least 1, got {self.crop_chunk}")
 
+    def bf16(self, device: torch.device) -> bool:
+        """Whether this runtime computes in bf16 on ``device``."""
+        return self.precision == "bf16" or (self.precision == "auto" and native_bf16(device))
+
     def autocast(self, device: torch.device):
-        if self.precision == "bf16":
+        if self.bf16(device):
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -43,9 +49,9 @@ class Runtime:
         if self.precision == "bf16" and device.type == "cuda" and not native_bf16(device):
             raise ValueError(f"runtime.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                              f"(it would be emulated, slower than fp32); use runtime.precision=fp32")
-        if self.precision == "bf16" and device.type == "cpu":
-            warnings.warn("runtime.precision=bf16 on the CPU: most CPUs emulate bf16 and run it far slower than "
-                          "fp32 (it is meant for GPUs)", stacklevel=2)
+        if self.precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+            warnings.warn("runtime.precision=bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): emulated, "
+                          "it runs far slower than fp32; use runtime.precision=fp32 or auto", stacklevel=2)
         if device.type == "cuda":
             set_tf32(self.tf32)
         return model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
@@ -78,7 +84,22 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         with torch.cuda.device(device):  # the device asked for, not the current one
             return torch.cuda.is_bf16_supported(including_emulation=False)
-    return False
+    return device.type == "cpu" and cpu_bf16() != "emulated"
+
+
+@functools.cache
+def cpu_bf16() -> str:
+    """How this CPU computes bf16: "AMX" or "AVX512-BF16" (native instructions, which oneDNN uses for bf16
+    convolutions and matmuls), "Arm BF16", or "emulated" (converted to fp32 and back: slower than fp32)."""
+    query = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if query is not None and query():
+        return "AMX"
+    query = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if query is not None and query():
+        return "AVX512-BF16"
+    if platform.machine().lower() in ("aarch64", "arm64") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "Arm BF16"  # oneDNN's query is the instruction set's on Arm (on x86 it accepts emulation)
+    return "emulated"
 
 
 def select_device(name: str) -> torch.device:

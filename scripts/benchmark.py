@@ -15,8 +15,10 @@ largest batch each path fits; ahiq runs ``ahiq.training.train_step`` (frozen bac
 reference the official step (backbones in eval mode but inside autograd, as the official train.py runs
 them). The reference is ahiq.reference.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
 block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
-test loop: one forward per crop index over a batch of pairs. On CUDA, ahiq also runs in bf16 (rows ``_bf16``;
-the CPU emulates bf16, so it is skipped there). Suite ``flops``: the operations per pair of both paths, counted
+test loop: one forward per crop index over a batch of pairs. ``--precision bf16`` or ``all`` runs ahiq under bf16
+autocast too (rows ``<case>_bf16``: the speed-up against the same official fp32 pattern, max |diff| against
+ahiq's fp32 row); by default where the device computes bf16 natively (the header says whether the CPU does).
+Suite ``flops``: the operations per pair of both paths, counted
 (the same on any device): what the speed-ups can reach before precision and kernels come in. Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d>, peak memory ...
 max |diff| is over the scores (model, eval), or (train) the relative difference of the losses of the same
@@ -41,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.reference import random_official_setup  # noqa: E402
-from ahiq.runtime import Runtime, set_tf32  # noqa: E402
+from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32  # noqa: E402
 from ahiq.training import make_optimizer, train_step  # noqa: E402
 
 
@@ -140,7 +142,6 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
         reference, model, _ = random_official_setup(8, tmp)
         reference = reference.to(device)
         models = {name: runtime.prepare(copy.deepcopy(model), device) for name, runtime in runtimes.items()}
-        model_for_warm_up = models["fp32"]
         rng = np.random.default_rng(0)
         cases = {f"pipal_288_{crops}crop": (288, 288, 2, distortions), f"live_768x512_{crops}crop": (512, 768, 1, 1)}
         for case, (h, w, n_refs, per_ref) in cases.items():
@@ -178,10 +179,13 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
             # cuBLAS workspace): otherwise whichever runs first pays for them.
             with torch.no_grad():
                 reference(items[0][0][:1].to(device), items[0][1][:1].to(device))
-                predict([model_for_warm_up], Part(Pairs(pairs[:1]), None), 224, "random", 1, device=device)
+                for name, runtime in runtimes.items():
+                    predict([models[name]], Part(Pairs(pairs[:1]), None), 224, "random", 1, device=device,
+                            runtime=runtime)
             mem_ref = PeakMemory(device)
             expected, t_ref = timed(official, mem_ref)
             expected = expected.double().cpu().numpy()
+            results = {}
             for name, runtime in runtimes.items():
                 def ours():
                     return predict([models[name]], part, 224, "random", crops, batch_size=per_ref, device=device,
@@ -190,13 +194,16 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                 if runtime.compile:
                     timed(ours, PeakMemory(device))  # compiling is not timed
                 mem_ours = PeakMemory(device)
-                got, t_ours = timed(ours, mem_ours)
-                # how far the scores are from the reference, and (with more than a few pairs) whether the
-                # ranking against a label (here the PSNR) is the same
+                results[name], t_ours = timed(ours, mem_ours)
+                # how far the scores are from the reference (bf16: from ahiq's fp32), and (with more than a few
+                # pairs) whether the ranking against a label (here the PSNR) is the same
+                baseline = results.get("fp32", expected)
                 extra = (f", SROCC vs PSNR reference {spearmanr(expected, psnr)[0]:.4f}, ahiq "
-                         f"{spearmanr(got, psnr)[0]:.4f}" if n >= 8 else "")
-                report(f"{case}_{name}", n, t_ref, n, t_ours, float(np.abs(got - expected).max()), mem_ref, mem_ours,
-                       extra)
+                         f"{spearmanr(results[name], psnr)[0]:.4f}" if n >= 8 else "")
+                if name != "fp32" and "fp32" in results:
+                    extra += ", max |diff| against ahiq fp32"
+                report(f"{case}_{name}", n, t_ref, n, t_ours, float(np.abs(results[name] - baseline).max()), mem_ref,
+                       mem_ours, extra)
 
 
 def official_stepper(reference: torch.nn.Module, device: torch.device):
@@ -252,10 +259,13 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
 
     data = batches(4, repeats + 1)
     ref_losses, t_ref, mem_ref = run(official_stepper(reference, device), data)
+    losses = {}
     for name, runtime in runtimes.items():
-        losses, t_ours, mem_ours = run(ahiq_stepper(model, runtime, device), data)
-        diff = max(abs(a - b) / abs(a) for a, b in zip(ref_losses, losses))
-        report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours, diff, mem_ref, mem_ours)
+        losses[name], t_ours, mem_ours = run(ahiq_stepper(model, runtime, device), data)
+        baseline = losses.get("fp32", ref_losses)  # bf16: against ahiq's fp32 losses
+        diff = max(abs(a - b) / abs(a) for a, b in zip(baseline, losses[name]))
+        extra = ", max |diff| against ahiq fp32" if name != "fp32" and "fp32" in losses else ""
+        report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours, diff, mem_ref, mem_ours, extra)
     if device.type != "cuda":
         print("# train, largest batch: CUDA only (the CPU has no fixed memory limit)", flush=True)
         return
@@ -355,13 +365,19 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=None, help="eval suite: random crops (default 20 on CUDA, 5 on the CPU)")
     parser.add_argument("--channels-last", action="store_true", help="ahiq: the channels_last layout")
     parser.add_argument("--compile", action="store_true", help="ahiq: torch.compile (compile time in the warm-up)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "all"], default=None,
+                        help="ahiq's precision(s) (default: all where the device has native bf16, else fp32)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     if device.type == "cuda":
         set_tf32(False)  # every suite in strict fp32, the model suite (which uses no Runtime) included
-    print(f"# torch {torch.__version__}, {device.type} ({name}), {torch.get_num_threads()} CPU threads", flush=True)
-    precisions = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)  # CPUs emulate bf16: far slower
+    native = native_bf16(device)
+    bf16 = ("native" if native else "emulated") + (f" ({cpu_bf16()})" if device.type == "cpu" and native else "")
+    print(f"# torch {torch.__version__}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "
+          f"bf16 {bf16}", flush=True)
+    precisions = {"fp32": ("fp32",), "bf16": ("bf16",), "all": ("fp32", "bf16")}[
+        args.precision or ("all" if native else "fp32")]
     runtimes = {p: Runtime(precision=p, channels_last=args.channels_last, compile=args.compile) for p in precisions}
     if args.suite in ("model", "all"):
         model_suite(device, args.repeats)

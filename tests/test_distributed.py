@@ -65,6 +65,69 @@ def test_two_processes_train_like_one(tmp_path):
         torch.testing.assert_close(c["model"][key], a["model"][key], rtol=0, atol=1e-5, msg=key)
 
 
+@pytest.fixture(scope="module")
+def pairs_to_score(tmp_path_factory):
+    """A checkpoint holding its backbones and 5 references with 1 to 4 distorted images each (uneven shares
+    for two processes), listed in a CSV out of reference order."""
+    import numpy as np
+
+    from ahiq.data.synthetic import distort, reference_image
+    from ahiq.model import AHIQ
+    from trees import touch
+
+    folder = tmp_path_factory.mktemp("pairs")
+    torch.manual_seed(0)
+    AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(folder / "model.pth")
+    rng = np.random.default_rng(1)
+    rows = []
+    for r in range(5):
+        ref = reference_image(rng, 72)
+        touch(folder / "ref" / f"R{r}.png", ref)
+        for d in range(1 + r % 4):
+            touch(folder / "dist" / f"R{r}_{d}.png", distort(ref, "blur", d + 1, rng))
+            rows.append(f"dist/R{r}_{d}.png,ref/R{r}.png")
+    rng.shuffle(rows)
+    (folder / "pairs.csv").write_text("dist,ref\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+@needs_torchrun
+def test_two_processes_score_like_one(pairs_to_score):
+    """torchrun -m ahiq score: the processes share the pairs by reference and rank 0 writes one CSV, in
+    the input order, equal to one process's to 1e-6; no journal is left behind."""
+    import csv
+
+    folder = pairs_to_score
+    command = ["-m", "ahiq", "score", "--pairs", str(folder / "pairs.csv"), "--checkpoint", str(folder / "model.pth"),
+               "--vit-pretrained", "false", "--cnn-pretrained", "false", "--crops", "random", "--num-crops", "3",
+               "--device", "cpu"]
+    _run([sys.executable, *command, "--out", str(folder / "one.csv")], ROOT)
+    _run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *command, "--out", str(folder / "two.csv")], ROOT)
+    one = list(csv.reader((folder / "one.csv").open()))
+    two = list(csv.reader((folder / "two.csv").open()))
+    listed = list(csv.reader((folder / "pairs.csv").open()))
+    listed = [[str((folder / d).resolve()), str((folder / r).resolve())] for d, r in listed[1:]]
+    assert [row[:2] for row in one[1:]] == [row[:2] for row in two[1:]] == listed and len(one) == 12
+    assert max(abs(float(a[2]) - float(b[2])) for a, b in zip(one[1:], two[1:])) <= 1.01e-6  # 6 decimals
+    assert len({row[2] for row in one[1:]}) == 11  # eleven different scores: a real comparison
+    assert not list(folder.glob("*.part*"))
+
+
+@needs_torchrun
+def test_test_py_under_two_processes_writes_what_one_writes(pairs_to_score, tmp_path):
+    """test.py under torchrun: the test part shared by reference, rank 0 writes the same predictions."""
+    options = [f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.device=cpu",
+               "data.split.ratios=[0,0,1]", "data.num_workers=0", f"test.checkpoint={pairs_to_score / 'model.pth'}", "test.num_crops=2",
+               "model.vit_pretrained=false", "model.cnn_pretrained=false", *[f"model.{k}={v}" for k, v in TINY.items()]]
+    test = [str(ROOT / "test.py"), "--opt", str(ROOT / "options" / "demo.yaml")]
+    _run([sys.executable, *test, "test.output=one", *options], tmp_path)
+    _run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *test, "test.output=two", *options], tmp_path)
+    one = (tmp_path / "one" / "results.txt").read_text().splitlines()
+    two = (tmp_path / "two" / "results.txt").read_text().splitlines()
+    assert len(one) == 125 and [r.split(",")[0] for r in one] == [r.split(",")[0] for r in two]
+    assert max(abs(float(a.split(",")[1]) - float(b.split(",")[1])) for a, b in zip(one, two)) <= 1.01e-6
+
+
 @pytest.fixture
 def gpu_machine(monkeypatch):
     """Process 1 of 2 under torchrun on a machine with two GPUs (simulated: nothing touches a GPU)."""

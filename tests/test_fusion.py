@@ -64,6 +64,43 @@ def test_bilinear_deform_conv_images_share_offsets():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_chunk", [1, 2])
+def test_columns_sampled_in_chunks_give_the_same_numbers(per_chunk, device, monkeypatch):
+    """Five offset maps shared by two groups of images, sampled one or two offsets at a time (the last
+    chunk short): the same numbers as torchvision's kernel and as one pass (to rounding: a batched matmul
+    may block a different batch size differently)."""
+    x, offset, weight, bias = _inputs(b=5, device=device)
+    x = torch.cat((x, torch.randn_like(x)))
+    whole = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
+    per_offset = 2 * x.shape[1] * 9 * x.shape[2] * x.shape[3] * 8  # float64 columns of the two images
+    monkeypatch.setattr("ahiq.fusion.COLUMN_BYTES", per_chunk * per_offset)
+    chunked = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+    expected = deform_conv2d(x, offset.repeat(2, 1, 1, 1), weight, bias, padding=(1, 1))
+    torch.testing.assert_close(chunked, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_columns_use_one_bf16_weight_and_keep_the_output_bf16(monkeypatch):
+    """Under autocast the weight is cast once before it is broadcast (bmm sees bf16 operands and casts
+    nothing), and the bias joins in bf16 (an fp32 bias would promote the output back to fp32)."""
+    x, offset, weight, bias = (t.float() for t in _inputs())
+    seen = []
+    bmm = torch.bmm
+
+    def watched(a, b):
+        seen.append((a.dtype, a.stride(0), b.dtype))
+        return bmm(a, b)
+
+    monkeypatch.setattr(torch, "bmm", watched)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = deform_conv2d_bilinear(x.bfloat16(), offset, weight, bias, padding=1)
+    assert out.dtype == torch.bfloat16
+    assert seen == [(torch.bfloat16, 0, torch.bfloat16)]  # stride 0: the weight broadcast, not copied
+    expected = deform_conv2d(x.bfloat16().float(), offset, weight, bias, padding=(1, 1))
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("final_stride", [1, 2])
 def test_fusion_implementations_agree(final_stride, device):
     fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride).to(device)

@@ -2,6 +2,9 @@
 and crop chunking. bf16 runs on the CPU here (emulated, slow: the tiny model only)."""
 import copy
 import io
+import platform
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from ahiq.data import load_parts
 from ahiq.evaluation import predict
 from ahiq.options import DEFAULTS
 from ahiq.reference import random_official_setup
-from ahiq.runtime import Runtime, native_bf16, set_tf32
+from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32
 from ahiq.distributed import Dist
 from ahiq.training import make_optimizer, make_stepper, train_step
 from conftest import TINY, tiny_options
@@ -39,7 +42,8 @@ def test_bf16_scores_within_a_hundredth_of_fp32(model_and_pairs):
     hooks = [module.register_forward_hook(lambda m, i, o, name=name: dtypes.update({name: o.dtype}))
              for name, module in (("head", model.head.smooth[0]), ("offsets", model.fusion.offset_conv))]
     fp32 = scores(model, dist, ref)
-    with pytest.warns(UserWarning, match="bf16 on the CPU: most CPUs emulate bf16"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on CPUs without AVX512-BF16 or AMX (tested below)
         bf16 = scores(model, dist, ref, Runtime(precision="bf16"))
     for hook in hooks:
         hook.remove()
@@ -206,3 +210,45 @@ def test_channels_last_keeps_the_vit_map_and_the_head_input_nhwc(model_and_pairs
         plain = prepared.vit((dist[:2] - 0.5) / 0.5)  # NCHW input: the plain layout, as before; same values
     assert plain.is_contiguous()
     torch.testing.assert_close(plain, layouts["vit"], rtol=0, atol=1e-6)  # the last ViT call was on dist
+
+
+def test_cpu_bf16_agrees_with_the_cpu_flags():
+    """The instruction sets torch reports are those /proc/cpuinfo lists (x86 Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not cpuinfo.exists():
+        pytest.skip("x86 Linux only")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    expected = "AMX" if "amx_tile" in flags else "AVX512-BF16" if "avx512_bf16" in flags else "emulated"
+    assert cpu_bf16() == expected
+    assert native_bf16(CPU) is (expected != "emulated")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_it_is_native(native, monkeypatch):
+    """A CPU with and without AVX512-BF16 (simulated): auto picks bf16 only with it, and an explicit bf16
+    warns only without it."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    cpu_bf16.cache_clear()
+    try:
+        assert cpu_bf16() == ("AVX512-BF16" if native else "emulated")
+        assert Runtime(precision="auto").bf16(CPU) is native
+        assert Runtime(precision="fp32").bf16(CPU) is False and Runtime(precision="bf16").bf16(CPU) is True
+        with Runtime(precision="auto").autocast(CPU):
+            assert torch.is_autocast_enabled("cpu") is native
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Runtime(precision="bf16").prepare(torch.nn.Linear(2, 2), CPU)
+            Runtime(precision="auto").prepare(torch.nn.Linear(2, 2), CPU)
+        assert [str(w.message)[:51] for w in caught] == ([] if native else
+                                                          ["runtime.precision=bf16 on a CPU without native bf16"])
+    finally:
+        cpu_bf16.cache_clear()
+
+
+def test_auto_precision_on_a_gpu_follows_its_native_bf16(monkeypatch):
+    """An A100 (bf16 in hardware) gets bf16; a V100 (emulated, simulated) fp32, without the error that an
+    explicit bf16 gets there."""
+    for native in (True, False):
+        monkeypatch.setattr("ahiq.runtime.native_bf16", lambda device, native=native: native)
+        assert Runtime(precision="auto").bf16(torch.device("cuda", 0)) is native
