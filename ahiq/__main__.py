@@ -1,4 +1,5 @@
-"""python -m ahiq score --ref REF --dist DIST --checkpoint CKPT [--out scores.csv] ... (also under torchrun)"""
+"""python -m ahiq score --dist DIST --ref REF [--checkpoint pipal|FILE ...] [--out scores.csv] ... (also under
+torchrun); python -m ahiq download [NAME ...]; python -m ahiq zoo"""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,8 @@ def _at_least(low: int):
 
 
 def parser() -> argparse.ArgumentParser:
-    main = argparse.ArgumentParser(prog="python -m ahiq", description="AHIQ full-reference image quality")
+    program = "ahiq" if Path(sys.argv[0]).name == "ahiq" else "python -m ahiq"  # the installed command, or -m
+    main = argparse.ArgumentParser(prog=program, description="AHIQ full-reference image quality")
     commands = main.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", help="score distorted images against their references",
                                 description="Score two files, two folders paired by file name, or a CSV of "
@@ -38,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--dist", help="distorted image or folder")
     score.add_argument("--ref", help="reference image or folder")
     score.add_argument("--pairs", help="CSV with dist,ref columns (instead of --dist/--ref)")
-    score.add_argument("--checkpoint", required=True, nargs="+", help="AHIQ checkpoint(s); several = an ensemble")
+    score.add_argument("--checkpoint", nargs="+", default=["pipal"],
+                       help="released model name(s) (python -m ahiq zoo) or checkpoint file(s); several = an "
+                            "ensemble (default: pipal, the NTIRE 2022 winner, downloaded and verified on first use)")
     score.add_argument("--patch-size", type=int, default=8, choices=(8, 16), help="for official checkpoints")
     score.add_argument("--vit-pretrained", default="true", help="true (timm hub), false, or a weight file")
     score.add_argument("--cnn-pretrained", default="true", help="true (timm hub), false, or a weight file")
@@ -56,27 +60,78 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=_at_least(1), default=1, help="pairs of one reference scored together")
     score.add_argument("--out", type=Path, help="write dist,ref,score rows to this CSV (kept as they are scored)")
     score.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
+    score.add_argument("--maps", type=Path, metavar="DIR",
+                       help="write each pair's quality maps to DIR: <name>.npz (arrays) and <name>.png (a panel)")
     score.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    download = commands.add_parser("download", help="fetch released models and their backbone weights into the caches",
+                                   description="Fetch released models (and the timm backbone weights they need) "
+                                               "into the caches, to score or test offline afterwards.")
+    download.add_argument("names", nargs="*", default=["pipal"], help="zoo names (default: pipal)")
+    download.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    zoo = commands.add_parser("zoo", help="list the released models and which are cached")
+    zoo.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return main
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    try:
+        if args.command == "download":
+            return _download(args.names)
+        if args.command == "zoo":
+            return _list_zoo()
+    except EXPECTED as exc:
+        if args.debug:
+            raise
+        print(f"error: {for_the_user(exc)}", file=sys.stderr)
+        return 2
+    return _score(args)
+
+
+def _download(names: list[str]) -> int:
+    from .backbones import create_timm_model
+    from .zoo import ZOO, fetch
+
+    unknown = [n for n in names if n not in ZOO]
+    if unknown:
+        raise ValueError(f"no released model named {', '.join(unknown)}; the zoo has: {', '.join(ZOO)}")
+    for name in names:
+        print(f"{name}: {fetch(name)}", flush=True)
+        for tag in ZOO[name].backbones:
+            create_timm_model(tag, True)  # into timm's (Hugging Face's) cache
+            print(f"{name}: backbone {tag} cached by timm", flush=True)
+    return 0
+
+
+def _list_zoo() -> int:
+    from .zoo import ZOO, cached_path
+
+    for name, model in ZOO.items():
+        path = cached_path(name)
+        where = f"cached at {path}" if path.is_file() else f"not cached (would be {path})"
+        print(f"{name}: {model.description}; ViT-B/{model.patch_size}; {where}")
+    return 0
+
+
+def _score(args) -> int:
     if not args.pairs and not (args.dist and args.ref):
         parser().error("give --dist and --ref, or --pairs")
     dist = None
     try:
         from .distributed import destroy, init_distributed
         from .runtime import Runtime
-        from .scorer import Scorer, pair_files, pairs_from_csv, score_to_file
+        from .data import check_images
+        from .scorer import Scorer, check_outputs, pair_files, pairs_from_csv, score_to_file
 
         dist, device = init_distributed(args.device)
         pairs = pairs_from_csv(args.pairs) if args.pairs else pair_files(args.dist, args.ref)
+        check_images(pairs, 1)  # unreadable images and unwritable outputs before a model is loaded or downloaded
+        check_outputs(args.out, args.maps)
         runtime = Runtime(precision=args.precision, compile=args.compile, crop_chunk=args.crop_chunk)
         scorer = Scorer(args.checkpoint, args.patch_size, _pretrained(args.vit_pretrained),
                         _pretrained(args.cnn_pretrained), args.crops, args.num_crops, args.seed, device,
                         args.batch_size, runtime, args.allow_random_backbones)
-        score_to_file(scorer, pairs, args.out, dist, args.resume, progress=True)
+        score_to_file(scorer, pairs, args.out, dist, args.resume, progress=True, maps=args.maps)
     except EXPECTED as exc:
         if args.debug:
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .backbones import PretrainedWeightsError
@@ -12,18 +13,25 @@ from .messages import for_the_user
 from .options import OptionsError, load_options
 from .signals import Stopped
 from .weights import CheckpointWriteError, WeightsError
+from .zoo import DownloadError
 
 EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, PretrainedWeightsError, FileNotFoundError,
-            ValueError, FloatingPointError, CheckpointWriteError, MemoryError)
+            ValueError, FloatingPointError, CheckpointWriteError, MemoryError, DownloadError)
 
 
-def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None) -> int:
+def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None,
+        default: tuple[Path, Callable[[dict], object]] | None = None) -> int:
+    """Parse ``--opt`` and the overrides, run ``action`` on the options, print expected errors in one line.
+    ``default``: (option file, action) for a command line without ``--opt``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--opt", required=True, help="YAML option file, e.g. options/pipal.yaml")
+    parser.add_argument("--opt", required=default is None, type=Path,
+                        help="YAML option file, e.g. options/pipal.yaml" + (f" (default {default[0]})" if default else ""))
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override any option, e.g. train.epochs=10 name=try2 (values parsed as YAML)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
+    if args.opt is None:
+        args.opt, action = default
     try:
         action(load_options(args.opt, args.overrides))
     except EXPECTED as exc:

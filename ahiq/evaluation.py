@@ -14,17 +14,21 @@ from torch.utils.data import DataLoader
 from .data import EvalPairs, Part, check_images, load_parts
 from .data.parts import subset
 from .distributed import Dist, destroy, gather_object, init_distributed
-from .metrics import evaluate, summary_line
+from .maps import map_file_stems, pair_maps, write_panels
+from .metrics import evaluate, logistic4, summary_line
+from .head import weighted_mean
 from .model import AHIQ, ReferenceFeatures, load_model
 from .runtime import Runtime
 from .signals import batches, ignore_in_workers
+from .zoo import is_zoo_name
 
 
 @torch.no_grad()
 def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_crops: int = 20, seed: int = 0,
             batch_size: int = 2, num_workers: int = 0, device: torch.device = torch.device("cpu"),
             progress: bool | str = False, runtime: Runtime = Runtime(),
-            on_reference: Callable[[list[int], np.ndarray], None] | None = None) -> np.ndarray:
+            on_reference: Callable[[list[int], np.ndarray], None] | None = None,
+            on_maps: Callable[[list[int], np.ndarray, np.ndarray], None] | None = None) -> np.ndarray:
     """Per-pair scores: the mean over the evaluation crops and over the models (an ensemble), in the order
     of ``part.pairs``; no pair is dropped. Images must have been checked (check_images) by the caller.
 
@@ -33,8 +37,11 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
     reused; the distorted images of one reference are scored ``batch_size`` at a time (a batch never mixes
     references, so a pair's score does not depend on the other references scored), at most
     ``runtime.crop_chunk`` crops per forward pass. ``on_reference(indices, scores)`` is called as each
-    reference's pairs are done; ``progress``: a progress bar (a string: its label).
+    reference's pairs are done; ``on_maps(indices, scores, maps)`` with each batch's crop maps [2 (score,
+    weight), P, K, h, w] from the same forward pass (one model only); ``progress``: a progress bar (a string: its label).
     """
+    if on_maps is not None and len(models) > 1:
+        raise ValueError("quality maps come from one model: give one checkpoint, not an ensemble")
     groups = reference_groups(part.pairs)
     plan = [group[a:a + batch_size] for group in groups for a in range(0, len(group), batch_size)]
     ends_reference = [a + batch_size >= len(group) for group in groups for a in range(0, len(group), batch_size)]
@@ -64,7 +71,8 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
                         ref_crops = runtime.inputs(refs_crops[0], device)
                         cached = [_in_chunks(runtime.entry(m, "reference_features"), ref_crops, chunk)
                                   for m in models]
-                    scores = torch.stack([_score_group(m, dist, feats, chunk, runtime, device)
+                    maps = [] if on_maps is not None else None
+                    scores = torch.stack([_score_group(m, dist, feats, chunk, runtime, device, maps)
                                           for m, feats in zip(models, cached)]).mean(0)
             except torch.OutOfMemoryError as exc:
                 raise MemoryError(f"out of memory on {device} scoring {len(indices)} pairs x {k} crops, "
@@ -72,6 +80,8 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
                                   f"runtime.crop_chunk (now {chunk}), or the pairs per batch (test.batch_size; "
                                   f"train.batch_size during validation; now {batch_size})") from exc
             out[indices] = scores.double().cpu().numpy()
+            if on_maps is not None:
+                on_maps(indices, out[indices], maps[0])
             done += indices
             if bar is not None:
                 bar.update(len(indices))
@@ -98,19 +108,29 @@ def _in_chunks(reference_features, crops: torch.Tensor, chunk: int) -> Reference
 
 
 def _score_group(model: AHIQ, dist: torch.Tensor, ref: ReferenceFeatures, chunk: int, runtime: Runtime,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, maps: list | None = None) -> torch.Tensor:
     """Mean score over the crops of each pair in ``dist`` [P, K, 3, S, S] (one reference), at most ``chunk``
-    crops per forward pass: whole pairs together when their crops fit, else windows of one pair's crops."""
+    crops per forward pass: whole pairs together when their crops fit, else windows of one pair's crops.
+    ``maps``: a list that receives the crops' score and weight maps [P, K, h, w] (the same forward pass)."""
     p, k = dist.shape[:2]
-    score = runtime.entry(model, "score_with_reference")
+    forward = runtime.entry(model, "maps_with_reference")
     total = torch.zeros(p, device=device)
+    kept = None
     for a in range(0, k, chunk):
         window = min(chunk, k - a)
         feats = ReferenceFeatures(ref.offset[a:a + window], ref.reduced[a:a + window])
         per_pass = max(1, chunk // window)
         for s in range(0, p, per_pass):
             crops = runtime.inputs(dist[s:s + per_pass, a:a + window].flatten(0, 1), device)
-            total[s:s + per_pass] += score(crops, feats).float().view(-1, window).sum(1)
+            score_map, weight_map = forward(crops, feats)
+            total[s:s + per_pass] += weighted_mean(score_map, weight_map).float().view(-1, window).sum(1)
+            if maps is not None:
+                if kept is None:
+                    kept = torch.empty(2, p, k, *score_map.shape[-2:])
+                kept[:, s:s + per_pass, a:a + window] = torch.stack((score_map, weight_map)).float().view(
+                    2, -1, window, *score_map.shape[-2:]).cpu()
+    if maps is not None:
+        maps.append(kept.numpy())
     return total / k
 
 
@@ -147,17 +167,34 @@ def predict_shared(models: Sequence[AHIQ], part: Part, dist: Dist, **kwargs) -> 
 
 # ---- test.py -----------------------------------------------------------------------------------------------
 
-def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path]:
-    """The files ``test.checkpoint`` names: best, latest, a path, or a list of them (an ensemble)."""
+def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
+    """The files ``test.checkpoint`` names: best, latest, a path, a released model's name (ahiq.zoo), or a
+    list of them (an ensemble)."""
     given = opt["test"]["checkpoint"]
     paths = []
     for item in given if isinstance(given, list) else [given]:
+        if is_zoo_name(item):
+            paths.append(item)  # fetched when loaded
+            continue
         path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
         if not path.is_file():
             raise FileNotFoundError(f"test.checkpoint: {path} does not exist (train first, or set "
                                     f"test.checkpoint=<path> or a list of paths for an ensemble)")
         paths.append(path)
     return paths
+
+
+def run_default_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
+    """A bare ``python test.py``: the experiment's best checkpoint when there is one, else the released
+    ``pipal`` model; the first line says which."""
+    best = Path(checkpoints_root) / opt["name"] / "best.pth"
+    if opt["test"]["checkpoint"] == "best" and not best.is_file():
+        opt["test"]["checkpoint"] = "pipal"
+        print(f"testing the released model 'pipal' (no {best} yet: train with python train.py --opt ... first "
+              f"to test your own)", flush=True)
+    else:
+        print(f"testing {best if opt['test']['checkpoint'] == 'best' else opt['test']['checkpoint']}", flush=True)
+    return run_test(opt, checkpoints_root)
 
 
 def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
@@ -209,4 +246,43 @@ def _run_test(opt: dict, experiment_dir: Path, dist: Dist, device: torch.device)
         scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
                      f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
         print(summary_line(metrics))
+        if test_opt["maps"]:
+            _extreme_maps(out_dir / "maps", models, part, pred, metrics.get("logistic"), test_opt, crop, device,
+                          runtime)
     return metrics
+
+
+def maps_of(model: AHIQ, pairs, indices: Sequence[int], crop: int, crops: str, num_crops: int, seed: int,
+            device: torch.device, runtime: Runtime = Runtime()) -> list:
+    """The QualityMaps of ``pairs[indices]`` (ahiq.maps): those pairs scored with their maps."""
+    found = {}
+
+    def keep(batch, scores, maps):
+        for i, score, crop_maps in zip(batch, scores, maps.swapaxes(0, 1)):
+            found[i] = pair_maps(pairs[indices[i]], float(score), crop_maps, crop, crops, num_crops, seed)
+
+    predict([model], subset(pairs, None, list(indices)), crop, crops, num_crops, seed, 1, 0, device, runtime=runtime,
+            on_maps=keep)
+    return [found[i] for i in range(len(indices))]
+
+
+def _extreme_maps(folder: Path, models: Sequence[AHIQ], part: Part, pred: np.ndarray, logistic, test_opt: dict,
+                  crop: int, device: torch.device, runtime: Runtime) -> None:
+    """test.maps=N: the quality maps of the N pairs predicted worst (largest error after the logistic fit)
+    and the N best, as panels and arrays in ``folder``: those 2N pairs scored again (deterministic crops, so
+    the same scores) with their maps, instead of keeping every pair's maps through the whole test."""
+    if len(models) > 1:
+        raise ValueError("test.maps: quality maps come from one model: give one checkpoint, not an ensemble")
+    fitted = logistic4(pred, *logistic) if logistic is not None else pred
+    order = np.argsort(np.abs(fitted - part.targets), kind="stable")
+    n = min(test_opt["maps"], len(order) // 2)
+    chosen = {f"worst_{rank + 1}": i for rank, i in enumerate(order[::-1][:n])}
+    chosen.update({f"best_{rank + 1}": i for rank, i in enumerate(order[:n])})
+    stems = [f"{label}_{map_file_stems([part.pairs[i].name])[0]}" for label, i in chosen.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    found = maps_of(models[0], part.pairs, list(chosen.values()), crop, test_opt["crops"], test_opt["num_crops"],
+                    test_opt["seed"], device, runtime)
+    for stem, maps in zip(stems, found):
+        maps.save(folder / f"{stem}.npz")
+    write_panels(folder, [part.pairs[i] for i in chosen.values()], stems)
+    print(f"wrote the quality maps of the {n} worst and {n} best predicted pairs to {folder}")

@@ -6,8 +6,10 @@ from torch import nn
 
 
 def weighted_mean(score_map: torch.Tensor, weight_map: torch.Tensor) -> torch.Tensor:
-    """sum(score * weight) / sum(weight) over each image's map, in fp32: [B, 1, H, W] x2 -> [B]."""
-    score_map, weight_map = score_map.float(), weight_map.float()
+    """sum(score * weight) / sum(weight) over each image's map, in fp32 at least (bf16 maps are widened,
+    float64 ones kept): [B, 1, H, W] x2 -> [B]."""
+    exact = torch.promote_types(score_map.dtype, torch.float32)
+    score_map, weight_map = score_map.to(exact), weight_map.to(exact)
     return (score_map * weight_map).sum(dim=(1, 2, 3)) / weight_map.sum(dim=(1, 2, 3))
 
 

@@ -14,6 +14,7 @@ from .fusion import DeformFusion
 from .head import PatchHead, weighted_mean
 from .messages import listed
 from .weights import WeightsError, atomic_save, check_state_dict, read_weight_file
+from .zoo import resolve
 
 CHECKPOINT_FORMAT = "ahiq"
 CHECKPOINT_VERSION = 1
@@ -117,8 +118,11 @@ class AHIQ(nn.Module):
         return self
 
     def _backbones(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Frozen backbones run without autograd (training the head needs nothing of them), unless a gradient
+        # with respect to the input itself is asked for (AHIQ as a loss).
+        needs_autograd = not self.freeze_backbones or x.requires_grad
         x = (x - 0.5) / 0.5  # the official normalisation, for both backbones
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbones):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_autograd):
             return self.vit(x), self.cnn(x)
 
     def _reduced(self, vit: torch.Tensor, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
@@ -135,9 +139,19 @@ class AHIQ(nn.Module):
     def score_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> torch.Tensor:
         """Scores of distorted crops [G * B, 3, S, S] against reference features of B crops (crop i of the
         distorted batch uses reference crop i mod B): [G * B]."""
+        return weighted_mean(*self.maps_with_reference(dist, ref))
+
+    def maps_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score map and the weight map [G * B, 1, h, w] on the ViT grid whose weighted mean is the score."""
         reduced = self._reduced(*self._backbones(dist), ref.offset)
         repeat = dist.shape[0] // ref.reduced.shape[0]
-        return weighted_mean(*self.head.maps(reduced, ref.reduced.repeat(repeat, 1, 1, 1)))
+        return self.head.maps(reduced, ref.reduced.repeat(repeat, 1, 1, 1))
+
+    def score_with_maps(self, dist: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass: scores [B], and the score map and weight map [B, h, w] on the ViT grid (28 x 28
+        for patch 8, 14 x 14 for patch 16) whose weighted mean the score is."""
+        score_map, weight_map = self.maps_with_reference(dist, self.reference_features(ref))
+        return weighted_mean(score_map, weight_map), score_map[:, 0], weight_map[:, 0]
 
     def forward(self, dist: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if dist.shape != ref.shape:
@@ -197,6 +211,18 @@ class AHIQ(nn.Module):
                                f"(AHIQ(patch_size={named.group(1)}) in Python)")
 
     @classmethod
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "pipal", patch_size: int = 8,
+                        vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, **settings: Any) -> "AHIQ":
+        """A released model by name (``ahiq.zoo``: downloaded and verified on first use; ``pipal``, the NTIRE
+        2022 winner) or any checkpoint file, with the backbone weights its head was trained with (timm's hub
+        by default). ``patch_size`` is for official files given by path; ``settings``: other model options
+        (``freeze_backbones``, ``deform_impl``, sizes for official files)."""
+        from .options import DEFAULTS
+
+        return load_model(checkpoint, {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
+                                       "cnn_pretrained": cnn_pretrained, **settings})
+
+    @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, vit_pretrained: Pretrained = False,
                         cnn_pretrained: Pretrained = False, **kwargs: Any) -> "AHIQ":
         """A model built with the architecture a project checkpoint was saved for, its weights loaded.
@@ -232,7 +258,9 @@ def load_model(path: str | os.PathLike, model_opt: dict, allow_random_backbones:
     """A model for a checkpoint: this project's (its saved architecture) or an official one (the options').
 
     A backbone that neither the checkpoint nor a pretrained source provides would be random, and scores
-    would change from run to run: refused unless ``allow_random_backbones``."""
+    would change from run to run: refused unless ``allow_random_backbones``. ``path`` may be a zoo name."""
+    path, patch_size = resolve(path, model_opt["patch_size"])
+    model_opt = {**model_opt, "patch_size": patch_size}
     saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
     if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
         settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint

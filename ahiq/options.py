@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": 64},
     "test": {
         "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
-        "allow_random_backbones": False,
+        "allow_random_backbones": False, "maps": 0,
         "submission": {"runtime": None, "gpu": None, "extra_data": False,
                        "description": "AHIQ (Lao, Gong et al., CVPRW 2022), ahiq reference implementation."},
     },
@@ -70,7 +70,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.weight_decay": (0, True),
     "train.t_max": (1, True), "train.eta_min": (0, True), "train.seed": (0, True), "train.val_every": (1, True),
     "train.save_interval": (1, True), "train.log_every": (1, True), "runtime.crop_chunk": (1, True),
-    "test.num_crops": (1, True), "test.seed": (0, True), "test.batch_size": (1, True),
+    "test.num_crops": (1, True), "test.maps": (0, True), "test.seed": (0, True), "test.batch_size": (1, True),
     "test.submission.runtime": (0, True),
 }
 

@@ -22,6 +22,11 @@ def write_metrics(path: Path, metrics: dict, **info) -> None:
 
 def scatter_plot(path: Path, pred: np.ndarray, target: np.ndarray, logistic: Sequence[float] | None, title: str) -> None:
     """Prediction (x) against normalised MOS (y) with the fitted logistic curve, as a PNG."""
+    cv2.imwrite(str(path), scatter_image(pred, target, logistic, title)[..., ::-1])
+
+
+def scatter_image(pred: np.ndarray, target: np.ndarray, logistic: Sequence[float] | None, title: str) -> np.ndarray:
+    """The scatter plot as an RGB array [H, W, 3]."""
     width, height, margin = 640, 480, 60
     canvas = np.full((height, width, 3), 255, np.uint8)
     x0, x1 = float(np.min(pred)), float(np.max(pred))
@@ -49,4 +54,4 @@ def scatter_plot(path: Path, pred: np.ndarray, target: np.ndarray, logistic: Seq
         cv2.putText(canvas, f"{value:.3g}", (int(px) - 15, int(py) + 20), font, 0.4, grey, 1, cv2.LINE_AA)
     for value, (px, py) in ((y0, to_px(x0, y0)), (y1, to_px(x0, y1))):
         cv2.putText(canvas, f"{value:.3g}", (5, int(py) + 4), font, 0.4, grey, 1, cv2.LINE_AA)
-    cv2.imwrite(str(path), canvas[..., ::-1])
+    return canvas

@@ -17,6 +17,7 @@ from .data import DatasetError, Pair, Pairs, Part, check_images
 from .data.images import IMAGE_EXTENSIONS
 from .distributed import Dist
 from .evaluation import predict, reference_shares
+from .maps import QualityMaps, map_file_stems, pair_maps, write_panels
 from .journal import Journal, check_writable, count_rows, csv_row, finish, journal_paths, read_journals
 from .model import load_model
 from .runtime import Runtime, select_device
@@ -69,15 +70,17 @@ def pairs_from_csv(path: PathLike) -> Pairs:
 
 
 class Scorer:
-    """A trained AHIQ (one checkpoint or an ensemble) that scores image pairs of any size at least the crop,
-    averaging a crop ensemble (default: the official 20 random crops, seeded by the reference image's name).
+    """A trained AHIQ (one checkpoint or an ensemble; a released model's name such as ``pipal``, the default,
+    or a file) that scores image pairs of any size at least the crop, averaging a crop ensemble (default: the
+    official 20 random crops, seeded by the reference image's name).
 
-        scorer = Scorer("checkpoints/ahiq_pipal/AHIQ_vit_p8_epoch33-da3ea303.pth")
+        scorer = Scorer()                                 # the released NTIRE 2022 model
+        scorer = Scorer("checkpoints/my_run/best.pth")
         scorer.score("dist.png", "ref.png")               # one float, higher is better
         scorer.score_pairs(pair_files("dist/", "ref/"))   # numpy array
     """
 
-    def __init__(self, checkpoint: PathLike | Sequence[PathLike], patch_size: int = 8,
+    def __init__(self, checkpoint: PathLike | Sequence[PathLike] = "pipal", patch_size: int = 8,
                  vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, crops: str = "random",
                  num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", batch_size: int = 1,
                  runtime: Runtime = Runtime(), allow_random_backbones: bool = False):
@@ -92,26 +95,45 @@ class Scorer:
         self.crop_size = self.models[0].config["img_size"]
         self.crops, self.num_crops, self.seed, self.batch_size = crops, num_crops, seed, batch_size
 
-    def score_pairs(self, pairs: Pairs, progress: bool = False, on_reference=None) -> np.ndarray:
-        """Scores of ``pairs`` in their order; ``on_reference(indices, scores)`` as each reference is done."""
+    def score_pairs(self, pairs: Pairs, progress: bool = False, on_reference=None, on_maps=None) -> np.ndarray:
+        """Scores of ``pairs`` in their order; ``on_reference(indices, scores)`` as each reference is done;
+        ``on_maps`` as evaluation.predict's."""
         check_images(pairs, self.crop_size, whole=self.crops == "whole")  # every pair before the first score
         return predict(self.models, Part(pairs, None), self.crop_size, self.crops, self.num_crops, self.seed,
                        self.batch_size, 0, self.device, progress=progress, runtime=self.runtime,
-                       on_reference=on_reference)
+                       on_reference=on_reference, on_maps=on_maps)
 
     def score(self, dist: PathLike, ref: PathLike) -> float:
         return float(self.score_pairs(pair_files(dist, ref))[0])
 
+    def maps(self, dist: PathLike, ref: PathLike) -> QualityMaps:
+        """Two files' score with the maps it is pooled from (ahiq.maps): per crop on the ViT grid, and at
+        image resolution. One model (not an ensemble); the same forward pass as the score."""
+        pairs = pair_files(dist, ref)
+        kept = {}
+
+        def keep(indices, scores, maps):  # maps [2, P, K, h, w]
+            kept.update(zip(indices, maps.swapaxes(0, 1)))
+
+        score = self.score_pairs(pairs, on_maps=keep)
+        return self.quality_maps(pairs[0], float(score[0]), kept[0])
+
+    def quality_maps(self, pair: Pair, score: float, maps: np.ndarray) -> QualityMaps:
+        """QualityMaps of a pair from its crops' maps [2 (score, weight), K, h, w] as predict gives them."""
+        return pair_maps(pair, score, maps, self.crop_size, self.crops, self.num_crops, self.seed)
+
 
 def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = Dist(), resume: bool = False,
-                  progress: bool = False) -> None:
+                  progress: bool = False, maps: Path | None = None) -> None:
     """Score ``pairs`` into the CSV ``out`` (dist,ref,score in the pairs' order), or print ``name,score``
     lines as references finish when ``out`` is None.
 
     Nothing is held only in memory: each process journals every reference it finishes (ahiq.journal), so a
     job killed at pair 90,000 keeps them and ``resume`` scores only the rest. Under torchrun the processes
     share the pairs by reference and rank 0 writes ``out`` from all journals. SIGTERM or SIGINT stops at
-    the next reference with everything scored kept (Stopped)."""
+    the next reference with everything scored kept (Stopped). ``maps``: a folder that gets each pair's
+    quality maps (``<name>.npz``, saved as the pair is scored) and, at the end, its panel (``<name>.png``)."""
+    saver = _map_saver(scorer, pairs, maps)
     if out is None:
         if dist.world > 1 or resume:
             raise ValueError("give --out: " + ("the processes' rows go to one file" if dist.world > 1
@@ -127,7 +149,9 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
                               signals.requested)
 
         with StopSignals() as signals:
-            scorer.score_pairs(pairs, progress, on_reference=show)
+            scorer.score_pairs(pairs, progress, on_reference=show, on_maps=saver(pairs))
+        if maps is not None:
+            write_panels(maps, pairs)
         return
     check_writable(out)
     leftovers = journal_paths(out)
@@ -163,7 +187,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
             global_progress()
             stop_if_asked()
 
-        scorer.score_pairs(mine, on_reference=keep)
+        scorer.score_pairs(mine, on_reference=keep, on_maps=saver(mine))
         if dist.world > 1:
             while bar is not None and count_rows(out) < len(pairs):  # the other processes' progress
                 stop_if_asked()
@@ -175,3 +199,37 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
         bar.close()
     if dist.main:
         finish(out, pairs)
+        if maps is not None:
+            write_panels(maps, pairs)
+
+
+def check_outputs(out: Path | None, maps: Path | None) -> None:
+    """The CSV and the maps folder can be written (the folder is created): checked before any model is
+    loaded or downloaded, and again before the first pair."""
+    if out is not None:
+        check_writable(out)
+    if maps is not None:
+        if maps.exists() and not maps.is_dir():
+            raise ValueError(f"--maps {maps} is a file; give a folder (it is created if missing)")
+        try:
+            maps.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--maps {maps}: cannot create the folder ({exc.strerror or exc})") from None
+        check_writable(maps / "maps.check")
+
+
+def _map_saver(scorer: Scorer, pairs: Pairs, folder: Path | None):
+    """saver(scored) -> an on_maps callback that saves each scored pair's maps as ``<stem>.npz`` in
+    ``folder`` (None without a folder)."""
+    if folder is None:
+        return lambda scored: None
+    check_outputs(None, folder)
+    stems = dict(zip(((p.dist, p.ref) for p in pairs), map_file_stems([p.name for p in pairs])))
+
+    def saver(scored: Pairs):
+        def save(indices, scores, maps):  # maps [2, P, K, h, w]
+            for i, score, crop_maps in zip(indices, scores, maps.swapaxes(0, 1)):
+                pair = scored[i]
+                scorer.quality_maps(pair, float(score), crop_maps).save(folder / f"{stems[(pair.dist, pair.ref)]}.npz")
+        return save
+    return saver

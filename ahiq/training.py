@@ -16,12 +16,15 @@ from torch.utils.data import DataLoader
 
 from .data import DatasetError, TrainPairs, check_images, load_parts
 from .distributed import Dist, Weighted, destroy, init_distributed, rank_batches
-from .evaluation import predict_shared
+from .data.images import read_image
+from .evaluation import maps_of, predict_shared
 from .experiment import (load_training_checkpoint, lock_folder, log, remove_stale_temporaries, resume_path,
                          save_training_checkpoint, set_rng_state, setup_logging, stopped)
+from .maps import panel
 from .metrics import evaluate, summary_line
 from .model import AHIQ, build_model
 from .options import save_options
+from .report import scatter_image
 from .runtime import Runtime
 from .signals import Stopped, StopSignals, batches, ignore_in_workers
 
@@ -126,6 +129,7 @@ class Trainer:
 
     def __init__(self, opt: dict, experiment_dir: Path, dist: Dist, device: torch.device, signals: StopSignals):
         self.opt, self.experiment_dir, self.dist, self.device, self.signals = opt, experiment_dir, dist, device, signals
+        self.map_range = None  # the quality maps' score range in TensorBoard, fixed at the first validation
         train_opt = opt["train"]
         resume_from = resume_path(train_opt["resume"], experiment_dir)
         if dist.main:
@@ -297,6 +301,26 @@ class Trainer:
         log.warning(f"{where}: batch skipped (train.nonfinite_loss=skip)")
         self.skipped += 1
 
+    def _images(self, pred: np.ndarray, metrics: dict, epoch: int) -> None:
+        """TensorBoard (rank 0): the validation scatter plot, and the quality-map panels of four fixed
+        validation pairs, scored again with their maps (four pairs, not a pass over the set), on the score
+        range of the first validation, so that the maps are comparable as training goes."""
+        part, step = self.parts["val"], epoch + 1
+        title = f"epoch {step}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}"
+        self.writer.add_image("val/scatter", scatter_image(pred, part.targets, metrics.get("logistic"), title), step,
+                              dataformats="HWC")
+        shown = sorted(set(np.linspace(0, len(part.pairs) - 1, 4).round().astype(int).tolist()))
+        found = maps_of(self.model, part.pairs, shown, self.opt["model"]["img_size"], self.opt["train"]["val_crops"],
+                        20, 0, self.device, self.runtime)
+        if self.map_range is None:
+            values = np.concatenate([m.image_maps()[0].ravel() for m in found])
+            self.map_range = tuple(np.nanpercentile(values, [1, 99]).tolist())
+        for number, (index, maps) in enumerate(zip(shown, found)):
+            score_map, weight_map, _ = maps.image_maps()
+            picture = panel(read_image(part.pairs[index].dist), score_map, weight_map, maps.score, self.map_range,
+                            part.pairs[index].name)
+            self.writer.add_image(f"val/maps_{number}", picture[..., ::-1].copy(), step, dataformats="HWC")
+
     def _validate(self, epoch: int, record: dict) -> None:
         """Score the validation part, log it, and write best.pth when it improves."""
         train_opt = self.opt["train"]
@@ -307,6 +331,7 @@ class Trainer:
         if self.writer:
             for key in ("srocc", "plcc", "krocc", "rmse", "main"):
                 self.writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
+            self._images(pred, metrics, epoch)
         record["val"] = summary_line(metrics)
         if improves(metrics, self.best, train_opt["best"]):
             self.best = {**metrics, "epoch": epoch + 1}

@@ -25,6 +25,18 @@ def _seed():
         set_tf32(False)
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny AHIQ checkpoint (this project's format) that holds its backbones: it scores without any
+    pretrained weights (--vit-pretrained false --cnn-pretrained false)."""
+    from ahiq.model import AHIQ
+
+    path = tmp_path_factory.mktemp("tiny") / "model.pth"
+    torch.manual_seed(0)
+    AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(path)
+    return path
+
+
 def tiny_options(tmp_path, *overrides):
     """The demo options on a smaller synthetic set (5 references: 3 train, 1 val, 1 test) and model."""
     size = [f"model.{k}={v}" for k, v in TINY.items()]

@@ -80,10 +80,10 @@ def after_call(n: int, function, action):
 
 
 def kill_in_validation(n: int) -> None:
-    real_score = AHIQ.score_with_reference
+    real_score = AHIQ.maps_with_reference
 
     def arm(*args, **kwargs):  # the second scoring batch of this validation dies
-        AHIQ.score_with_reference = on_call(2, real_score, lambda *a, **k: die())
+        AHIQ.maps_with_reference = on_call(2, real_score, lambda *a, **k: die())
 
     evaluation.predict = on_call(n, evaluation.predict, arm)
 

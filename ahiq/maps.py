@@ -1,0 +1,132 @@
+"""Where AHIQ sees the damage. For every patch of a crop the head predicts a quality score and an attention
+weight, and the crop's score is their weighted mean; the pair's score is the mean over its crops. Here the
+crops' maps are brought to the image: each crop's maps, upsampled to its window, averaged where windows
+overlap; a pixel that no crop covered is NaN, never invented."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+@dataclass
+class QualityMaps:
+    """One pair's maps. ``crop_score_maps``/``crop_weight_maps`` [K, h, w] on the ViT grid and ``windows``
+    [K, 2] (top, left) of the ``crop_size`` crops reproduce the score; the image-level arrays [H, W]
+    (float32) are for looking at."""
+
+    score: float
+    crop_score_maps: np.ndarray
+    crop_weight_maps: np.ndarray
+    windows: np.ndarray
+    crop_size: int
+    image_size: tuple[int, int]
+
+    def crop_scores(self) -> np.ndarray:
+        """Each crop's score: the weighted mean of its score map (the model's own pooling)."""
+        w = self.crop_weight_maps.astype(np.float64)
+        return (self.crop_score_maps * w).sum(axis=(1, 2)) / w.sum(axis=(1, 2))
+
+    def image_maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(score_map, weight_map, coverage) at image resolution: the mean over the crops covering each pixel,
+        NaN where none does; coverage counts them."""
+        height, width = self.image_size
+        total = np.zeros((2, height, width))
+        coverage = np.zeros((height, width))
+        cell = self.crop_size // self.crop_score_maps.shape[-1]  # pixels per patch: the ViT's patch size
+        for score_map, weight_map, (top, left) in zip(self.crop_score_maps, self.crop_weight_maps, self.windows):
+            window = (slice(top, top + self.crop_size), slice(left, left + self.crop_size))
+            for channel, grid in enumerate((score_map, weight_map)):
+                total[(channel, *window)] += np.kron(grid, np.ones((cell, cell)))
+            coverage[window] += 1
+        with np.errstate(invalid="ignore"):
+            mean = (total / coverage).astype(np.float32)  # 0 / 0: NaN where no crop covered
+        return mean[0], mean[1], coverage.astype(np.float32)
+
+    def save(self, path: Path) -> None:
+        score_map, weight_map, coverage = self.image_maps()
+        np.savez_compressed(path, score=np.float64(self.score), score_map=score_map, weight_map=weight_map,
+                            coverage=coverage, crop_score_maps=self.crop_score_maps.astype(np.float32),
+                            crop_weight_maps=self.crop_weight_maps.astype(np.float32), windows=self.windows,
+                            crop_size=np.int64(self.crop_size))
+
+
+def pair_maps(pair, score: float, maps: np.ndarray, crop_size: int, crops: str, num_crops: int,
+              seed: int) -> QualityMaps:
+    """QualityMaps of a pair from its crops' maps [2 (score, weight), K, h, w] as evaluation.predict gives
+    them; the windows are the crop ensemble's, recomputed (they depend only on the settings and the image)."""
+    from .data.images import image_size
+    from .data.transforms import eval_crop_positions
+
+    size = image_size(pair.dist)
+    windows = eval_crop_positions(*size, crop_size, crops, num_crops, seed, Path(pair.ref).name)
+    return QualityMaps(score, maps[0], maps[1], np.array(windows), crop_size, size)
+
+
+def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, score: float,
+          score_range: tuple[float, float], title: str = "") -> np.ndarray:
+    """A BGR picture: the distorted image (RGB uint8 [H, W, 3]), then the score map and the weight map as
+    colour overlays on it (viridis, perceptually uniform; ``score_range`` fixed per run so that panels
+    compare; weights in [0, 1]), each with a legend; uncovered pixels hatched; the score in the title."""
+    scale = -(-256 // image.shape[1])  # small images enlarged (nearest), so that the legends fit
+    if scale > 1:
+        image, score_map, weight_map = (np.repeat(np.repeat(a, scale, 0), scale, 1)
+                                        for a in (image, score_map, weight_map))
+    base = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    tiles = [_with_legend(base, None, None)]
+    for values, (low, high), name in ((score_map, score_range, "score"), (weight_map, (0.0, 1.0), "weight")):
+        tiles.append(_with_legend(_overlay(base, values, low, high), (low, high), name))
+    gap = np.full((tiles[0].shape[0], 8, 3), 255, np.uint8)
+    body = np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]])
+    header = np.full((28, body.shape[1], 3), 255, np.uint8)
+    cv2.putText(header, f"{title}  score {score:.4f}".strip(), (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0),
+                1, cv2.LINE_AA)
+    return np.vstack([header, body])
+
+
+def _overlay(base: np.ndarray, values: np.ndarray, low: float, high: float) -> np.ndarray:
+    covered = np.isfinite(values)
+    scaled = np.clip((np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-12), 0, 1)
+    colours = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
+    out = cv2.addWeighted(base, 0.35, colours, 0.65, 0)
+    hatch = (np.add.outer(np.arange(values.shape[0]), np.arange(values.shape[1])) % 8) < 2
+    out[~covered] = base[~covered]
+    out[~covered & hatch] = (128, 128, 128)
+    return out
+
+
+def _with_legend(tile: np.ndarray, value_range: tuple[float, float] | None, name: str | None) -> np.ndarray:
+    legend = np.full((30, tile.shape[1], 3), 255, np.uint8)
+    if value_range is not None:
+        bar = np.linspace(0, 255, max(tile.shape[1] - 12, 2)).astype(np.uint8)[None].repeat(8, 0)
+        legend[2:10, 6:6 + bar.shape[1]] = cv2.applyColorMap(bar, cv2.COLORMAP_VIRIDIS)
+        text = f"{name} {value_range[0]:.2f} .. {value_range[1]:.2f}"
+        cv2.putText(legend, text, (6, 25), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([tile, legend])
+
+
+def map_file_stems(names: list[str]) -> list[str]:
+    """A file stem per pair for ``--maps``: the distorted image's name, with the pair's number when two
+    pairs share it."""
+    stems = [Path(name).stem for name in names]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    return [f"{s}_{i}" if s in repeated else s for i, s in enumerate(stems)]
+
+
+def write_panels(folder: Path, pairs, stems: list[str] | None = None) -> None:
+    """A panel ``<stem>.png`` for every pair whose ``<stem>.npz`` is in ``folder`` (stems: map_file_stems by
+    default), with one score range for all of them (the 1st to 99th percentile of every covered pixel)."""
+    from .data.images import read_image
+
+    stems = stems or map_file_stems([p.name for p in pairs])
+    saved = {stem: np.load(folder / f"{stem}.npz") for stem in stems if (folder / f"{stem}.npz").is_file()}
+    values = np.concatenate([m["score_map"][np.isfinite(m["score_map"])] for m in saved.values()] or [np.empty(0)])
+    score_range = (float(np.percentile(values, 1)), float(np.percentile(values, 99))) if values.size else (0.0, 1.0)
+    for stem, pair in zip(stems, pairs):
+        if stem in saved:
+            maps = saved[stem]
+            picture = panel(read_image(pair.dist), maps["score_map"], maps["weight_map"], float(maps["score"]),
+                            score_range, stem)
+            cv2.imwrite(str(folder / f"{stem}.png"), picture)
