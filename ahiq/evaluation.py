@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .data import EvalPairs, Part, check_images, load_parts
 from .data.parts import subset
 from .distributed import Dist, destroy, gather_object, init_distributed
-from .maps import map_file_stems, pair_maps, write_panels
+from .maps import ONE_MODEL, pair_maps, write_panels
 from .metrics import evaluate, logistic4, summary_line
 from .head import weighted_mean
 from .model import AHIQ, ReferenceFeatures, load_model
@@ -41,7 +41,7 @@ def predict(models: Sequence[AHIQ], part: Part, crop_size: int, crops: str, num_
     weight), P, K, h, w] from the same forward pass (one model only); ``progress``: a progress bar (a string: its label).
     """
     if on_maps is not None and len(models) > 1:
-        raise ValueError("quality maps come from one model: give one checkpoint, not an ensemble")
+        raise ValueError(ONE_MODEL)
     groups = reference_groups(part.pairs)
     plan = [group[a:a + batch_size] for group in groups for a in range(0, len(group), batch_size)]
     ends_reference = [a + batch_size >= len(group) for group in groups for a in range(0, len(group), batch_size)]
@@ -214,6 +214,8 @@ def _run_test(opt: dict, experiment_dir: Path, dist: Dist, device: torch.device)
 
     test_opt = opt["test"]
     paths = checkpoint_paths(opt, experiment_dir)
+    if test_opt["maps"] and len(paths) > 1:  # before the test, not after it
+        raise ValueError(f"test.maps: {ONE_MODEL}")
     part = load_parts(opt["data"], roles=("test",))["test"]
     runtime = Runtime(**opt["runtime"])
     models = [runtime.prepare(load_model(p, opt["model"], test_opt["allow_random_backbones"]), device) for p in paths]
@@ -271,14 +273,12 @@ def _extreme_maps(folder: Path, models: Sequence[AHIQ], part: Part, pred: np.nda
     """test.maps=N: the quality maps of the N pairs predicted worst (largest error after the logistic fit)
     and the N best, as panels and arrays in ``folder``: those 2N pairs scored again (deterministic crops, so
     the same scores) with their maps, instead of keeping every pair's maps through the whole test."""
-    if len(models) > 1:
-        raise ValueError("test.maps: quality maps come from one model: give one checkpoint, not an ensemble")
     fitted = logistic4(pred, *logistic) if logistic is not None else pred
     order = np.argsort(np.abs(fitted - part.targets), kind="stable")
     n = min(test_opt["maps"], len(order) // 2)
     chosen = {f"worst_{rank + 1}": i for rank, i in enumerate(order[::-1][:n])}
     chosen.update({f"best_{rank + 1}": i for rank, i in enumerate(order[:n])})
-    stems = [f"{label}_{map_file_stems([part.pairs[i].name])[0]}" for label, i in chosen.items()]
+    stems = [f"{label}_{Path(part.pairs[i].name).stem}" for label, i in chosen.items()]
     folder.mkdir(parents=True, exist_ok=True)
     found = maps_of(models[0], part.pairs, list(chosen.values()), crop, test_opt["crops"], test_opt["num_crops"],
                     test_opt["seed"], device, runtime)

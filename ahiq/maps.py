@@ -10,6 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+ONE_MODEL = "quality maps come from one model: give one checkpoint, not an ensemble"
+
 
 @dataclass
 class QualityMaps:

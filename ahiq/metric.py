@@ -18,9 +18,8 @@ from .backbones import Pretrained
 from .data.datasets import to_tensor
 from .data.images import read_image
 from .data.transforms import eval_crop_positions
-from .maps import QualityMaps
-from .model import load_model
-from .options import DEFAULTS
+from .maps import ONE_MODEL, QualityMaps
+from .model import AHIQ
 from .runtime import Runtime, select_device
 
 PathLike = str | os.PathLike
@@ -40,11 +39,10 @@ class AHIQMetric(nn.Module):
                  runtime: Runtime = Runtime()):
         super().__init__()
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
-        model_opt = {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
-                     "cnn_pretrained": cnn_pretrained}
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.runtime = runtime
-        self.models = nn.ModuleList(runtime.prepare(load_model(p, model_opt), self.device).eval() for p in paths)
+        self.models = nn.ModuleList(runtime.prepare(AHIQ.from_pretrained(p, patch_size, vit_pretrained, cnn_pretrained),
+                                                    self.device).eval() for p in paths)
         for p in self.models.parameters():
             p.requires_grad_(False)
         self.crop_size = self.models[0].config["img_size"]
@@ -68,7 +66,7 @@ class AHIQMetric(nn.Module):
         """One pair's score with its quality maps (ahiq.maps): ``dist``, ``ref`` [3, H, W] in [0, 1]. One
         model (not an ensemble); the same crops and the same forward pass as the score."""
         if len(self.models) > 1:
-            raise ValueError("quality maps come from one model: give one checkpoint, not an ensemble")
+            raise ValueError(ONE_MODEL)
         if dist.dim() != 3 or dist.shape != ref.shape:
             raise ValueError(f"give dist and ref as [3, H, W] tensors of one shape, got {tuple(dist.shape)} and "
                              f"{tuple(ref.shape)}")
@@ -77,8 +75,7 @@ class AHIQMetric(nn.Module):
                                       ref_name)
         found = []
         for a in range(0, len(windows), chunk):
-            d, r = (self.runtime.inputs(torch.stack([x[:, t:t + size, l:l + size] for t, l in windows[a:a + chunk]]),
-                                        self.device) for x in (dist, ref))
+            d, r = self._crops(dist, windows[a:a + chunk]), self._crops(ref, windows[a:a + chunk])
             with self.runtime.autocast(self.device):
                 found.append(torch.stack(model.maps_with_reference(d, model.reference_features(r)))[:, :, 0].float())
         maps = torch.cat(found, dim=1).cpu().numpy().astype(np.float64)  # [2, K, h, w]
@@ -93,19 +90,22 @@ class AHIQMetric(nn.Module):
         names = list(ref_names) if ref_names is not None else [""] * dist.shape[0]
         if len(names) != dist.shape[0]:
             raise ValueError(f"{len(names)} ref_names for a batch of {dist.shape[0]}")
-        size = self.crop_size
         scores = []
         for d, r, name in zip(dist, ref, names):
-            windows = eval_crop_positions(d.shape[1], d.shape[2], size, self.crops, self.num_crops, self.seed, name)
-            d_crops = torch.stack([d[:, t:t + size, l:l + size] for t, l in windows])
-            r_crops = torch.stack([r[:, t:t + size, l:l + size] for t, l in windows])
-            d_crops, r_crops = self.runtime.inputs(d_crops, self.device), self.runtime.inputs(r_crops, self.device)
+            windows = eval_crop_positions(d.shape[1], d.shape[2], self.crop_size, self.crops, self.num_crops,
+                                          self.seed, name)
+            d_crops, r_crops = self._crops(d, windows), self._crops(r, windows)
             chunk, k = self.runtime.crop_chunk, len(windows)
             with self.runtime.autocast(self.device):
                 per_model = [sum(m(d_crops[a:a + chunk], r_crops[a:a + chunk]).sum()
                                  for a in range(0, k, chunk)) / k for m in self.models]
             scores.append(torch.stack(per_model).mean())
         return torch.stack(scores)
+
+    def _crops(self, image: torch.Tensor, windows) -> torch.Tensor:
+        """The crops of ``image`` [3, H, W] at ``windows`` (top, left), on the device: [K, 3, S, S]."""
+        size = self.crop_size
+        return self.runtime.inputs(torch.stack([image[:, t:t + size, l:l + size] for t, l in windows]), self.device)
 
 
 def create_metric(checkpoint: PathLike | Sequence[PathLike] = "pipal", **settings) -> AHIQMetric:

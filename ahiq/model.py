@@ -212,15 +212,17 @@ class AHIQ(nn.Module):
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | os.PathLike = "pipal", patch_size: int = 8,
-                        vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, **settings: Any) -> "AHIQ":
+                        vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True,
+                        allow_random_backbones: bool = False, **settings: Any) -> "AHIQ":
         """A released model by name (``ahiq.zoo``: downloaded and verified on first use; ``pipal``, the NTIRE
         2022 winner) or any checkpoint file, with the backbone weights its head was trained with (timm's hub
-        by default). ``patch_size`` is for official files given by path; ``settings``: other model options
-        (``freeze_backbones``, ``deform_impl``, sizes for official files)."""
+        by default). ``patch_size`` is for official files given by path (this project's carry their
+        architecture); ``settings``: other model options (``freeze_backbones``, ``deform_impl``, sizes for
+        official files). See load_model for ``allow_random_backbones``."""
         from .options import DEFAULTS
 
         return load_model(checkpoint, {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
-                                       "cnn_pretrained": cnn_pretrained, **settings})
+                                       "cnn_pretrained": cnn_pretrained, **settings}, allow_random_backbones)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, vit_pretrained: Pretrained = False,
@@ -262,13 +264,14 @@ def load_model(path: str | os.PathLike, model_opt: dict, allow_random_backbones:
     path, patch_size = resolve(path, model_opt["patch_size"])
     model_opt = {**model_opt, "patch_size": patch_size}
     saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
-    if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
+    project = isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT
+    if project:
         settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint
         model = AHIQ.from_saved(saved, Path(path), model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
     else:
         model = build_model(model_opt)
         model.load_saved(saved, Path(path))
-    held = saved["model"].keys() if saved.get("format") == CHECKPOINT_FORMAT else ()  # official files hold none
+    held = saved["model"].keys() if project else ()  # official files hold no backbone weights
     random = [(option, what) for option, what, prefix in
               (("vit_pretrained", "ViT", "vit."), ("cnn_pretrained", "ResNet", "cnn."))
               if model_opt[option] is False and not any(k.startswith(prefix) for k in held)]

@@ -16,13 +16,12 @@ from .backbones import Pretrained
 from .data import DatasetError, Pair, Pairs, Part, check_images
 from .data.images import IMAGE_EXTENSIONS
 from .distributed import Dist
-from .evaluation import predict, reference_shares
-from .maps import QualityMaps, map_file_stems, pair_maps, write_panels
+from .evaluation import maps_of, predict, reference_shares
+from .maps import ONE_MODEL, QualityMaps, map_file_stems, pair_maps, write_panels
 from .journal import Journal, check_writable, count_rows, csv_row, finish, journal_paths, read_journals
-from .model import load_model
+from .model import AHIQ
 from .runtime import Runtime, select_device
 from .signals import Stopped, StopSignals
-from .options import DEFAULTS
 
 PathLike = str | os.PathLike
 
@@ -85,12 +84,10 @@ class Scorer:
                  num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", batch_size: int = 1,
                  runtime: Runtime = Runtime(), allow_random_backbones: bool = False):
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
-        # Official checkpoints take the paper's architecture with this patch size; the project's carry theirs.
-        model_opt = {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
-                     "cnn_pretrained": cnn_pretrained}
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.runtime = runtime
-        self.models = [runtime.prepare(load_model(p, model_opt, allow_random_backbones), self.device).eval()
+        self.models = [runtime.prepare(AHIQ.from_pretrained(p, patch_size, vit_pretrained, cnn_pretrained,
+                                                            allow_random_backbones), self.device).eval()
                        for p in paths]
         self.crop_size = self.models[0].config["img_size"]
         self.crops, self.num_crops, self.seed, self.batch_size = crops, num_crops, seed, batch_size
@@ -109,14 +106,12 @@ class Scorer:
     def maps(self, dist: PathLike, ref: PathLike) -> QualityMaps:
         """Two files' score with the maps it is pooled from (ahiq.maps): per crop on the ViT grid, and at
         image resolution. One model (not an ensemble); the same forward pass as the score."""
+        if len(self.models) > 1:
+            raise ValueError(ONE_MODEL)
         pairs = pair_files(dist, ref)
-        kept = {}
-
-        def keep(indices, scores, maps):  # maps [2, P, K, h, w]
-            kept.update(zip(indices, maps.swapaxes(0, 1)))
-
-        score = self.score_pairs(pairs, on_maps=keep)
-        return self.quality_maps(pairs[0], float(score[0]), kept[0])
+        check_images(pairs, self.crop_size, whole=self.crops == "whole")
+        return maps_of(self.models[0], pairs, [0], self.crop_size, self.crops, self.num_crops, self.seed,
+                       self.device, self.runtime)[0]
 
     def quality_maps(self, pair: Pair, score: float, maps: np.ndarray) -> QualityMaps:
         """QualityMaps of a pair from its crops' maps [2 (score, weight), K, h, w] as predict gives them."""

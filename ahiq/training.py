@@ -312,11 +312,11 @@ class Trainer:
         shown = sorted(set(np.linspace(0, len(part.pairs) - 1, 4).round().astype(int).tolist()))
         found = maps_of(self.model, part.pairs, shown, self.opt["model"]["img_size"], self.opt["train"]["val_crops"],
                         20, 0, self.device, self.runtime)
+        image_maps = [m.image_maps() for m in found]  # (score map, weight map, coverage) each
         if self.map_range is None:
-            values = np.concatenate([m.image_maps()[0].ravel() for m in found])
+            values = np.concatenate([score_map.ravel() for score_map, _, _ in image_maps])
             self.map_range = tuple(np.nanpercentile(values, [1, 99]).tolist())
-        for number, (index, maps) in enumerate(zip(shown, found)):
-            score_map, weight_map, _ = maps.image_maps()
+        for number, (index, maps, (score_map, weight_map, _)) in enumerate(zip(shown, found, image_maps)):
             picture = panel(read_image(part.pairs[index].dist), score_map, weight_map, maps.score, self.map_range,
                             part.pairs[index].name)
             self.writer.add_image(f"val/maps_{number}", picture[..., ::-1].copy(), step, dataformats="HWC")

@@ -132,7 +132,7 @@ def test_a_maps_path_that_is_a_file_is_refused_before_any_model_is_loaded(tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded (or downloaded) before the outputs were checked")
 
-    monkeypatch.setattr("ahiq.scorer.load_model", no_model)
+    monkeypatch.setattr("ahiq.model.load_model", no_model)
     code = main(["score", "--dist", str(d), "--ref", str(r), "--maps", str(tmp_path / "taken")])
     assert code == 2 and capsys.readouterr().err.strip() == \
         f"error: --maps {tmp_path / 'taken'} is a file; give a folder (it is created if missing)"
