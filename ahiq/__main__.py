@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--patch-size", type=int, default=8, choices=(8, 16), help="for official checkpoints")
     score.add_argument("--vit-pretrained", default="true", help="true (timm hub), false, or a weight file")
     score.add_argument("--cnn-pretrained", default="true", help="true (timm hub), false, or a weight file")
+    score.add_argument("--weights", metavar="DIR",
+                       help="a weights folder (python -m ahiq download --dir DIR): every weight file from there, no "
+                            "network (default: $AHIQ_WEIGHTS, else torch's hub cache and downloads)")
     score.add_argument("--allow-random-backbones", action="store_true",
                        help="score even when a backbone would have random weights (scores then mean nothing)")
     score.add_argument("--crops", default="random", choices=("random", "five", "nine", "centre", "whole"))
@@ -63,10 +66,14 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--maps", type=Path, metavar="DIR",
                        help="write each pair's quality maps to DIR: <name>.npz (arrays) and <name>.png (a panel)")
     score.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    download = commands.add_parser("download", help="fetch released models and their backbone weights into the caches",
-                                   description="Fetch released models (and the timm backbone weights they need) "
-                                               "into the caches, to score or test offline afterwards.")
-    download.add_argument("names", nargs="*", default=["pipal"], help="zoo names (default: pipal)")
+    download = commands.add_parser("download", help="fetch released models and their backbone weights",
+                                   description="Fetch released models and the backbone weights they need (or "
+                                               "backbones by their timm tag) into a weights folder, to score, test "
+                                               "and train offline with AHIQ_WEIGHTS=DIR or --weights DIR; without "
+                                               "--dir into $AHIQ_WEIGHTS, else torch's hub cache.")
+    download.add_argument("names", nargs="*", default=["pipal"],
+                          help="zoo names or backbone tags (python -m ahiq zoo lists them; default: pipal)")
+    download.add_argument("--dir", type=Path, metavar="DIR", help="the weights folder to fill (created)")
     download.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     zoo = commands.add_parser("zoo", help="list the released models and which are cached")
     zoo.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "download":
-            return _download(args.names)
+            return _download(args.names, args.dir)
         if args.command == "zoo":
             return _list_zoo()
     except EXPECTED as exc:
@@ -88,28 +95,27 @@ def main(argv=None) -> int:
     return _score(args)
 
 
-def _download(names: list[str]) -> int:
-    from .backbones import create_timm_model
-    from .zoo import ZOO, fetch
+def _download(names: list[str], folder: Path | None) -> int:
+    from .zoo import download
 
-    unknown = [n for n in names if n not in ZOO]
-    if unknown:
-        raise ValueError(f"no released model named {', '.join(unknown)}; the zoo has: {', '.join(ZOO)}")
-    for name in names:
-        print(f"{name}: {fetch(name)}", flush=True)
-        for tag in ZOO[name].backbones:
-            create_timm_model(tag, True)  # into timm's (Hugging Face's) cache
-            print(f"{name}: backbone {tag} cached by timm", flush=True)
+    for path in download(names, folder):
+        print(path, flush=True)
     return 0
 
 
 def _list_zoo() -> int:
-    from .zoo import ZOO, cached_path
+    from .zoo import BACKBONES, ZOO, find, weights_folder
 
+    folder = weights_folder()
+    print(f"weight files are looked for in {folder} ($AHIQ_WEIGHTS)" if folder else
+          "weight files are looked for in torch's hub cache (and Hugging Face's, for the backbones)")
     for name, model in ZOO.items():
-        path = cached_path(name)
-        where = f"cached at {path}" if path.is_file() else f"not cached (would be {path})"
-        print(f"{name}: {model.description}; ViT-B/{model.patch_size}; {where}")
+        found = find(model.file, folder)
+        print(f"{name}: {model.description}; ViT-B/{model.patch_size}; "
+              f"{f'at {found}' if found else f'missing ({model.file.name})'}")
+    for tag, file in BACKBONES.items():
+        found = find(file, folder)
+        print(f"{tag}: backbone; {f'at {found}' if found else f'missing ({file.described()})'}")
     return 0
 
 
@@ -130,7 +136,7 @@ def _score(args) -> int:
         runtime = Runtime(precision=args.precision, compile=args.compile, crop_chunk=args.crop_chunk)
         scorer = Scorer(args.checkpoint, args.patch_size, _pretrained(args.vit_pretrained),
                         _pretrained(args.cnn_pretrained), args.crops, args.num_crops, args.seed, device,
-                        args.batch_size, runtime, args.allow_random_backbones)
+                        args.batch_size, runtime, args.allow_random_backbones, args.weights)
         score_to_file(scorer, pairs, args.out, dist, args.resume, progress=True, maps=args.maps)
     except EXPECTED as exc:
         if args.debug:

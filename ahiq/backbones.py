@@ -17,41 +17,29 @@ import torch
 from torch import nn
 
 from .weights import WeightsError, check_state_dict, read_weight_file, unwrap_state_dict
+from .zoo import BACKBONES, RESNET_TAG, VIT_TAGS, locate
 
-# The released AHIQ heads were trained on timm 0.5.4's default weights. Current timm names them with these
-# tags; the untagged `vit_base_patch8_224` now resolves to augreg2 weights, which are different.
-VIT_TAGS = {8: "vit_base_patch8_224.augreg_in21k_ft_in1k", 16: "vit_base_patch16_224.augreg_in21k_ft_in1k"}
-RESNET_TAG = "resnet50.a1_in1k"
 VIT_BLOCKS = [0, 1, 2, 3, 4]
 
 Pretrained = Union[bool, str, os.PathLike]
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained backbone weights that could not be obtained."""
-
-
 def create_timm_model(tag: str, pretrained: Pretrained, **overrides) -> nn.Module:
-    """The timm model ``tag`` with weights from timm's hub (True), random (False) or a local file (a path).
+    """The timm model ``tag`` with random weights (False), weights from a file (a path: a timm state dict
+    as .safetensors/.pth/.bin, or for a ViT the original AugReg .npz), or the released weights found by
+    the weight-file rule of ahiq.zoo (True).
 
-    ``overrides`` shrink the architecture for tests and the demo; such a model has no hub weights.
+    ``overrides`` shrink the architecture for tests and the demo; such a model has no released weights.
     """
-    if pretrained is True:
-        if overrides:
-            raise ValueError(f"{tag} with {overrides} is a reduced configuration: it has no pretrained weights")
-        try:
-            return timm.create_model(tag, pretrained=True)
-        except Exception as exc:  # huggingface_hub raises several types for "no network" / "not cached"
-            raise PretrainedWeightsError(
-                f"could not get the pretrained timm weights '{tag}' ({type(exc).__name__}: {exc}). "
-                f"On a machine with internet, run: python -c \"import timm; timm.create_model('{tag}', pretrained=True)\" "
-                f"and copy the file it caches (~/.cache/huggingface/hub/models--timm--{tag}/snapshots/*/model.safetensors) "
-                f"here; then pass its path instead of True (option model.vit_pretrained / model.cnn_pretrained)."
-            ) from exc
+    if pretrained is True and overrides:
+        raise ValueError(f"{tag} with {overrides} is a reduced configuration: it has no pretrained weights")
     model = timm.create_model(tag, pretrained=False, **overrides)
     if pretrained is False or pretrained is None:
         return model
-    path = Path(pretrained)
+    path = locate([BACKBONES[tag]])[0] if pretrained is True else Path(pretrained)
+    if path.suffix == ".npz":
+        _load_augreg_npz(model, tag, path)
+        return model
     try:
         state = unwrap_state_dict(read_weight_file(path))
         check_state_dict(model.state_dict(), state, f"pretrained weights {path} for timm '{tag}'")
@@ -59,6 +47,19 @@ def create_timm_model(tag: str, pretrained: Pretrained, **overrides) -> nn.Modul
         raise WeightsError(f"{exc}. Pass a file holding timm's '{tag}' weights.") from exc
     model.load_state_dict(state)
     return model
+
+
+def _load_augreg_npz(model: nn.Module, tag: str, path: Path) -> None:
+    """A ViT's weights from the original JAX release (.npz), through timm's own converter."""
+    if not hasattr(model, "load_pretrained"):
+        raise WeightsError(f"{path} is a JAX .npz file, which only a ViT reads; give timm '{tag}' weights")
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} does not exist")
+    try:
+        model.load_pretrained(str(path))
+    except (KeyError, ValueError, RuntimeError, OSError) as exc:  # a missing key, a wrong shape, not an npz
+        raise WeightsError(f"{path} is not the AugReg .npz of timm '{tag}' ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
 
 
 def vit_overrides(img_size: int = 224, dim: int = 768, heads: int = 12) -> dict:

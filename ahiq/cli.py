@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .backbones import PretrainedWeightsError
 from .data import DatasetError, ImageError
 from .messages import for_the_user
 from .options import OptionsError, load_options
 from .signals import Stopped
 from .weights import CheckpointWriteError, WeightsError
-from .zoo import DownloadError
+from .zoo import DownloadError, VerificationError
 
-EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, PretrainedWeightsError, FileNotFoundError,
-            ValueError, FloatingPointError, CheckpointWriteError, MemoryError, DownloadError)
+EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, FileNotFoundError, ValueError, FloatingPointError,
+            CheckpointWriteError, MemoryError, DownloadError, VerificationError)
 
 
 def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None,
@@ -28,8 +27,12 @@ def run(description: str, action: Callable[[dict], object], argv: list[str] | No
                         help="YAML option file, e.g. options/pipal.yaml" + (f" (default {default[0]})" if default else ""))
     parser.add_argument("overrides", nargs="*", metavar="key.path=value",
                         help="override any option, e.g. train.epochs=10 name=try2 (values parsed as YAML)")
+    parser.add_argument("--weights", metavar="DIR", help="a weights folder (python -m ahiq download --dir DIR): "
+                        "every weight file from there, no network; the same as model.weights=DIR")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     args = parser.parse_args(argv)
+    if args.weights is not None:
+        args.overrides.append(f"model.weights={args.weights}")
     if args.opt is None:
         args.opt, action = default
     try:

@@ -17,7 +17,7 @@ from .distributed import Dist, destroy, gather_object, init_distributed
 from .maps import ONE_MODEL, pair_maps, write_panels
 from .metrics import evaluate, logistic4, summary_line
 from .head import weighted_mean
-from .model import AHIQ, ReferenceFeatures, load_model
+from .model import AHIQ, ReferenceFeatures
 from .runtime import Runtime
 from .signals import batches, ignore_in_workers
 from .zoo import is_zoo_name
@@ -177,7 +177,7 @@ def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
             paths.append(item)  # fetched when loaded
             continue
         path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
-        if not path.is_file():
+        if not path.exists():  # a file, or a weights folder holding a released model
             raise FileNotFoundError(f"test.checkpoint: {path} does not exist (train first, or set "
                                     f"test.checkpoint=<path> or a list of paths for an ensemble)")
         paths.append(path)
@@ -218,7 +218,8 @@ def _run_test(opt: dict, experiment_dir: Path, dist: Dist, device: torch.device)
         raise ValueError(f"test.maps: {ONE_MODEL}")
     part = load_parts(opt["data"], roles=("test",))["test"]
     runtime = Runtime(**opt["runtime"])
-    models = [runtime.prepare(load_model(p, opt["model"], test_opt["allow_random_backbones"]), device) for p in paths]
+    models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
+                                                  **opt["model"]), device) for p in paths]
     crop = models[0].config["img_size"]
     check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"

@@ -36,12 +36,13 @@ class AHIQMetric(nn.Module):
     def __init__(self, checkpoint: PathLike | Sequence[PathLike] = "pipal", crops: str = "random",
                  num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", patch_size: int = 8,
                  vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, as_loss: bool = False,
-                 runtime: Runtime = Runtime()):
+                 runtime: Runtime = Runtime(), weights: PathLike | None = None):
         super().__init__()
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.runtime = runtime
-        self.models = nn.ModuleList(runtime.prepare(AHIQ.from_pretrained(p, patch_size, vit_pretrained, cnn_pretrained),
+        self.models = nn.ModuleList(runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
+                                                                         cnn_pretrained=cnn_pretrained, weights=weights),
                                                     self.device).eval() for p in paths)
         for p in self.models.parameters():
             p.requires_grad_(False)

@@ -9,12 +9,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .backbones import Pretrained, ResNetLayer1Features, ViTFeatures
+from .backbones import Pretrained, ResNetLayer1Features, ViTFeatures, resnet_overrides, vit_overrides
 from .fusion import DeformFusion
 from .head import PatchHead, weighted_mean
 from .messages import listed
 from .weights import WeightsError, atomic_save, check_state_dict, read_weight_file
-from .zoo import resolve
+from .zoo import BACKBONES, RESNET_TAG, VIT_TAGS, ZOO, find, is_zoo_name, locate
 
 CHECKPOINT_FORMAT = "ahiq"
 CHECKPOINT_VERSION = 1
@@ -171,22 +171,16 @@ class AHIQ(nn.Module):
     def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
         atomic_save({**self.checkpoint(), **extra}, path)
 
-    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Load an official released checkpoint or one of this project's; returns the whole saved dict."""
-        return self.load_saved(read_weight_file(path), Path(path))
-
-    def load_saved(self, saved: Any, path: Path) -> dict[str, Any]:
-        """load_checkpoint for a checkpoint already read from ``path`` (named in errors)."""
-        if isinstance(saved, dict) and all(section in saved for section in OFFICIAL_MODULES):
-            self._check_official_patch_size(path)
-            state = official_to_ahiq(saved)
-        elif isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
+    def restore(self, saved: Any, path: Path) -> dict[str, Any]:
+        """Load the weights of a checkpoint already read from ``path`` (named in errors) into this model:
+        the official released format or this project's. Returns ``saved``. To obtain a trained model, use
+        AHIQ.from_pretrained."""
+        if _is_project_checkpoint(saved, path):
             self._check_config(saved.get("config", {}), path)
             state = saved["model"]
         else:
-            keys = listed(list(map(str, saved)), 6) if isinstance(saved, dict) else type(saved).__name__
-            raise WeightsError(f"{path} is not an AHIQ checkpoint (top level: {keys}); expected the official "
-                               f"format ({' + '.join(OFFICIAL_MODULES)}) or this project's ('format': 'ahiq')")
+            self._check_official_patch_size(path)
+            state = official_to_ahiq(saved)
         own = self.state_dict()
         expected = {k: v for k, v in own.items() if k.startswith(("fusion.", "head."))}
         if any(k.startswith(("vit.", "cnn.")) for k in state):  # a checkpoint with fine-tuned backbones
@@ -199,7 +193,7 @@ class AHIQ(nn.Module):
         differ = [f"{k}={saved[k]!r} (this model: {v!r})" for k, v in self.config.items() if k in saved and saved[k] != v]
         if differ:
             raise WeightsError(f"checkpoint {path} was saved for another architecture: {', '.join(differ)}. "
-                               f"Build the model with the checkpoint's settings (AHIQ.from_checkpoint does).")
+                               f"Load it with AHIQ.from_pretrained, which builds the architecture it was saved for")
 
     def _check_official_patch_size(self, path: Path) -> None:
         # Patch 8 and 16 heads have identically shaped weights (only a stride differs), so the released
@@ -208,40 +202,114 @@ class AHIQ(nn.Module):
         if named and int(named.group(1)) != self.config["patch_size"]:
             raise WeightsError(f"checkpoint {path} is named for patch size {named.group(1)}, this model has "
                                f"patch_size={self.config['patch_size']}; set model.patch_size={named.group(1)} "
-                               f"(AHIQ(patch_size={named.group(1)}) in Python)")
+                               f"(patch_size={named.group(1)} in Python)")
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "pipal", patch_size: int = 8,
-                        vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True,
-                        allow_random_backbones: bool = False, **settings: Any) -> "AHIQ":
-        """A released model by name (``ahiq.zoo``: downloaded and verified on first use; ``pipal``, the NTIRE
-        2022 winner) or any checkpoint file, with the backbone weights its head was trained with (timm's hub
-        by default). ``patch_size`` is for official files given by path (this project's carry their
-        architecture); ``settings``: other model options (``freeze_backbones``, ``deform_impl``, sizes for
-        official files). See load_model for ``allow_random_backbones``."""
+    def from_pretrained(cls, checkpoint: str | os.PathLike = "pipal", *, allow_random_backbones: bool = False,
+                        **model_options: Any) -> "AHIQ":
+        """A trained AHIQ: the one way to obtain one.
+
+        ``checkpoint``: a released model's name (``pipal``, the NTIRE 2022 winner; ahiq.zoo), a checkpoint
+        file (official or this project's), or a weights folder holding a released file (``python -m ahiq
+        download --dir``). ``model_options``: the ``model`` options (ahiq.options.DEFAULTS), the same
+        defaults everywhere: ``weights`` (a weights folder: files only from there, no network),
+        ``vit_pretrained`` / ``cnn_pretrained`` (True: the released backbone weights by ahiq.zoo's rule; a
+        file; False: random), ``patch_size`` and the sizes (for official files given by path; the released
+        models and this project's checkpoints carry their own), ``freeze_backbones``, ``deform_impl``.
+
+        Every file the model needs (the checkpoint, the backbones) is found first, and all that are missing
+        are named in one error. A backbone that neither the checkpoint nor a pretrained source provides would
+        be random, and scores would change from run to run: refused unless ``allow_random_backbones``."""
         from .options import DEFAULTS
 
-        return load_model(checkpoint, {**DEFAULTS["model"], "patch_size": patch_size, "vit_pretrained": vit_pretrained,
-                                       "cnn_pretrained": cnn_pretrained, **settings}, allow_random_backbones)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, vit_pretrained: Pretrained = False,
-                        cnn_pretrained: Pretrained = False, **kwargs: Any) -> "AHIQ":
-        """A model built with the architecture a project checkpoint was saved for, its weights loaded.
-
-        Backbone weights come from ``vit_pretrained``/``cnn_pretrained`` unless the checkpoint holds them.
-        """
-        return cls.from_saved(read_weight_file(path), Path(path), vit_pretrained, cnn_pretrained, **kwargs)
-
-    @classmethod
-    def from_saved(cls, saved: Any, path: Path, vit_pretrained: Pretrained = False,
-                   cnn_pretrained: Pretrained = False, **kwargs: Any) -> "AHIQ":
-        """from_checkpoint for a checkpoint already read from ``path``."""
-        config = dict(saved.get("config", {})) if isinstance(saved, dict) else {}
-        config.update(kwargs)
-        model = cls(vit_pretrained=vit_pretrained, cnn_pretrained=cnn_pretrained, **config)
-        model.load_saved(saved, path)
+        unknown = sorted(set(model_options) - set(DEFAULTS["model"]))
+        if unknown:
+            raise TypeError(f"AHIQ.from_pretrained got unknown model options {', '.join(unknown)}; known: "
+                            f"{', '.join(DEFAULTS['model'])}")
+        opt = {**DEFAULTS["model"], **model_options}
+        weights, name = opt["weights"], None
+        if isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).is_dir():
+            weights, name = checkpoint, _released_in(Path(checkpoint))
+        elif is_zoo_name(checkpoint):
+            name = checkpoint
+        if name is not None:  # a released model: its own patch size; the file and the backbones found together
+            opt["patch_size"] = ZOO[name].patch_size
+            wanted = _backbone_files(opt)
+            path, *backbones = locate([ZOO[name].file, *wanted.values()], weights)
+            saved = read_weight_file(path)
+        else:
+            path = Path(checkpoint)
+            saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
+        project = _is_project_checkpoint(saved, path)
+        held = saved["model"].keys() if project else ()  # official files hold no backbones
+        if project:  # the architecture it was saved for
+            opt.update({k: v for k, v in saved.get("config", {}).items() if k in opt})
+        if name is None:
+            wanted = _backbone_files(opt, held)
+            backbones = locate(list(wanted.values()), weights)
+        opt.update(zip(wanted, backbones))
+        opt.update({option: False for option, _, prefix in _BACKBONE_OPTIONS if _holds(held, prefix)})
+        model = _build(opt)
+        model.restore(saved, path)  # a checkpoint that does not fit is the first thing to report
+        random = [(option, what) for option, what, prefix in _BACKBONE_OPTIONS
+                  if opt[option] is False and not _holds(held, prefix)]
+        if random and not allow_random_backbones:
+            options = " and ".join(f"model.{o} (--{o.replace('_', '-')})" for o, _ in random)
+            raise WeightsError(f"checkpoint {path} holds no {' or '.join(w for _, w in random)} weights and "
+                               f"{options} {'are' if len(random) > 1 else 'is'} false: the scores would come from "
+                               f"random backbone weights; set it to true (the released weights) or a weight file, "
+                               f"or allow it with allow_random_backbones (test.allow_random_backbones=true, "
+                               f"--allow-random-backbones)")
         return model
+
+
+def _is_project_checkpoint(saved: Any, path: Path) -> bool:
+    """Whether ``saved`` (read from ``path``) is this project's checkpoint (else the official format); neither
+    is a WeightsError."""
+    if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
+        return True
+    if isinstance(saved, dict) and all(section in saved for section in OFFICIAL_MODULES):
+        return False
+    keys = listed(list(map(str, saved)), 6) if isinstance(saved, dict) else type(saved).__name__
+    raise WeightsError(f"{path} is not an AHIQ checkpoint (top level: {keys}); expected the official format "
+                       f"({' + '.join(OFFICIAL_MODULES)}) or this project's ('format': 'ahiq')")
+
+
+# (option, what, state-dict prefix) of each backbone
+_BACKBONE_OPTIONS = (("vit_pretrained", "ViT", "vit."), ("cnn_pretrained", "ResNet", "cnn."))
+
+
+def _backbone_tags(patch_size: int) -> dict[str, str]:
+    return {"vit_pretrained": VIT_TAGS[patch_size], "cnn_pretrained": RESNET_TAG}
+
+
+def _holds(keys, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _backbone_files(opt: dict, held=()) -> dict:
+    """{option: released backbone file} for the pretrained options that are ``True``, except the backbones
+    the checkpoint holds."""
+    tags = _backbone_tags(opt["patch_size"])
+    wanted = [option for option, _, prefix in _BACKBONE_OPTIONS if opt[option] is True and not _holds(held, prefix)]
+    reduced = {"vit_pretrained": vit_overrides(opt["img_size"], opt["vit_dim"], opt["vit_heads"]),
+               "cnn_pretrained": resnet_overrides(opt["cnn_width"])}
+    for option in wanted:
+        if reduced[option]:
+            raise ValueError(f"model.{option} is true, but {tags[option]} with {reduced[option]} is a reduced "
+                             f"configuration: it has no pretrained weights; set it to false or a weight file")
+    return {option: BACKBONES[tags[option]] for option in wanted}
+
+
+def _released_in(folder: Path) -> str:
+    """The zoo name of the one released file in a weights folder."""
+    names = [name for name, model in ZOO.items() if find(model.file, folder) is not None]
+    if len(names) != 1:
+        released = ", ".join(model.file.name for model in ZOO.values())
+        raise WeightsError(f"checkpoint folder {folder} holds {'no' if not names else len(names)} released AHIQ "
+                           f"files ({released}); give a file, or a folder from python -m ahiq download --dir with "
+                           f"one model")
+    return names[0]
 
 
 # ---- from the options ----------------------------------------------------------------------------------
@@ -250,35 +318,12 @@ SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "
 
 
 def build_model(model_opt: dict) -> AHIQ:
-    """A new AHIQ from the ``model`` options."""
-    return AHIQ(model_opt["patch_size"], model_opt["vit_pretrained"], model_opt["cnn_pretrained"],
-                freeze_backbones=model_opt["freeze_backbones"], deform_impl=model_opt["deform_impl"],
-                **{k: model_opt[k] for k in SIZE_KEYS})
+    """A new AHIQ from the ``model`` options, for training: the pretrained backbones found (both in one
+    search, so that one error names every missing file) by the rule of ahiq.zoo."""
+    wanted = _backbone_files(model_opt)
+    return _build({**model_opt, **dict(zip(wanted, locate(list(wanted.values()), model_opt["weights"])))})
 
 
-def load_model(path: str | os.PathLike, model_opt: dict, allow_random_backbones: bool = False) -> AHIQ:
-    """A model for a checkpoint: this project's (its saved architecture) or an official one (the options').
-
-    A backbone that neither the checkpoint nor a pretrained source provides would be random, and scores
-    would change from run to run: refused unless ``allow_random_backbones``. ``path`` may be a zoo name."""
-    path, patch_size = resolve(path, model_opt["patch_size"])
-    model_opt = {**model_opt, "patch_size": patch_size}
-    saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
-    project = isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT
-    if project:
-        settings = {k: model_opt[k] for k in ("freeze_backbones", "deform_impl")}  # the rest is in the checkpoint
-        model = AHIQ.from_saved(saved, Path(path), model_opt["vit_pretrained"], model_opt["cnn_pretrained"], **settings)
-    else:
-        model = build_model(model_opt)
-        model.load_saved(saved, Path(path))
-    held = saved["model"].keys() if project else ()  # official files hold no backbone weights
-    random = [(option, what) for option, what, prefix in
-              (("vit_pretrained", "ViT", "vit."), ("cnn_pretrained", "ResNet", "cnn."))
-              if model_opt[option] is False and not any(k.startswith(prefix) for k in held)]
-    if random and not allow_random_backbones:
-        options = " and ".join(f"model.{o} (--{o.replace('_', '-')})" for o, _ in random)
-        raise WeightsError(f"checkpoint {path} holds no {' or '.join(w for _, w in random)} weights and {options} "
-                           f"{'are' if len(random) > 1 else 'is'} false: the scores would come from random backbone weights; set it to true (timm's "
-                           f"hub) or a weight file, or allow it with test.allow_random_backbones=true "
-                           f"(--allow-random-backbones)")
-    return model
+def _build(opt: dict) -> AHIQ:
+    return AHIQ(opt["patch_size"], opt["vit_pretrained"], opt["cnn_pretrained"], freeze_backbones=opt["freeze_backbones"],
+                deform_impl=opt["deform_impl"], **{k: opt[k] for k in SIZE_KEYS})

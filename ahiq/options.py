@@ -19,7 +19,7 @@ SOURCE = {"dataset": None, "root": None, "options": {}}  # one labelled or unlab
 DEFAULTS: dict[str, Any] = {
     "name": None,
     "model": {
-        "patch_size": 8, "vit_pretrained": True, "cnn_pretrained": True, "freeze_backbones": True,
+        "patch_size": 8, "vit_pretrained": True, "cnn_pretrained": True, "weights": None, "freeze_backbones": True,
         "deform_impl": "bilinear", "img_size": 224, "vit_dim": 768, "vit_heads": 12, "cnn_width": 64,
         "fusion_hidden": 512, "head_dim": 256, "head_hidden": 1024,
     },
@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
 # Options whose type is not that of their default; "source" is a SOURCE dict or null.
 TYPES: dict[str, tuple] = {
     "name": (str,), "model.vit_pretrained": (bool, str), "model.cnn_pretrained": (bool, str),
+    "model.weights": (str, type(None)),
     "data.dataset": (str,), "data.root": (str,), "data.options": (dict,), "data.split.file": (str, type(None)),
     "data.val": ("source",), "data.test": ("source",), "data.flip": (str, type(None)),
     "train.resume": (str, type(None)), "test.checkpoint": (str, list), "test.output": (str, type(None)),

@@ -132,11 +132,24 @@ def random_official_setup(patch_size: int, workdir: str | Path, **model_kwargs):
     workdir.mkdir(parents=True, exist_ok=True)
     torch.save(vit.state_dict(), workdir / "vit.pth")
     torch.save(resnet.state_dict(), workdir / "resnet.pth")
-    optimizer = torch.optim.Adam([*fusion.parameters(), *head.parameters()], lr=1e-4)
     checkpoint = workdir / f"AHIQ_vit_p{patch_size}_epoch33-da3ea303.pth"
-    torch.save({"epoch": 32, "deform_net_model_state_dict": fusion.state_dict(),
-                "regressor_model_state_dict": head.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
-                "scheduler_state_dict": {"T_max": 50, "last_epoch": 7}, "loss": np.float64(0.0123)}, checkpoint)
-    model = AHIQ(patch_size, workdir / "vit.pth", workdir / "resnet.pth", **model_kwargs)
-    model.load_checkpoint(checkpoint)
+    torch.save(official_checkpoint(fusion, head), checkpoint)
+    model = AHIQ.from_pretrained(checkpoint, patch_size=patch_size, vit_pretrained=workdir / "vit.pth",
+                                 cnn_pretrained=workdir / "resnet.pth", **model_kwargs)
     return reference, model, checkpoint
+
+
+def official_checkpoint(fusion: nn.Module, head: nn.Module, epoch: int = 32, loss: float = 0.0123) -> dict:
+    """The dict the official train.py saves (``save_model``), for ``fusion`` and ``head``: both state dicts,
+    the state of its Adam (two parameter groups: regressor, then deformable fusion; moments after a step)
+    and of its cosine schedule, the epoch, and the loss as a numpy float64 (``np.mean`` of the losses)."""
+    groups = [[p.detach().clone().requires_grad_() for p in module.parameters()] for module in (head, fusion)]
+    optimizer = torch.optim.Adam([{"params": group, "lr": 1e-4, "weight_decay": 1e-5} for group in groups])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=50, eta_min=0)
+    for p in (p for group in groups for p in group):  # the copies step, the modules keep their weights
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer.step()
+    scheduler.step()
+    return {"epoch": epoch, "regressor_model_state_dict": head.state_dict(),
+            "deform_net_model_state_dict": fusion.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(), "loss": np.float64(loss)}

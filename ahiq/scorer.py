@@ -82,13 +82,14 @@ class Scorer:
     def __init__(self, checkpoint: PathLike | Sequence[PathLike] = "pipal", patch_size: int = 8,
                  vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, crops: str = "random",
                  num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", batch_size: int = 1,
-                 runtime: Runtime = Runtime(), allow_random_backbones: bool = False):
+                 runtime: Runtime = Runtime(), allow_random_backbones: bool = False, weights: PathLike | None = None):
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.runtime = runtime
-        self.models = [runtime.prepare(AHIQ.from_pretrained(p, patch_size, vit_pretrained, cnn_pretrained,
-                                                            allow_random_backbones), self.device).eval()
-                       for p in paths]
+        self.models = [runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
+                                                            cnn_pretrained=cnn_pretrained, weights=weights,
+                                                            allow_random_backbones=allow_random_backbones),
+                                       self.device).eval() for p in paths]
         self.crop_size = self.models[0].config["img_size"]
         self.crops, self.num_crops, self.seed, self.batch_size = crops, num_crops, seed, batch_size
 

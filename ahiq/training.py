@@ -180,7 +180,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         path, saved = load_training_checkpoint(path, self.experiment_dir)
-        self.model.load_saved(saved, path)
+        self.model.restore(saved, path)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])

@@ -20,11 +20,19 @@ class CheckpointWriteError(OSError):
     """A checkpoint that could not be written; the file it would have replaced is untouched."""
 
 
+_scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+# What the weights-only unpickler may call to rebuild a numpy scalar, by the qualified names in the pickle
+# (numpy 1 wrote numpy.core, numpy 2 writes numpy._core), and the dtypes whose state it may set.
+NUMPY_SCALARS = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
+                 (_scalar, "numpy.core.multiarray.scalar"), (_scalar, "numpy._core.multiarray.scalar")]
+
+
 def read_weight_file(path: str | os.PathLike) -> Any:
     """Load a ``.pth``/``.pt``/``.bin`` (torch.save) or ``.safetensors`` file onto the CPU.
 
-    Torch files are read with ``weights_only=True`` (no arbitrary code runs); numpy scalars, which the
-    official AHIQ training script stores as ``loss``, are allowed.
+    Torch files are read with ``weights_only=True`` (no arbitrary code runs). Numpy scalars, which the
+    official AHIQ training script stores as ``loss``, are allowed under the names numpy 1 and numpy 2 pickle
+    them as (the released file says ``numpy.core.multiarray.scalar``).
     """
     path = Path(path)
     if path.is_dir():
@@ -35,10 +43,8 @@ def read_weight_file(path: str | os.PathLike) -> Any:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    numpy_scalars = [np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32))]
-    numpy_scalars.append(getattr(np, "_core", np.core).multiarray.scalar)
     try:
-        with torch.serialization.safe_globals(numpy_scalars):
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError on bad files
         raise WeightsError(f"{path} is not a readable torch or safetensors weight file ({_load_failure(exc)}); "

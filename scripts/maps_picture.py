@@ -22,7 +22,7 @@ from ahiq.data import load_parts  # noqa: E402
 from ahiq.evaluation import maps_of  # noqa: E402
 from ahiq.maps import panel  # noqa: E402
 from ahiq.data.images import read_image  # noqa: E402
-from ahiq.model import load_model  # noqa: E402
+from ahiq.model import AHIQ  # noqa: E402
 from ahiq.options import load_options  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def main() -> None:
     opt = load_options(ROOT / "options" / "demo.yaml", [f"data.root={ROOT / 'data' / 'demo'}"])
     test = load_parts(opt["data"], roles=("test",))["test"]
     index = next(i for i, p in enumerate(test.pairs) if Path(p.dist).stem.endswith(args.distortion))
-    model = load_model(args.checkpoint, opt["model"], allow_random_backbones=True)  # the demo trains its backbones
+    model = AHIQ.from_pretrained(args.checkpoint, allow_random_backbones=True, **opt["model"])  # the demo trains its backbones
     maps = maps_of(model, test.pairs, [index], model.config["img_size"], "nine", 9, 0, torch.device("cpu"))[0]
     score_map, weight_map, _ = maps.image_maps()
     picture = panel(read_image(test.pairs[index].dist), score_map, weight_map, maps.score,

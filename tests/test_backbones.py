@@ -1,13 +1,13 @@
-import huggingface_hub.constants
+import numpy as np
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from ahiq.backbones import (RESNET_TAG, VIT_TAGS, PretrainedWeightsError, ResNetLayer1Features, ViTFeatures,
-                            create_timm_model)
+from ahiq.backbones import RESNET_TAG, VIT_TAGS, ResNetLayer1Features, ViTFeatures, create_timm_model
 from ahiq.reference import OfficialAHIQ
 from ahiq.weights import WeightsError
+from ahiq.zoo import BACKBONES as ZOO_FILES
 
 TINY_VIT = dict(img_size=64, embed_dim=32, num_heads=2)
 TINY_RESNET = dict(stem_width=8, channels=(8, 16, 32, 64))
@@ -94,14 +94,62 @@ def test_released_weights_use_the_timm_054_tags():
     assert RESNET_TAG == "resnet50.a1_in1k"
 
 
-@pytest.mark.parametrize("tag", [VIT_TAGS[8], VIT_TAGS[16], RESNET_TAG])
-def test_offline_hub_error_names_the_tag(tmp_path, monkeypatch, tag):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(PretrainedWeightsError) as err:
-        create_timm_model(tag, True)
-    message = str(err.value)
-    assert f"'{tag}'" in message and "pass its path instead of True" in message
+def export_augreg_npz(vit: torch.nn.Module, path) -> None:
+    """A timm ViT's weights in the layout of the original AugReg .npz files (JAX/Flax names and axes), written
+    from the file format, independently of timm's reader: kernels [in, out] (convolution HWIO), attention
+    kernels [dim, heads, head_dim], its output kernel [heads, head_dim, dim]."""
+    state = {k: v.detach().numpy() for k, v in vit.state_dict().items()}
+    heads = vit.blocks[0].attn.num_heads
+    dim = state["cls_token"].shape[-1]
+    out = {"embedding/kernel": state["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+           "embedding/bias": state["patch_embed.proj.bias"], "cls": state["cls_token"],
+           "Transformer/posembed_input/pos_embedding": state["pos_embed"],
+           "Transformer/encoder_norm/scale": state["norm.weight"], "Transformer/encoder_norm/bias": state["norm.bias"],
+           "head/kernel": state["head.weight"].T, "head/bias": state["head.bias"]}
+    for i in range(len(vit.blocks)):
+        b, jax = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        attention = jax + "MultiHeadDotProductAttention_1/"
+        for j, name in enumerate(("query", "key", "value")):
+            out[f"{attention}{name}/kernel"] = state[b + "attn.qkv.weight"][j * dim:(j + 1) * dim].T.reshape(dim, heads, -1)
+            out[f"{attention}{name}/bias"] = state[b + "attn.qkv.bias"][j * dim:(j + 1) * dim].reshape(heads, -1)
+        out[f"{attention}out/kernel"] = state[b + "attn.proj.weight"].reshape(dim, heads, -1).transpose(1, 2, 0)
+        out[f"{attention}out/bias"] = state[b + "attn.proj.bias"]
+        for norm, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{jax}{norm}/scale"], out[f"{jax}{norm}/bias"] = state[f"{b}{ours}.weight"], state[f"{b}{ours}.bias"]
+        for r in range(2):
+            out[f"{jax}MlpBlock_3/Dense_{r}/kernel"] = state[f"{b}mlp.fc{r + 1}.weight"].T
+            out[f"{jax}MlpBlock_3/Dense_{r}/bias"] = state[f"{b}mlp.fc{r + 1}.bias"]
+    np.savez(path, **out)
+
+
+@pytest.mark.parametrize("patch_size", [8, 16])
+def test_augreg_npz_gives_the_features_of_the_same_weights_in_timms_format(tmp_path, patch_size):
+    source = timm.create_model(VIT_TAGS[patch_size], pretrained=False, **TINY_VIT)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    export_augreg_npz(source, tmp_path / ZOO_FILES[VIT_TAGS[patch_size]].also_named[0])
+    from_timm = ViTFeatures(patch_size, tmp_path / "vit.safetensors", img_size=64, dim=32, heads=2).eval()
+    from_npz = ViTFeatures(patch_size, tmp_path / ZOO_FILES[VIT_TAGS[patch_size]].also_named[0], img_size=64, dim=32,
+                           heads=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(from_npz(x), from_timm(x), rtol=0, atol=0)
+        assert not torch.equal(from_npz(x), ViTFeatures(patch_size, False, img_size=64, dim=32, heads=2).eval()(x))
+
+
+def test_an_npz_of_another_model_is_one_line_naming_the_file(tmp_path):
+    np.savez(tmp_path / "other.npz", **{"embedding/kernel": np.zeros((8, 8, 3, 16), np.float32)})
+    with pytest.raises(WeightsError, match="other.npz is not the AugReg .npz of timm 'vit_base_patch8_224"):
+        create_timm_model(VIT_TAGS[8], tmp_path / "other.npz", **TINY_VIT)
+    with pytest.raises(WeightsError, match="only a ViT reads"):
+        create_timm_model(RESNET_TAG, tmp_path / "other.npz", **TINY_RESNET)
+
+
+def test_the_original_release_names_are_those_timm_downloaded_them_from():
+    """The names under which timm 0.5.4 (the official code's) left the backbones in torch's hub cache: the
+    last part of the original URLs, which current timm still records."""
+    for tag, file in ZOO_FILES.items():
+        assert file.also_named == (timm.models.get_pretrained_cfg(tag).url.rsplit("/", 1)[1],)
+        assert file.name == f"{tag}.safetensors" and file.hf_repo == timm.models.get_pretrained_cfg(tag).hf_hub_id
 
 
 def test_reduced_configuration_has_no_hub_weights():

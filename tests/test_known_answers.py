@@ -40,9 +40,8 @@ def generated_model(known, patch_size, folder):
                 "regressor_model_state_dict": OfficialHead().state_dict()}
     checkpoint = folder / f"AHIQ_vit_p{patch_size}_generated.pth"
     torch.save({name: answers.fill_state_dict(state, seeds[name]) for name, state in sections.items()}, checkpoint)
-    model = AHIQ(patch_size, folder / "vit.pth", folder / "resnet50.pth")
-    model.load_checkpoint(checkpoint)
-    return model
+    return AHIQ.from_pretrained(checkpoint, patch_size=patch_size, vit_pretrained=folder / "vit.pth",
+                                cnn_pretrained=folder / "resnet50.pth")
 
 
 def as_batch(images):

@@ -24,7 +24,7 @@ def scorer(tiny_checkpoint, **settings):
 
 
 def test_the_maps_come_with_the_scores_of_the_same_forward_pass(tiny_checkpoint):
-    model = AHIQ.from_checkpoint(tiny_checkpoint)
+    model = AHIQ.from_pretrained(tiny_checkpoint, vit_pretrained=False, cnn_pretrained=False)
     dist, ref = torch.rand(3, 3, 64, 64), torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         scores, score_map, weight_map = model.score_with_maps(dist, ref)
@@ -132,7 +132,7 @@ def test_a_maps_path_that_is_a_file_is_refused_before_any_model_is_loaded(tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded (or downloaded) before the outputs were checked")
 
-    monkeypatch.setattr("ahiq.model.load_model", no_model)
+    monkeypatch.setattr("ahiq.model.AHIQ.from_pretrained", no_model)
     code = main(["score", "--dist", str(d), "--ref", str(r), "--maps", str(tmp_path / "taken")])
     assert code == 2 and capsys.readouterr().err.strip() == \
         f"error: --maps {tmp_path / 'taken'} is a file; give a folder (it is created if missing)"

@@ -35,7 +35,7 @@ def setup(tmp_path):
 def test_score_two_files_equals_a_hand_computed_crop_ensemble(setup):
     scorer = Scorer(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False, num_crops=5)
     got = scorer.score(setup / "dist" / "A.PNG", setup / "ref" / "a.png")
-    model = AHIQ.from_checkpoint(setup / "model.pth", False, False).eval()
+    model = AHIQ.from_pretrained(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False).eval()
     dist, ref = read_image(setup / "dist" / "A.PNG"), read_image(setup / "ref" / "a.png")
     positions = eval_crop_positions(80, 100, 64, "random", 5, 0, "a.png")  # seeded by the reference
     crop = lambda im: torch.stack([to_tensor(im[t:t + 64, l:l + 64]) for t, l in positions])
