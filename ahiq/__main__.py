@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import EXPECTED
 from .messages import for_the_user
-from .signals import Stopped
 
 
 def _pretrained(value: str):
@@ -59,13 +57,15 @@ def parser() -> argparse.ArgumentParser:
                        help="bf16: autocast (scores within about 0.01 of fp32); auto: bf16 where the device has it "
                             "natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX)")
     score.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many pairs)")
-    score.add_argument("--crop-chunk", type=_at_least(1), default=64, help="most crops in one forward pass (memory)")
+    score.add_argument("--crop-chunk", type=_at_least(1), help="most crops in one forward pass (default: as many as "
+                       "fit in a share of the free memory)")
     score.add_argument("--batch-size", type=_at_least(1), default=1, help="pairs of one reference scored together")
     score.add_argument("--out", type=Path, help="write dist,ref,score rows to this CSV (kept as they are scored)")
     score.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     score.add_argument("--maps", type=Path, metavar="DIR",
                        help="write each pair's quality maps to DIR: <name>.npz (arrays) and <name>.png (a panel)")
     score.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    score.set_defaults(usage_error=score.error)  # a missing --ref prints the score command's usage
     download = commands.add_parser("download", help="fetch released models and their backbone weights",
                                    description="Fetch released models and the backbone weights they need (or "
                                                "backbones by their timm tag) into a weights folder, to score, test "
@@ -87,12 +87,22 @@ def main(argv=None) -> int:
             return _download(args.names, args.dir)
         if args.command == "zoo":
             return _list_zoo()
-    except EXPECTED as exc:
-        if args.debug:
+        return _score(args)
+    except Exception as exc:
+        if args.debug or not _expected(exc):
             raise
         print(f"error: {for_the_user(exc)}", file=sys.stderr)
         return 2
-    return _score(args)
+
+
+def _expected(exc: Exception) -> bool:
+    """An error the user can act on (printed as one line), as the command lines of train.py and test.py
+    have them; importing them lazily keeps torch out of --help, zoo and download."""
+    if isinstance(exc, (ValueError, FileNotFoundError)):
+        return True
+    from .cli import EXPECTED
+
+    return isinstance(exc, EXPECTED)
 
 
 def _download(names: list[str], folder: Path | None) -> int:
@@ -104,11 +114,12 @@ def _download(names: list[str], folder: Path | None) -> int:
 
 
 def _list_zoo() -> int:
-    from .zoo import BACKBONES, ZOO, find, weights_folder
+    from .zoo import BACKBONES, ZOO, cache_dir, find, weights_folder
 
     folder = weights_folder()
     print(f"weight files are looked for in {folder} ($AHIQ_WEIGHTS)" if folder else
-          "weight files are looked for in torch's hub cache (and Hugging Face's, for the backbones)")
+          f"weight files are looked for in {cache_dir()} (torch's hub cache) and, for the backbones, Hugging "
+          f"Face's cache")
     for name, model in ZOO.items():
         found = find(model.file, folder)
         print(f"{name}: {model.description}; ViT-B/{model.patch_size}; "
@@ -120,16 +131,18 @@ def _list_zoo() -> int:
 
 
 def _score(args) -> int:
+    from .signals import Stopped
+
     if not args.pairs and not (args.dist and args.ref):
-        parser().error("give --dist and --ref, or --pairs")
-    dist = None
+        args.usage_error("give --dist and --ref, or --pairs")
+    job = None
     try:
         from .distributed import destroy, init_distributed
         from .runtime import Runtime
         from .data import check_images
         from .scorer import Scorer, check_outputs, pair_files, pairs_from_csv, score_to_file
 
-        dist, device = init_distributed(args.device)
+        job, device = init_distributed(args.device)
         pairs = pairs_from_csv(args.pairs) if args.pairs else pair_files(args.dist, args.ref)
         check_images(pairs, 1)  # unreadable images and unwritable outputs before a model is loaded or downloaded
         check_outputs(args.out, args.maps)
@@ -137,19 +150,14 @@ def _score(args) -> int:
         scorer = Scorer(args.checkpoint, args.patch_size, _pretrained(args.vit_pretrained),
                         _pretrained(args.cnn_pretrained), args.crops, args.num_crops, args.seed, device,
                         args.batch_size, runtime, args.allow_random_backbones, args.weights)
-        score_to_file(scorer, pairs, args.out, dist, args.resume, progress=True, maps=args.maps)
-    except EXPECTED as exc:
-        if args.debug:
-            raise
-        print(f"error: {for_the_user(exc)}", file=sys.stderr)
-        return 2
+        score_to_file(scorer, pairs, args.out, job, args.resume, progress=True, maps=args.maps)
     except Stopped as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
     finally:
-        if dist is not None:
-            destroy(dist)
-    if args.out and dist.main:
+        if job is not None:
+            destroy(job)
+    if args.out and job.main:
         print(f"wrote {len(pairs)} scores to {args.out}")
     return 0
 

@@ -10,7 +10,7 @@ from .runtime import select_device
 
 
 @dataclass
-class Dist:
+class Job:
     """This process's place in a torchrun job (rank 0 of 1 without one)."""
     rank: int = 0
     world: int = 1
@@ -21,7 +21,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+def init_distributed(device_name: str) -> tuple[Job, torch.device]:
     """Join the torchrun job described by the environment, if any, on the device ``device_name`` asks for
     (``auto``, ``cpu``, ``cuda``...): returns this process's place and its device.
 
@@ -31,7 +31,7 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     device = select_device(device_name)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist(), device
+        return Job(), device
     import torch.distributed as tdist
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,10 +46,10 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
             tdist.init_process_group("nccl", device_id=device)
         else:
             tdist.init_process_group("gloo")
-    return Dist(tdist.get_rank(), world, local_rank), device
+    return Job(tdist.get_rank(), world, local_rank), device
 
 
-def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator,
+def rank_batches(n: int, batch_size: int, job: Job, generator: torch.Generator,
                  drop_last: bool = False) -> list[list[tuple[int, float]]]:
     """This process's share of every global batch of one epoch, as (index, weight) lists.
 
@@ -61,8 +61,8 @@ def rank_batches(n: int, batch_size: int, dist: Dist, generator: torch.Generator
     batches = []
     for start in range(0, n - batch_size + 1 if drop_last else n, batch_size):
         chunk = order[start:start + batch_size]
-        share = -(-len(chunk) // dist.world)
-        mine = chunk[dist.rank * share:(dist.rank + 1) * share]
+        share = -(-len(chunk) // job.world)
+        mine = chunk[job.rank * share:(job.rank + 1) * share]
         batches.append([(i, 1.0) for i in mine] + [(chunk[0], 0.0)] * (share - len(mine)))
     return batches
 
@@ -81,19 +81,19 @@ class Weighted(torch.utils.data.Dataset):
         return (*self.dataset[index], torch.tensor(weight))
 
 
-def gather_object(value, dist: Dist) -> list:
+def gather_object(value, job: Job) -> list:
     """``value`` of every process, in rank order (on every process)."""
-    if dist.world == 1:
+    if job.world == 1:
         return [value]
     import torch.distributed as tdist
 
-    gathered: list = [None] * dist.world
+    gathered: list = [None] * job.world
     tdist.all_gather_object(gathered, value)
     return gathered
 
 
-def destroy(dist: Dist) -> None:
-    if dist.world > 1:
+def destroy(job: Job) -> None:
+    if job.world > 1:
         import torch.distributed as tdist
 
         tdist.destroy_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -72,6 +73,33 @@ def read_journals(out: Path) -> dict[tuple[str, str], str]:
     return scores
 
 
+def settings_path(out: Path) -> Path:
+    return out.with_name(f"{out.name}.settings.json")
+
+
+def record_settings(out: Path, settings: dict) -> None:
+    """Keep what decides a score (checkpoint digests, crops, seed, precision...) beside the journals."""
+    _write_atomically(settings_path(out), json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to resume the journals of ``out`` with settings other than those they were scored with: the CSV
+    would mix scores of different models or crops."""
+    path = settings_path(out)
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"--resume: {path} (the settings the journals of {out} were scored with) is missing or "
+                         f"unreadable, so they cannot be continued safely; delete "
+                         f"{' '.join(map(str, journal_paths(out)))} and score again") from None
+    differ = [f"{key} {recorded.get(key)!r} then, {settings.get(key)!r} now" for key in sorted({*recorded, *settings})
+              if recorded.get(key) != settings.get(key)]
+    if differ:
+        raise ValueError(f"--resume: the journals of {out} were scored with other settings ({'; '.join(differ)}); "
+                         f"resume with the same settings, or delete {' '.join(map(str, journal_paths(out)))} "
+                         f"{path} to start again")
+
+
 def count_rows(out: Path) -> int:
     """How many rows the journals hold (for a progress bar over several processes)."""
     return sum(p.read_bytes().count(b"\n") for p in journal_paths(out))
@@ -85,17 +113,24 @@ def finish(out: Path, pairs: Sequence) -> None:
     if missing:
         raise ValueError(f"the journals of {out} lack {len(missing)} pairs (first: {missing[0]}); run again with "
                          f"--resume to score them")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(HEADER)
+    writer.writerows([p.dist, p.ref, scores[(p.dist, p.ref)]] for p in pairs)
+    _write_atomically(out, text.getvalue())
+    for path in journal_paths(out):
+        path.unlink()
+    settings_path(out).unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(HEADER)
-            writer.writerows([p.dist, p.ref, scores[(p.dist, p.ref)]] for p in pairs)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for path in journal_paths(out):
-        path.unlink()

@@ -55,18 +55,6 @@ class QualityMaps:
                             crop_size=np.int64(self.crop_size))
 
 
-def pair_maps(pair, score: float, maps: np.ndarray, crop_size: int, crops: str, num_crops: int,
-              seed: int) -> QualityMaps:
-    """QualityMaps of a pair from its crops' maps [2 (score, weight), K, h, w] as evaluation.predict gives
-    them; the windows are the crop ensemble's, recomputed (they depend only on the settings and the image)."""
-    from .data.images import image_size
-    from .data.transforms import eval_crop_positions
-
-    size = image_size(pair.dist)
-    windows = eval_crop_positions(*size, crop_size, crops, num_crops, seed, Path(pair.ref).name)
-    return QualityMaps(score, maps[0], maps[1], np.array(windows), crop_size, size)
-
-
 def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, score: float,
           score_range: tuple[float, float], title: str = "") -> np.ndarray:
     """A BGR picture: the distorted image (RGB uint8 [H, W, 3]), then the score map and the weight map as

@@ -1,14 +1,14 @@
-"""AHIQ as a metric and as a loss on tensors, the way IQA libraries offer metrics:
+"""AHIQ as a metric and as a loss on tensors, the way IQA libraries (pyiqa) offer metrics:
 
-    metric = ahiq.create_metric()                  # the released NTIRE 2022 model (ahiq.zoo)
+    metric = ahiq.create_metric("ahiq")             # the released NTIRE 2022 model (ahiq.zoo: "pipal")
     scores = metric(dist, ref)                      # [B, 3, H, W] in [0, 1] -> [B], higher is better
-    loss = metric.loss(dist, ref)                   # differentiable with respect to dist
+    loss = metric.loss(dist, ref)                   # -mean score: lower is better, differentiable w.r.t. dist
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,98 +17,175 @@ from torch import nn
 from .backbones import Pretrained
 from .data.datasets import to_tensor
 from .data.images import read_image
-from .data.transforms import eval_crop_positions
+from .data.transforms import CropPlan
 from .maps import ONE_MODEL, QualityMaps
 from .model import AHIQ
 from .runtime import Runtime, select_device
+from .scoring import out_of_memory_advice, score_group
+from .zoo import ZOO
 
 PathLike = str | os.PathLike
+NAMES = {"ahiq": "pipal"}  # the metric's name in IQA libraries -> the released model it means
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def list_models() -> list[str]:
+    """The names create_metric takes (besides checkpoint files and weights folders)."""
+    return [*NAMES, *ZOO]
 
 
 class AHIQMetric(nn.Module):
-    """A trained AHIQ (a zoo name or checkpoint file, or several: an ensemble) scoring tensor pairs with the
-    scorer's crop ensemble (``crops``, ``num_crops``, ``seed``; random crops seeded by the reference's name,
-    ``ref_names``, as the scorer seeds them by file name). ``as_loss``: calling the metric keeps autograd on
-    (``loss`` always does). The weights stay frozen; gradients reach the distorted input only."""
+    """A trained AHIQ (a released name, a checkpoint file or weights folder, or several: an ensemble) scoring
+    pairs with the scorer's crop ensemble (``crops``, ``num_crops``, ``seed``; random crops seeded by the
+    reference's name, ``ref_names``, as the scorer seeds them by file name). The scores are those of
+    ahiq.scoring, the core every other path uses.
+
+    Inputs: tensors [B, C, H, W] or [C, H, W] (C = 3, RGB, or 1, grey), lists of such tensors (images of
+    different sizes), image files, PIL images, or lists of them; values in [0, 1] (checked unless
+    ``check_input_range=False``). ``as_loss``: calling the metric keeps autograd on and returns
+    ``loss_weight`` times the scores reduced by ``loss_reduction``, as pyiqa does: the score itself, higher for
+    better images, so maximise it (or give a negative ``loss_weight``); ``loss`` is the negated mean, to
+    minimise. The weights stay frozen; gradients reach the distorted input only."""
 
     lower_better = False
+    metric_mode = "FR"
+    score_range = "~0, ~1"  # a normalised MOS (PIPAL's training targets): an identical pair scores about 0.7
 
     def __init__(self, checkpoint: PathLike | Sequence[PathLike] = "pipal", crops: str = "random",
                  num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", patch_size: int = 8,
                  vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, as_loss: bool = False,
-                 runtime: Runtime = Runtime(), weights: PathLike | None = None):
+                 loss_weight: float = 1.0, loss_reduction: str = "mean", check_input_range: bool = True,
+                 runtime: Runtime = Runtime(), weights: PathLike | None = None, allow_random_backbones: bool = False):
         super().__init__()
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {loss_reduction!r}")
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
-        self.device = device if isinstance(device, torch.device) else select_device(device)
+        paths = [NAMES.get(p, p) if isinstance(p, str) else p for p in paths]
+        device = device if isinstance(device, torch.device) else select_device(device)
         self.runtime = runtime
-        self.models = nn.ModuleList(runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
-                                                                         cnn_pretrained=cnn_pretrained, weights=weights),
-                                                    self.device).eval() for p in paths)
-        for p in self.models.parameters():
-            p.requires_grad_(False)
-        self.crop_size = self.models[0].config["img_size"]
-        self.crops, self.num_crops, self.seed, self.as_loss = crops, num_crops, seed, as_loss
+        self.models = nn.ModuleList(
+            runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
+                                                 cnn_pretrained=cnn_pretrained, weights=weights,
+                                                 allow_random_backbones=allow_random_backbones), device).eval()
+            for p in paths)
+        self.models.requires_grad_(False)
+        self.plan = CropPlan(self.models[0].config["img_size"], crops, num_crops, seed)
+        self.as_loss, self.loss_weight, self.loss_reduction = as_loss, loss_weight, loss_reduction
+        # as in pyiqa: no range check on a loss (an optimised image may step slightly outside [0, 1])
+        self.check_input_range = check_input_range and not as_loss
 
-    def forward(self, dist: torch.Tensor | PathLike, ref: torch.Tensor | PathLike,
-                ref_names: Sequence[str] | None = None) -> torch.Tensor:
-        """[B] scores of tensor pairs, or [1] of two image files."""
-        if isinstance(dist, (str, os.PathLike)):
-            dist, ref, ref_names = to_tensor(read_image(dist))[None], to_tensor(read_image(ref))[None], [Path(ref).name]
+    @property
+    def device(self) -> torch.device:
+        """Where the metric computes: where its weights are (it follows ``.to(...)``)."""
+        return self.models[0].head.score.weight.device
+
+    def forward(self, dist: Any, ref: Any, ref_names: Sequence[str] | None = None) -> torch.Tensor:
+        """[B] scores of B pairs; as a loss (``as_loss``), the weighted, reduced scores."""
         with torch.set_grad_enabled(self.as_loss and torch.is_grad_enabled()):
-            return self._scores(dist, ref, ref_names)
+            scores = self._scores(dist, ref, ref_names)
+        if not self.as_loss:
+            return scores
+        reduced = {"mean": scores.mean, "sum": scores.sum, "none": lambda: scores}[self.loss_reduction]()
+        return self.loss_weight * reduced
 
-    def loss(self, dist: torch.Tensor, ref: torch.Tensor, ref_names: Sequence[str] | None = None) -> torch.Tensor:
+    def loss(self, dist: Any, ref: Any, ref_names: Sequence[str] | None = None) -> torch.Tensor:
         """The negated mean score: lower is better, differentiable with respect to ``dist``."""
         with torch.enable_grad():
             return -self._scores(dist, ref, ref_names).mean()
 
     @torch.no_grad()
-    def maps(self, dist: torch.Tensor, ref: torch.Tensor, ref_name: str = "") -> QualityMaps:
-        """One pair's score with its quality maps (ahiq.maps): ``dist``, ``ref`` [3, H, W] in [0, 1]. One
-        model (not an ensemble); the same crops and the same forward pass as the score."""
+    def maps(self, dist: Any, ref: Any, ref_name: str = "") -> QualityMaps:
+        """One pair's score with its quality maps (ahiq.maps), from the same crops and forward passes as the
+        score; one model (not an ensemble)."""
         if len(self.models) > 1:
             raise ValueError(ONE_MODEL)
-        if dist.dim() != 3 or dist.shape != ref.shape:
-            raise ValueError(f"give dist and ref as [3, H, W] tensors of one shape, got {tuple(dist.shape)} and "
-                             f"{tuple(ref.shape)}")
-        size, model, chunk = self.crop_size, self.models[0], self.runtime.crop_chunk
-        windows = eval_crop_positions(dist.shape[1], dist.shape[2], size, self.crops, self.num_crops, self.seed,
-                                      ref_name)
-        found = []
-        for a in range(0, len(windows), chunk):
-            d, r = self._crops(dist, windows[a:a + chunk]), self._crops(ref, windows[a:a + chunk])
-            with self.runtime.autocast(self.device):
-                found.append(torch.stack(model.maps_with_reference(d, model.reference_features(r)))[:, :, 0].float())
-        maps = torch.cat(found, dim=1).cpu().numpy().astype(np.float64)  # [2, K, h, w]
-        result = QualityMaps(float("nan"), maps[0], maps[1], np.array(windows), size, tuple(dist.shape[1:]))
-        result.score = float(result.crop_scores().mean())  # the model's pooling, then the crops' mean
-        return result
+        dists, refs, names = self._pairs(dist, ref, [ref_name] if ref_name else None)
+        if len(dists) != 1:
+            raise ValueError(f"maps takes one pair, got {len(dists)}")
+        d, r = dists[0], refs[0]
+        if d.shape != r.shape:
+            raise ValueError(f"give dist and ref of one shape, got {tuple(d.shape)} and {tuple(r.shape)}")
+        return score_group(self.models, self.plan, r, [d], names[0], self.runtime, self.device,
+                           self.runtime.crops_per_pass(self.models[0], self.device), maps=True).maps[0]
 
-    def _scores(self, dist: torch.Tensor, ref: torch.Tensor, ref_names: Sequence[str] | None) -> torch.Tensor:
-        if dist.dim() != 4 or dist.shape[1] != 3 or dist.shape != ref.shape:
-            raise ValueError(f"give dist and ref as [B, 3, H, W] tensors of one shape, got {tuple(dist.shape)} "
-                             f"and {tuple(ref.shape)}")
-        names = list(ref_names) if ref_names is not None else [""] * dist.shape[0]
-        if len(names) != dist.shape[0]:
-            raise ValueError(f"{len(names)} ref_names for a batch of {dist.shape[0]}")
-        scores = []
-        for d, r, name in zip(dist, ref, names):
-            windows = eval_crop_positions(d.shape[1], d.shape[2], self.crop_size, self.crops, self.num_crops,
-                                          self.seed, name)
-            d_crops, r_crops = self._crops(d, windows), self._crops(r, windows)
-            chunk, k = self.runtime.crop_chunk, len(windows)
-            with self.runtime.autocast(self.device):
-                per_model = [sum(m(d_crops[a:a + chunk], r_crops[a:a + chunk]).sum()
-                                 for a in range(0, k, chunk)) / k for m in self.models]
-            scores.append(torch.stack(per_model).mean())
+    def _scores(self, dist: Any, ref: Any, ref_names: Sequence[str] | None) -> torch.Tensor:
+        dists, refs, names = self._pairs(dist, ref, ref_names)
+        for i, (d, r) in enumerate(zip(dists, refs)):
+            if d.shape != r.shape:
+                raise ValueError(f"pair {i}: dist and ref differ in shape: {tuple(d.shape)} vs {tuple(r.shape)}")
+        chunk = self.runtime.crops_per_pass(self.models[0], self.device)
+        scores = [None] * len(dists)
+        for group in _same_reference(refs, names):  # each reference's features once, as the scorer does
+            with out_of_memory_advice(self.device, len(group), self.plan.count, chunk, "pairs of one reference per call"):
+                got = score_group(self.models, self.plan, refs[group[0]], [dists[i] for i in group],
+                                  names[group[0]], self.runtime, self.device, chunk).scores
+            for i, score in zip(group, got):
+                scores[i] = score
         return torch.stack(scores)
 
-    def _crops(self, image: torch.Tensor, windows) -> torch.Tensor:
-        """The crops of ``image`` [3, H, W] at ``windows`` (top, left), on the device: [K, 3, S, S]."""
-        size = self.crop_size
-        return self.runtime.inputs(torch.stack([image[:, t:t + size, l:l + size] for t, l in windows]), self.device)
+    def _pairs(self, dist: Any, ref: Any, ref_names: Sequence[str] | None):
+        """Lists of [3, H, W] tensors (checked) and the reference names that seed the crops."""
+        dists, dist_names = _images(dist, "dist", self.check_input_range)
+        refs, file_names = _images(ref, "ref", self.check_input_range)
+        if len(dists) != len(refs):
+            raise ValueError(f"{len(dists)} distorted images for {len(refs)} references")
+        names = list(ref_names) if ref_names is not None else file_names
+        if len(names) != len(refs):
+            raise ValueError(f"{len(names)} ref_names for {len(refs)} pairs")
+        return dists, refs, names
 
 
-def create_metric(checkpoint: PathLike | Sequence[PathLike] = "pipal", **settings) -> AHIQMetric:
-    """AHIQ as a metric module: ``create_metric("pipal")(dist, ref)`` -> [B] scores; see AHIQMetric."""
-    return AHIQMetric(checkpoint, **settings)
+def _images(images: Any, what: str, check_range: bool) -> tuple[list[torch.Tensor], list[str]]:
+    """A batch, a list or one image (tensor, file, PIL image) -> [3, H, W] float tensors, and the file names
+    ("" for tensors): what random crops are seeded by."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        items = list(images)
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    tensors, names = [], []
+    for item in items:
+        name = ""
+        if isinstance(item, (str, os.PathLike)):
+            name, item = Path(item).name, to_tensor(read_image(item))
+        elif not isinstance(item, torch.Tensor) and hasattr(item, "convert"):  # a PIL image
+            item = to_tensor(np.asarray(item.convert("RGB")))
+        if not isinstance(item, torch.Tensor) or item.dim() != 3 or item.shape[0] not in (1, 3):
+            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+            raise ValueError(f"{what}: give [B, C, H, W] or [C, H, W] tensors with C = 3 (RGB) or 1 (grey), "
+                             f"image files or PIL images; got {shape}")
+        if not item.is_floating_point():
+            raise ValueError(f"{what} is {item.dtype}: give floats in [0, 1] (divide 8-bit images by 255)")
+        if check_range:
+            low, high = item.min().item(), item.max().item()
+            if low < 0 or high > 1:
+                raise ValueError(f"{what} holds values in [{low:.4g}, {high:.4g}]: AHIQ takes RGB in [0, 1] (divide "
+                                 f"8-bit images by 255), or pass check_input_range=False")
+        tensors.append(item.expand(3, -1, -1) if item.shape[0] == 1 else item)
+        names.append(name)
+    return tensors, names
+
+
+def _same_reference(refs: Sequence[torch.Tensor], names: Sequence[str]) -> list[list[int]]:
+    """Indices of the pairs grouped by reference: the same name and equal pixels (a cheap fingerprint first,
+    then exact equality), so a reference passed with many distorted images is computed once."""
+    groups: list[list[int]] = []
+    prints: dict[tuple, list[list[int]]] = {}
+    for i, ref in enumerate(refs):
+        key = (names[i], tuple(ref.shape), ref.dtype, ref.device, float(ref.detach().flatten()[:: max(1, ref.numel() // 64)].sum()))
+        for group in prints.setdefault(key, []):
+            if refs[group[0]] is ref or torch.equal(refs[group[0]], ref):
+                group.append(i)
+                break
+        else:
+            prints[key].append([i])
+            groups.append(prints[key][-1])
+    return groups
+
+
+def create_metric(name: PathLike | Sequence[PathLike] = "ahiq", **settings) -> AHIQMetric:
+    """AHIQ as a metric module, as pyiqa's ``create_metric``: ``create_metric("ahiq")(dist, ref)`` -> [B]
+    scores. ``name``: ``ahiq`` (the released model, as pyiqa calls it), a zoo name (list_models()), a
+    checkpoint file or weights folder, or a list of them (an ensemble); ``settings``: see AHIQMetric."""
+    return AHIQMetric(name, **settings)

@@ -251,6 +251,9 @@ class AHIQ(nn.Module):
         opt.update({option: False for option, _, prefix in _BACKBONE_OPTIONS if _holds(held, prefix)})
         model = _build(opt)
         model.restore(saved, path)  # a checkpoint that does not fit is the first thing to report
+        model.source = path  # the file the model came from, and where its backbones' weights came from
+        model.backbone_sources = tuple("checkpoint" if _holds(held, prefix) else str(opt[option])
+                                       for option, _, prefix in _BACKBONE_OPTIONS)
         random = [(option, what) for option, what, prefix in _BACKBONE_OPTIONS
                   if opt[option] is False and not _holds(held, prefix)]
         if random and not allow_random_backbones:

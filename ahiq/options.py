@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "seed": 1919, "val_crops": "five", "val_every": 1, "save_interval": 5, "resume": None,
         "device": "auto", "log_every": 20, "nonfinite_loss": "stop", "drop_last": False, "best": "main",
     },
-    "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": 64},
+    "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": None},
     "test": {
         "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
         "allow_random_backbones": False, "maps": 0,
@@ -51,7 +51,7 @@ TYPES: dict[str, tuple] = {
     "data.val": ("source",), "data.test": ("source",), "data.flip": (str, type(None)),
     "train.resume": (str, type(None)), "test.checkpoint": (str, list), "test.output": (str, type(None)),
     "test.submission.runtime": (float, type(None)), "test.submission.gpu": (bool, type(None)),
-    "runtime.compile": (bool, str),
+    "runtime.compile": (bool, str), "runtime.crop_chunk": (int, type(None)),
 }
 CHOICES = {
     "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),

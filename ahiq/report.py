@@ -8,7 +8,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from .metrics import logistic4
+from .correlations import logistic4
 
 
 def write_predictions(path: Path, names: Sequence[str], scores: Sequence[float]) -> None:

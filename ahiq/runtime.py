@@ -20,19 +20,36 @@ class Runtime:
     use TF32 on GPUs that have it (off: strict fp32). ``channels_last``: NHWC weights and inputs, what
     tensor cores want. ``compile``: torch.compile the model's entry points (True: the default inductor
     backend; a string: that backend). ``crop_chunk``: the most crops in one forward pass when evaluating
-    (the memory budget)."""
+    (the memory budget); None sizes it from the memory the device has free (``crops_per_pass``)."""
 
     precision: str = "fp32"
     tf32: bool = False
     channels_last: bool = False
     compile: bool | str | Callable = False
-    crop_chunk: int = 64
+    crop_chunk: int | None = None
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"runtime.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
-        if self.crop_chunk < 1:
+        if self.crop_chunk is not None and self.crop_chunk < 1:
             raise ValueError(f"runtime.crop_chunk must be at least 1, got {self.crop_chunk}")
+
+    def crops_per_pass(self, model: torch.nn.Module, device: torch.device) -> int:
+        """``crop_chunk``, or when it is None the crops that fit in a share of the memory ``device`` has free
+        now: a quarter of the CPU's available memory, at most CPU_CHUNK_BUDGET (more crops per pass are not
+        faster on a CPU); half a GPU's free memory; between 1 and MAX_CHUNK crops. Under autograd (the
+        metric as a loss) a crop keeps its activations for the backward pass and weighs GRAD_FACTOR times
+        more."""
+        if self.crop_chunk is not None:
+            return self.crop_chunk
+        if device.type == "cuda":
+            budget = torch.cuda.mem_get_info(device)[0] / 2
+        else:
+            budget = min(available_memory() / 4, CPU_CHUNK_BUDGET)
+        per_crop = crop_bytes(model.config) * (0.5 if self.bf16(device) else 1.0)
+        if torch.is_grad_enabled():
+            per_crop *= GRAD_FACTOR
+        return int(max(1, min(MAX_CHUNK, budget // per_crop)))
 
     def bf16(self, device: torch.device) -> bool:
         """Whether this runtime computes in bf16 on ``device``."""
@@ -77,6 +94,31 @@ class Runtime:
         """A batch of images [N, 3, H, W] on ``device`` in this runtime's memory layout."""
         images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+MAX_CHUNK = 64
+CPU_CHUNK_BUDGET = 2 ** 30  # 8 full-size crops; more per pass are no faster on a CPU (benchmark --suite chunk)
+GRAD_FACTOR = 4.0
+FULL_SIZE_CROP_BYTES = 128 * 2 ** 20  # evaluation memory per crop of the paper's ViT-B/8, fp32 (measured: 126 MiB)
+
+
+def crop_bytes(config: dict) -> float:
+    """The memory one crop takes in an evaluation forward pass: FULL_SIZE_CROP_BYTES for the paper's ViT-B/8
+    at 224 (patch 16 is counted the same: its CNN branch, the larger part, is the same), scaled by the crop's
+    area and the widths."""
+    return FULL_SIZE_CROP_BYTES * (config["img_size"] / 224) ** 2 * max(config["vit_dim"] / 768,
+                                                                       config["cnn_width"] / 64)
+
+
+def available_memory() -> float:
+    """The memory the system can give without swapping (Linux's MemAvailable); 8 GiB where unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return 8.0 * 2 ** 30
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -13,12 +13,13 @@ import torch
 import torch.distributed as tdist
 
 from .backbones import Pretrained
-from .data import DatasetError, Pair, Pairs, Part, check_images
+from .data import CropPlan, DatasetError, Pair, Pairs, Part, check_images
 from .data.images import IMAGE_EXTENSIONS
-from .distributed import Dist
+from .distributed import Job
 from .evaluation import maps_of, predict, reference_shares
-from .maps import ONE_MODEL, QualityMaps, map_file_stems, pair_maps, write_panels
-from .journal import Journal, check_writable, count_rows, csv_row, finish, journal_paths, read_journals
+from .maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
+from .journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
+                      read_journals, record_settings)
 from .model import AHIQ
 from .runtime import Runtime, select_device
 from .signals import Stopped, StopSignals
@@ -27,19 +28,26 @@ PathLike = str | os.PathLike
 
 
 def pair_files(dist: PathLike, ref: PathLike) -> Pairs:
-    """Two files, or two folders whose images are paired by file name (letter case ignored)."""
+    """Two files; two folders whose images are paired by file name (letter case ignored); or a folder of
+    distorted images and the one reference file they are all versions of."""
     dist, ref = Path(dist), Path(ref)
     for path in (dist, ref):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
     if dist.is_file() and ref.is_file():
         return Pairs([Pair(str(ref.resolve()), str(dist.resolve()), float("nan"), dist.name)])
-    if not (dist.is_dir() and ref.is_dir()):
-        raise DatasetError(f"give two files or two folders, got {dist} and {ref}")
 
     def images(folder: Path) -> dict[str, Path]:
         return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
 
+    if dist.is_dir() and ref.is_file():
+        found = images(dist)
+        if not found:
+            raise DatasetError(f"no images in {dist}")
+        return Pairs([Pair(str(ref.resolve()), str(p.resolve()), float("nan"), p.name) for p in found.values()])
+    if not (dist.is_dir() and ref.is_dir()):
+        raise DatasetError(f"give two files, two folders, or a folder of distorted images and their one reference "
+                           f"file; got the file {dist} and the folder {ref}")
     dists, refs = images(dist), images(ref)
     unpaired = sorted(set(dists) ^ set(refs))
     if unpaired:
@@ -90,16 +98,26 @@ class Scorer:
                                                             cnn_pretrained=cnn_pretrained, weights=weights,
                                                             allow_random_backbones=allow_random_backbones),
                                        self.device).eval() for p in paths]
-        self.crop_size = self.models[0].config["img_size"]
-        self.crops, self.num_crops, self.seed, self.batch_size = crops, num_crops, seed, batch_size
+        self.plan = CropPlan(self.models[0].config["img_size"], crops, num_crops, seed)
+        self.batch_size = batch_size
 
     def score_pairs(self, pairs: Pairs, progress: bool = False, on_reference=None, on_maps=None) -> np.ndarray:
         """Scores of ``pairs`` in their order; ``on_reference(indices, scores)`` as each reference is done;
         ``on_maps`` as evaluation.predict's."""
-        check_images(pairs, self.crop_size, whole=self.crops == "whole")  # every pair before the first score
-        return predict(self.models, Part(pairs, None), self.crop_size, self.crops, self.num_crops, self.seed,
-                       self.batch_size, 0, self.device, progress=progress, runtime=self.runtime,
-                       on_reference=on_reference, on_maps=on_maps)
+        check_images(pairs, self.plan.size, whole=self.plan.mode == "whole")  # every pair before the first score
+        return predict(self.models, Part(pairs, None), self.plan, self.batch_size, 0, self.device, progress=progress,
+                       runtime=self.runtime, on_reference=on_reference, on_maps=on_maps)
+
+    def settings(self) -> dict:
+        """What decides the scores, for resuming a journaled run only with the same: each checkpoint file's
+        SHA-256, the backbone weights, the crops, the precision on this device."""
+        from .zoo import sha256_of
+
+        return {"checkpoints": [f"{m.source.name} sha256 {sha256_of(m.source)}" for m in self.models],
+                "backbones": sorted({str(m.backbone_sources) for m in self.models}),
+                "crops": [self.plan.size, self.plan.mode, self.plan.count if self.plan.mode == "random" else None,
+                          self.plan.seed if self.plan.mode == "random" else None],
+                "precision": "bf16" if self.runtime.bf16(self.device) else "fp32"}
 
     def score(self, dist: PathLike, ref: PathLike) -> float:
         return float(self.score_pairs(pair_files(dist, ref))[0])
@@ -110,16 +128,11 @@ class Scorer:
         if len(self.models) > 1:
             raise ValueError(ONE_MODEL)
         pairs = pair_files(dist, ref)
-        check_images(pairs, self.crop_size, whole=self.crops == "whole")
-        return maps_of(self.models[0], pairs, [0], self.crop_size, self.crops, self.num_crops, self.seed,
-                       self.device, self.runtime)[0]
-
-    def quality_maps(self, pair: Pair, score: float, maps: np.ndarray) -> QualityMaps:
-        """QualityMaps of a pair from its crops' maps [2 (score, weight), K, h, w] as predict gives them."""
-        return pair_maps(pair, score, maps, self.crop_size, self.crops, self.num_crops, self.seed)
+        check_images(pairs, self.plan.size, whole=self.plan.mode == "whole")
+        return maps_of(self.models[0], pairs, [0], self.plan, self.device, self.runtime)[0]
 
 
-def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = Dist(), resume: bool = False,
+def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job(), resume: bool = False,
                   progress: bool = False, maps: Path | None = None) -> None:
     """Score ``pairs`` into the CSV ``out`` (dist,ref,score in the pairs' order), or print ``name,score``
     lines as references finish when ``out`` is None.
@@ -131,8 +144,8 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
     quality maps (``<name>.npz``, saved as the pair is scored) and, at the end, its panel (``<name>.png``)."""
     saver = _map_saver(scorer, pairs, maps)
     if out is None:
-        if dist.world > 1 or resume:
-            raise ValueError("give --out: " + ("the processes' rows go to one file" if dist.world > 1
+        if job.world > 1 or resume:
+            raise ValueError("give --out: " + ("the processes' rows go to one file" if job.world > 1
                                                else "--resume continues the file of an earlier run"))
 
         printed = []
@@ -154,15 +167,20 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
     if leftovers and not resume:
         raise ValueError(f"{leftovers[0]} holds the scores of an unfinished run: continue it with --resume, or "
                          f"delete {' '.join(map(str, leftovers))}")
+    settings = scorer.settings()
+    if leftovers:
+        check_settings(out, settings)
+    elif job.main:
+        record_settings(out, settings)
     done = read_journals(out) if resume else {}
     todo = Pairs([p for p in pairs if (p.dist, p.ref) not in done], pairs.higher_is_better, pairs.dataset)
-    if resume and dist.main:
+    if resume and job.main:
         print(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs already scored", file=sys.stderr)
-    if dist.world > 1:
+    if job.world > 1:
         tdist.barrier()  # every process has read the journals before any process appends to them
-    mine = Pairs([todo[i] for i in reference_shares(todo, dist.world)[dist.rank]])
+    mine = Pairs([todo[i] for i in reference_shares(todo, job.world)[job.rank]])
     bar = None
-    if progress and dist.main:
+    if progress and job.main:
         from tqdm import tqdm
 
         bar = tqdm(total=len(pairs), initial=count_rows(out), desc="score", unit="pair", dynamic_ncols=True,
@@ -172,7 +190,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
         if bar is not None:
             bar.update(count_rows(out) - bar.n)
 
-    with StopSignals() as signals, Journal(out, dist.rank) as journal:
+    with StopSignals() as signals, Journal(out, job.rank) as journal:
         def stop_if_asked():
             if signals.requested:
                 raise Stopped(f"stopped by {signals.name}: the pairs scored so far are kept in {journal.path}; run "
@@ -184,7 +202,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
             stop_if_asked()
 
         scorer.score_pairs(mine, on_reference=keep, on_maps=saver(mine))
-        if dist.world > 1:
+        if job.world > 1:
             while bar is not None and count_rows(out) < len(pairs):  # the other processes' progress
                 stop_if_asked()
                 global_progress()
@@ -193,7 +211,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, dist: Dist = D
     if bar is not None:
         global_progress()
         bar.close()
-    if dist.main:
+    if job.main:
         finish(out, pairs)
         if maps is not None:
             write_panels(maps, pairs)
@@ -223,9 +241,8 @@ def _map_saver(scorer: Scorer, pairs: Pairs, folder: Path | None):
     stems = dict(zip(((p.dist, p.ref) for p in pairs), map_file_stems([p.name for p in pairs])))
 
     def saver(scored: Pairs):
-        def save(indices, scores, maps):  # maps [2, P, K, h, w]
-            for i, score, crop_maps in zip(indices, scores, maps.swapaxes(0, 1)):
-                pair = scored[i]
-                scorer.quality_maps(pair, float(score), crop_maps).save(folder / f"{stems[(pair.dist, pair.ref)]}.npz")
+        def save(indices, maps):
+            for i, pair_maps in zip(indices, maps):
+                pair_maps.save(folder / f"{stems[(scored[i].dist, scored[i].ref)]}.npz")
         return save
     return saver

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import DatasetError, TrainPairs, check_images, load_parts
-from .distributed import Dist, Weighted, destroy, init_distributed, rank_batches
+from .data import CropPlan, DatasetError, TrainPairs, check_images, load_parts
+from .distributed import Job, Weighted, destroy, init_distributed, rank_batches
 from .data.images import read_image
 from .evaluation import maps_of, predict_shared
 from .experiment import (load_training_checkpoint, lock_folder, log, remove_stale_temporaries, resume_path,
                          save_training_checkpoint, set_rng_state, setup_logging, stopped)
 from .maps import panel
-from .metrics import evaluate, summary_line
+from .correlations import evaluate, summary_line
 from .model import AHIQ, build_model
 from .options import save_options
 from .report import scatter_image
@@ -89,11 +89,11 @@ def improves(metrics: dict, best: dict, rule: str) -> bool:
     return metrics["main"] > best["main"]
 
 
-def make_stepper(model: AHIQ, dist: Dist, device: torch.device, runtime: Runtime) -> torch.nn.Module:
+def make_stepper(model: AHIQ, job: Job, device: torch.device, runtime: Runtime) -> torch.nn.Module:
     """What a training step calls: the model, wrapped in DistributedDataParallel under several processes,
     and compiled as a whole (wrapper included) when ``runtime.compile`` asks."""
     stepper = model
-    if dist.world > 1:
+    if job.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         stepper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -112,44 +112,45 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     trains on its share of every global batch; rank 0 alone writes logs and checkpoints, and holds the
     experiment folder's lock. SIGTERM or SIGINT stops the run at the next step boundary with latest.pth
     written (Stopped); train.resume=auto continues it exactly."""
-    dist, device = init_distributed(opt["train"]["device"])
+    job, device = init_distributed(opt["train"]["device"])
     experiment_dir = Path(checkpoints_root) / opt["name"]
-    lock = lock_folder(experiment_dir) if dist.main else None  # before anything in the folder is touched
+    lock = lock_folder(experiment_dir) if job.main else None  # before anything in the folder is touched
     try:
         with StopSignals() as signals:
-            return Trainer(opt, experiment_dir, dist, device, signals).run()
+            return Trainer(opt, experiment_dir, job, device, signals).run()
     finally:
         if lock is not None:
             lock.close()
-        destroy(dist)
+        destroy(job)
 
 
 class Trainer:
     """One training run: its data, model, optimiser and schedule, and the loop over epochs."""
 
-    def __init__(self, opt: dict, experiment_dir: Path, dist: Dist, device: torch.device, signals: StopSignals):
-        self.opt, self.experiment_dir, self.dist, self.device, self.signals = opt, experiment_dir, dist, device, signals
+    def __init__(self, opt: dict, experiment_dir: Path, job: Job, device: torch.device, signals: StopSignals):
+        self.opt, self.experiment_dir, self.job, self.device, self.signals = opt, experiment_dir, job, device, signals
         self.map_range = None  # the quality maps' score range in TensorBoard, fixed at the first validation
         train_opt = opt["train"]
         resume_from = resume_path(train_opt["resume"], experiment_dir)
-        if dist.main:
+        if job.main:
             setup_logging(experiment_dir)
             save_options(opt, experiment_dir / "options.yaml")
             remove_stale_temporaries(experiment_dir)
         else:
             log.setLevel("WARNING")
-        if train_opt["batch_size"] % dist.world:
+        if train_opt["batch_size"] % job.world:
             raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of "
-                             f"the {dist.world} processes")
+                             f"the {job.world} processes")
         seed_everything(train_opt["seed"])
         self.parts, self.train_set = self._data()
+        self.val_plan = CropPlan(opt["model"]["img_size"], train_opt["val_crops"])
         self.runtime = Runtime(**opt["runtime"])
         self.model = self.runtime.prepare(build_model(opt["model"]), device)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_opt)
         self.start_epoch, self.best, self.partial = 0, {"main": -math.inf}, None
         if resume_from is not None:
             self._resume(resume_from)
-        self.stepper = make_stepper(self.model, dist, device, self.runtime)
+        self.stepper = make_stepper(self.model, job, device, self.runtime)
         batch = train_opt["batch_size"]
         self.steps_per_epoch = len(self.train_set) // batch if train_opt["drop_last"] else -(-len(self.train_set) // batch)
         self.step = self.start_epoch * self.steps_per_epoch + (self.partial["steps"] if self.partial else 0)
@@ -157,7 +158,7 @@ class Trainer:
     def _data(self):
         """The parts, every image checked, and the training set."""
         train_opt, data_opt = self.opt["train"], self.opt["data"]
-        parts = load_parts(data_opt, self.experiment_dir if self.dist.main else None)
+        parts = load_parts(data_opt, self.experiment_dir if self.job.main else None)
         for role in ("train", "val"):
             if not parts[role].pairs:
                 raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
@@ -175,7 +176,7 @@ class Trainer:
             check_images(parts["test"].pairs, crop, whole=self.opt["test"]["crops"] == "whole")
         log.info(f"{self.opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} "
                  f"validation pairs ({data_opt['dataset']} at {data_opt['root']}), device {self.device}, "
-                 f"{self.dist.world} process(es)")
+                 f"{self.job.world} process(es)")
         return parts, train_set
 
     def _resume(self, path: Path) -> None:
@@ -192,7 +193,7 @@ class Trainer:
     def _save(self, name: str, epoch: int, partial: dict | None = None) -> None:
         """A training checkpoint; ``epoch`` is the last whole epoch (0-based), ``partial`` the steps of the
         next one done so far."""
-        if self.dist.main:
+        if self.job.main:
             save_training_checkpoint(self.experiment_dir / name, self.model, self.optimizer, self.scheduler, epoch,
                                      self.best, self.opt, **({"partial": partial} if partial else {}))
 
@@ -204,7 +205,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether any process was asked to stop (one small collective; at epoch ends only)."""
-        if self.dist.world == 1:
+        if self.job.world == 1:
             return bool(self.signals.requested)
         import torch.distributed as tdist
 
@@ -216,7 +217,7 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         epochs = self.opt["train"]["epochs"]
-        self.writer = SummaryWriter(str(self.experiment_dir / "tensorboard")) if self.dist.main else None
+        self.writer = SummaryWriter(str(self.experiment_dir / "tensorboard")) if self.job.main else None
         try:
             for epoch in range(self.start_epoch, epochs):
                 record = self._epoch(epoch)
@@ -239,12 +240,12 @@ class Trainer:
         """Train one epoch (from the step a stopped run reached); returns its log record."""
         from tqdm import tqdm
 
-        train_opt, dist = self.opt["train"], self.dist
+        train_opt, job = self.opt["train"], self.job
         self.model.train()
         self.train_set.set_epoch(epoch)
         # The order of epoch e depends on (seed, e) alone: a resumed run replays it exactly.
         order = torch.Generator().manual_seed(train_opt["seed"] * 100003 + epoch)
-        plan = rank_batches(len(self.train_set), train_opt["batch_size"], dist, order, train_opt["drop_last"])
+        plan = rank_batches(len(self.train_set), train_opt["batch_size"], job, order, train_opt["drop_last"])
         partial, self.partial = self.partial or {"steps": 0, "losses": [], "skipped": 0}, None
         self.losses, self.skipped = list(partial["losses"]), partial["skipped"]
         loader = DataLoader(Weighted(self.train_set), batch_sampler=plan[partial["steps"]:],
@@ -252,7 +253,7 @@ class Trainer:
                             worker_init_fn=ignore_in_workers)
         start = time.time()
         self.bar = tqdm(total=len(plan), initial=partial["steps"], desc=f"epoch {epoch + 1}/{train_opt['epochs']}",
-                        unit="batch", dynamic_ncols=True, disable=None if dist.main else True, leave=False)
+                        unit="batch", dynamic_ncols=True, disable=None if job.main else True, leave=False)
         with batches(loader) as loaded:
             for index, batch in enumerate(loaded, start=partial["steps"]):
                 self._step(epoch, index, batch)
@@ -272,19 +273,19 @@ class Trainer:
     def _step(self, epoch: int, index: int, batch) -> None:
         """One training step on this process's share of global batch ``index``; sets _stop_requested."""
         dist_img, ref_img, target, weight = batch
-        train_opt, dist, device, runtime = self.opt["train"], self.dist, self.device, self.runtime
+        train_opt, job, device, runtime = self.opt["train"], self.job, self.device, self.runtime
         lr = self.optimizer.param_groups[0]["lr"]
         images = runtime.inputs(dist_img, device), runtime.inputs(ref_img, device)
         # under torchrun, whether to stop is agreed in the loss's collective, voted before the step
         vote = torch.tensor([float(bool(self.signals.requested))])
-        if dist.world == 1:
+        if job.world == 1:
             loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device), runtime=runtime)
         else:
             # the samples in this global batch, known from the batch plan: no collective needed
             n_global = min(train_opt["batch_size"], len(self.train_set) - index * train_opt["batch_size"])
             loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device),
-                              weight.to(device), n_global / dist.world, dist.world, runtime, vote)
-        self._stop_requested = vote.item() > 0 if dist.world > 1 else bool(self.signals.requested)
+                              weight.to(device), n_global / job.world, job.world, runtime, vote)
+        self._stop_requested = vote.item() > 0 if job.world > 1 else bool(self.signals.requested)
         self.step += 1
         self.bar.update(1)
         if math.isfinite(loss):
@@ -310,8 +311,7 @@ class Trainer:
         self.writer.add_image("val/scatter", scatter_image(pred, part.targets, metrics.get("logistic"), title), step,
                               dataformats="HWC")
         shown = sorted(set(np.linspace(0, len(part.pairs) - 1, 4).round().astype(int).tolist()))
-        found = maps_of(self.model, part.pairs, shown, self.opt["model"]["img_size"], self.opt["train"]["val_crops"],
-                        20, 0, self.device, self.runtime)
+        found = maps_of(self.model, part.pairs, shown, self.val_plan, self.device, self.runtime)
         image_maps = [m.image_maps() for m in found]  # (score map, weight map, coverage) each
         if self.map_range is None:
             values = np.concatenate([score_map.ravel() for score_map, _, _ in image_maps])
@@ -324,8 +324,8 @@ class Trainer:
     def _validate(self, epoch: int, record: dict) -> None:
         """Score the validation part, log it, and write best.pth when it improves."""
         train_opt = self.opt["train"]
-        pred = predict_shared([self.model], self.parts["val"], self.dist, crop_size=self.opt["model"]["img_size"],
-                              crops=train_opt["val_crops"], batch_size=train_opt["batch_size"],
+        pred = predict_shared([self.model], self.parts["val"], self.job, plan=self.val_plan,
+                              batch_size=train_opt["batch_size"],
                               num_workers=self.opt["data"]["num_workers"], device=self.device, runtime=self.runtime)
         metrics = evaluate(pred, self.parts["val"].targets)
         if self.writer:

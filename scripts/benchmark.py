@@ -13,16 +13,19 @@ to end from image files (decoding included), the reference gets the same crops a
 Suite ``train``: training steps of ViT-B/8 on random 224 crops at the paper's batch (4) and, on CUDA, at the
 largest batch each path fits; ahiq runs ``ahiq.training.train_step`` (frozen backbones without gradients), the
 reference the official step (backbones in eval mode but inside autograd, as the official train.py runs
-them). The reference is ahiq.reference.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
+them). The reference is ahiq.official.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
 block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
-test loop: one forward per crop index over a batch of pairs. ``--precision bf16`` or ``all`` runs ahiq under bf16
-autocast too (rows ``<case>_bf16``: the speed-up against the same official fp32 pattern, max |diff| against
-ahiq's fp32 row); by default where the device computes bf16 natively (the header says whether the CPU does).
-Suite ``flops``: the operations per pair of both paths, counted
-(the same on any device): what the speed-ups can reach before precision and kernels come in. Each case prints
-    <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d>, peak memory ...
-max |diff| is over the scores (model, eval), or (train) the relative difference of the losses of the same
-steps, from the same weights on the same batches (random weights make the loss jump after the first step).
+test loop: one forward per crop index over a batch of pairs; after each eval case a ``_metric`` row: the
+metric (ahiq.create_metric) on the same pairs as tensors, against ahiq's prediction from the files.
+``--precision bf16`` or ``all`` runs ahiq under bf16 autocast too (rows ``<case>_bf16``, against the same
+official fp32 pattern); by default where the device computes bf16 natively (the header says whether the CPU
+does). Suite ``flops``: the operations per pair of both paths, counted (the same on any device): what the
+speed-ups can reach before precision and kernels come in. Suite ``chunk``: one pair's 20 crops with 20, 10,
+8 and 5 crops per forward pass (what the automatic ``runtime.crop_chunk`` rests on). Each case prints
+    <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d> [(against ahiq fp32 <e>)], peak memory ...
+max |diff| is every row's largest difference from the official pattern over the scores (model, eval), or
+(train) over the losses of the same steps from the same weights on the same batches, relative (random
+weights make the loss jump after the first step); a bf16 row also gives its difference from ahiq's fp32 row.
 Peak memory: the CUDA allocator's peak, or on the CPU the growth of the resident set (Linux; freed memory
 returned to the system first), both above what was allocated before the case.
 """
@@ -38,11 +41,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ahiq.options import DEFAULTS  # noqa: E402
-from ahiq.reference import random_official_setup  # noqa: E402
+from ahiq.official import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32  # noqa: E402
 from ahiq.training import make_optimizer, train_step  # noqa: E402
 
@@ -103,11 +107,11 @@ class PeakMemory:
             self.mib = (_status_kib("VmHWM") - self.base) / 2 ** 10
 
 
-def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: float,
+def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: str,
            mem_ref: PeakMemory, mem_ours: PeakMemory, extra: str = "") -> None:
-    """One result line: n pairs in t seconds for each path."""
+    """One result line: n pairs in t seconds for each path; ``diff``: the agreement (agreement())."""
     print(f"{case}: reference {n_ref / t_ref:.3f} pairs/s, ahiq {n_ours / t_ours:.3f} pairs/s, "
-          f"speedup {(n_ours / t_ours) / (n_ref / t_ref):.2f}x, max |diff| {diff:.2e}, "
+          f"speedup {(n_ours / t_ours) / (n_ref / t_ref):.2f}x, {diff}, "
           f"peak memory reference {mem_ref.mib:.0f} MiB, ahiq {mem_ours.mib:.0f} MiB{extra}", flush=True)
 
 
@@ -119,7 +123,7 @@ def model_suite(device: torch.device, repeats: int) -> None:
         reference, model = reference.to(device), model.to(device)
         dist, ref = torch.rand(2, 1, 3, 224, 224, device=device)
         with torch.no_grad():
-            diff = (model(dist, ref) - reference(dist, ref)).abs().max().item()
+            diff = f"max |diff| {(model(dist, ref) - reference(dist, ref)).abs().max().item():.2e}"
             with PeakMemory(device) as mem_ref:
                 t_ref = best_time(lambda: reference(dist, ref), repeats, device)
             with PeakMemory(device) as mem_ours:
@@ -130,16 +134,15 @@ def model_suite(device: torch.device, repeats: int) -> None:
 def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dict[str, Runtime]) -> None:
     """Crop-ensemble evaluation: the official per-crop loop against ahiq's grouped prediction."""
     import cv2
-    import numpy as np
     from scipy.stats import spearmanr
 
-    from ahiq.data import EvalPairs, Pair, Pairs
+    from ahiq.data import CropPlan, EvalPairs, Pair, Pairs
     from ahiq.data import Part
     from ahiq.evaluation import predict
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        reference, model, _ = random_official_setup(8, tmp)
+        reference, model, checkpoint = random_official_setup(8, tmp)
         reference = reference.to(device)
         models = {name: runtime.prepare(copy.deepcopy(model), device) for name, runtime in runtimes.items()}
         rng = np.random.default_rng(0)
@@ -155,7 +158,10 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                     pairs.append(Pair(f"{tmp}/{case}_R{r}.png", f"{tmp}/{case}_R{r}_{d}.png", float("nan"), f"{r}_{d}"))
                     psnr.append(cv2.PSNR(ref, noisy))
             part = Part(Pairs(pairs), None)
-            items = EvalPairs(part.pairs, 224, "random", crops, check=False)
+            plan = CropPlan(224, "random", crops)
+            decoded = EvalPairs(part.pairs, plan, check=False)
+            items = [[plan.cut(image, plan.windows(h, w, Path(pair.ref).name)) for image in decoded[i][:2]]
+                     for i, pair in enumerate(pairs)]
 
             def official():
                 out = []
@@ -180,7 +186,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
             with torch.no_grad():
                 reference(items[0][0][:1].to(device), items[0][1][:1].to(device))
                 for name, runtime in runtimes.items():
-                    predict([models[name]], Part(Pairs(pairs[:1]), None), 224, "random", 1, device=device,
+                    predict([models[name]], Part(Pairs(pairs[:1]), None), CropPlan(224, "random", 1), device=device,
                             runtime=runtime)
             mem_ref = PeakMemory(device)
             expected, t_ref = timed(official, mem_ref)
@@ -188,22 +194,74 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
             results = {}
             for name, runtime in runtimes.items():
                 def ours():
-                    return predict([models[name]], part, 224, "random", crops, batch_size=per_ref, device=device,
-                                   runtime=runtime)
+                    return predict([models[name]], part, plan, batch_size=per_ref, device=device, runtime=runtime)
 
                 if runtime.compile:
                     timed(ours, PeakMemory(device))  # compiling is not timed
                 mem_ours = PeakMemory(device)
                 results[name], t_ours = timed(ours, mem_ours)
-                # how far the scores are from the reference (bf16: from ahiq's fp32), and (with more than a few
-                # pairs) whether the ranking against a label (here the PSNR) is the same
-                baseline = results.get("fp32", expected)
+                # with more than a few pairs: whether the ranking against a label (here the PSNR) is the same
                 extra = (f", SROCC vs PSNR reference {spearmanr(expected, psnr)[0]:.4f}, ahiq "
                          f"{spearmanr(results[name], psnr)[0]:.4f}" if n >= 8 else "")
-                if name != "fp32" and "fp32" in results:
-                    extra += ", max |diff| against ahiq fp32"
-                report(f"{case}_{name}", n, t_ref, n, t_ours, float(np.abs(results[name] - baseline).max()), mem_ref,
-                       mem_ours, extra)
+                report(f"{case}_{name}", n, t_ref, n, t_ours, agreement(results, expected, name), mem_ref, mem_ours,
+                       extra)
+            metric_row(case, checkpoint, runtimes, part, plan, device, results)
+
+
+def agreement(scores: dict, official, name: str) -> str:
+    """The agreement of the row ``name`` of ``scores`` (numpy arrays by row name): its largest difference from
+    the official pattern's scores, and for a row other than fp32 also from ahiq's fp32 row."""
+    text = f"max |diff| {np.abs(scores[name] - official).max():.2e}"
+    if name != "fp32" and "fp32" in scores:
+        text += f" (against ahiq fp32 {np.abs(scores[name] - scores['fp32']).max():.2e})"
+    return text
+
+
+def metric_row(case: str, checkpoint: Path, runtimes: dict, part, plan, device: torch.device, results: dict) -> None:
+    """The metric (ahiq.create_metric) on the same pairs as in-memory tensors, against the prediction from the
+    files that the scorer and test.py make: the same scores from the same core, and its speed (no decoding)."""
+    from ahiq.data import read_image
+    from ahiq.data.datasets import to_tensor
+    from ahiq.metric import create_metric
+
+    for name, runtime in runtimes.items():
+        metric = create_metric(checkpoint, crops=plan.mode, num_crops=plan.count, device=device, runtime=runtime,
+                               vit_pretrained=checkpoint.parent / "vit.pth", cnn_pretrained=checkpoint.parent / "resnet.pth")
+        dists = [to_tensor(read_image(p.dist)) for p in part.pairs]
+        refs = [to_tensor(read_image(p.ref)) for p in part.pairs]
+        names = [Path(p.ref).name for p in part.pairs]
+        with torch.no_grad(), PeakMemory(device) as memory:
+            synchronize(device)
+            start = time.perf_counter()
+            got = metric(dists, refs, ref_names=names).double().cpu().numpy()
+            synchronize(device)
+            seconds = time.perf_counter() - start
+        print(f"{case}_{name}_metric: metric {len(dists) / seconds:.3f} pairs/s, max |diff| against the scorer "
+              f"{np.abs(got - results[name]).max():.2e}, peak memory {memory.mib:.0f} MiB", flush=True)
+
+
+def chunk_suite(device: torch.device, sizes: list[int]) -> None:
+    """One PIPAL-sized pair's 20 crops, ViT-B/8, with ``runtime.crop_chunk`` crops per forward pass: what the
+    automatic choice (runtime.crops_per_pass) is based on."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, model, _ = random_official_setup(8, tmp)
+    model = model.to(device).eval()
+    from ahiq.data import CropPlan
+    from ahiq.scoring import score_group
+
+    ref, dist = torch.rand(2, 3, 288, 288)
+    plan = CropPlan(224, "random", 20)
+    for size in sizes:
+        def run():
+            return score_group([model], plan, ref, [dist], "r.png", Runtime(), device, size).scores
+
+        with torch.no_grad():
+            run()
+            with PeakMemory(device) as memory:
+                seconds = best_time(run, 2, device)
+        print(f"chunk_{size}: {seconds:.2f} s per pair of 20 crops, peak memory {memory.mib:.0f} MiB", flush=True)
+    print(f"# automatic choice here: {Runtime().crops_per_pass(model, device)} crops per pass", flush=True)
 
 
 def official_stepper(reference: torch.nn.Module, device: torch.device):
@@ -262,10 +320,10 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
     losses = {}
     for name, runtime in runtimes.items():
         losses[name], t_ours, mem_ours = run(ahiq_stepper(model, runtime, device), data)
-        baseline = losses.get("fp32", ref_losses)  # bf16: against ahiq's fp32 losses
-        diff = max(abs(a - b) / abs(a) for a, b in zip(baseline, losses[name]))
-        extra = ", max |diff| against ahiq fp32" if name != "fp32" and "fp32" in losses else ""
-        report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours, diff, mem_ref, mem_ours, extra)
+        relative = {row: [(b - a) / abs(a) for a, b in zip(ref_losses, values)] for row, values in losses.items()}
+        report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours,
+               agreement({row: np.array(v) for row, v in relative.items()}, 0.0, name).replace("|diff|", "relative |diff|"),
+               mem_ref, mem_ours)
     if device.type != "cuda":
         print("# train, largest batch: CUDA only (the CPU has no fixed memory limit)", flush=True)
         return
@@ -286,7 +344,7 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
                     torch.cuda.empty_cache()
         if len(found) == 2:
             (b_ref, t_ref, m_ref), (b_ours, t_ours, m_ours) = found["reference"], found["ahiq"]
-            report(f"train_p8_largest_{name}", 2 * b_ref, t_ref, 2 * b_ours, t_ours, float("nan"), m_ref, m_ours,
+            report(f"train_p8_largest_{name}", 2 * b_ref, t_ref, 2 * b_ours, t_ours, "max |diff| not compared", m_ref, m_ours,
                    f", batch reference {b_ref}, ahiq {b_ours}")
 
 
@@ -356,7 +414,7 @@ def flops_suite(crops: int, per_reference: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "all"], default="all")
+    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "chunk", "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="model: timed calls per path (the fastest counts); train: timed steps per path")
@@ -388,6 +446,8 @@ def main() -> None:
         train_suite(device, args.repeats, runtimes)
     if args.suite in ("flops", "all"):
         flops_suite(args.crops or 20, args.distortions or 16)
+    if args.suite in ("chunk", "all"):
+        chunk_suite(device, [20, 10, 8, 5])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The README's quality-map picture, from the demo's checkpoint (run the quick start first):
 
-    python scripts/maps_picture.py [--checkpoint checkpoints/demo/best.pth] [--out docs/maps_demo.png]
+    python scripts/maps_picture.py [--checkpoint checkpoints/demo/best.pth] [--out checkpoints/demo/maps_demo.png]
+
+It writes into the demo's experiment folder; ``--out docs/maps_demo.png`` replaces the README's picture.
 
 One synthetic test pair of the demo (a held-out reference, JPEG-compressed), scored with the nine-crop
 ensemble: the panel shows the distorted image, where the model sees low and high quality (score map) and
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.data import load_parts  # noqa: E402
+from ahiq.data import CropPlan, load_parts  # noqa: E402
 from ahiq.evaluation import maps_of  # noqa: E402
 from ahiq.maps import panel  # noqa: E402
 from ahiq.data.images import read_image  # noqa: E402
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "demo" / "best.pth")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "maps_demo.png")
+    parser.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "demo" / "maps_demo.png")
     parser.add_argument("--distortion", default="jpeg_4", help="which distorted version of the test reference")
     args = parser.parse_args()
     if not args.checkpoint.is_file():
@@ -41,7 +43,7 @@ def main() -> None:
     test = load_parts(opt["data"], roles=("test",))["test"]
     index = next(i for i, p in enumerate(test.pairs) if Path(p.dist).stem.endswith(args.distortion))
     model = AHIQ.from_pretrained(args.checkpoint, allow_random_backbones=True, **opt["model"])  # the demo trains its backbones
-    maps = maps_of(model, test.pairs, [index], model.config["img_size"], "nine", 9, 0, torch.device("cpu"))[0]
+    maps = maps_of(model, test.pairs, [index], CropPlan(model.config["img_size"], "nine"), torch.device("cpu"))[0]
     score_map, weight_map, _ = maps.image_maps()
     picture = panel(read_image(test.pairs[index].dist), score_map, weight_map, maps.score,
                     (float(np.nanmin(score_map)), float(np.nanmax(score_map))), Path(test.pairs[index].dist).name)

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from ahiq.backbones import RESNET_TAG, VIT_TAGS, ResNetLayer1Features, ViTFeatures, create_timm_model
-from ahiq.reference import OfficialAHIQ
+from ahiq.official import OfficialAHIQ
 from ahiq.weights import WeightsError
 from ahiq.zoo import BACKBONES as ZOO_FILES
 

@@ -12,7 +12,7 @@ from ahiq import training
 from ahiq.cli import run
 from ahiq.data import load_parts
 from ahiq.evaluation import run_test
-from ahiq.reference import random_official_setup
+from ahiq.official import random_official_setup
 from ahiq.training import train
 from conftest import ROOT, TINY
 

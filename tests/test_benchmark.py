@@ -1,6 +1,7 @@
 """The benchmark's operation counts (scripts/benchmark.py --suite flops) against hand computations."""
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,7 @@ from ahiq.fusion import deform_conv2d_bilinear
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from benchmark import count_gflop  # noqa: E402
+from benchmark import agreement, count_gflop  # noqa: E402
 
 
 def test_deformable_convolution_counts_as_the_convolution_it_computes():
@@ -30,3 +31,12 @@ def test_cpu_attention_counts_as_the_gpu_kernels():
     q, k, v = torch.randn(3, 2, 4, 50, 16)
     attention = 2 * 2 * (2 * 4 * 50 * 50 * 16) / 1e9  # Q K^T and (softmax) V, a multiply and an add each
     assert count_gflop(lambda: F.scaled_dot_product_attention(q, k, v)) == pytest.approx(attention)
+
+
+def test_the_agreement_column_compares_every_row_with_the_official_scores():
+    """Not the fp32 row with itself (an echo that printed 0.00e+00): each row against the official pattern,
+    a bf16 row also against ahiq's fp32 row."""
+    official = np.array([0.5, 0.25])
+    scores = {"fp32": np.array([0.5 + 3e-8, 0.25]), "bf16": np.array([0.5, 0.26])}
+    assert agreement(scores, official, "fp32") == "max |diff| 3.00e-08"
+    assert agreement(scores, official, "bf16") == "max |diff| 1.00e-02 (against ahiq fp32 1.00e-02)"

@@ -12,9 +12,9 @@ import torch
 
 from ahiq.evaluation import run_test
 from ahiq.options import DEFAULTS
-from ahiq.reference import random_official_setup
+from ahiq.official import random_official_setup
 from ahiq.runtime import Runtime
-from ahiq.distributed import Dist
+from ahiq.distributed import Job
 from ahiq.training import make_optimizer, make_stepper, train, train_step
 from conftest import ROOT, TINY, tiny_options
 
@@ -149,7 +149,7 @@ def test_ddp_wrapped_module_compiled_on_cuda_equals_eager(tmp_path):
         for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=True))):
             net = runtime.prepare(copy.deepcopy(model), CUDA).train()
             optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-            stepper = make_stepper(net, Dist(0, 2, 0), torch.device("cuda", 0), runtime)
+            stepper = make_stepper(net, Job(0, 2, 0), torch.device("cuda", 0), runtime)
             losses[name] = [train_step(stepper, optimizer, scheduler, dist, ref, target, torch.ones(4, device=CUDA),
                                        4.0, 1, runtime) for _ in range(2)]
         assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)

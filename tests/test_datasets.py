@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ahiq.data import EvalPairs, Pair, Pairs, TargetScale, TrainPairs, eval_crop_positions
+from ahiq.data import CropPlan, EvalPairs, Pair, Pairs, TargetScale, TrainPairs, eval_crop_positions
 from trees import touch
 
 
@@ -98,13 +98,16 @@ def test_random_evaluation_crops_seeded_per_image():
     assert all(0 <= t <= 68 and 0 <= l <= 88 for t, l in a)
 
 
-def test_eval_dataset_returns_aligned_crops(pair_files):
-    data = EvalPairs(pair_files, crop_size=4, crops="five")
-    dist, ref, mos, index = data[0]
-    assert dist.shape == ref.shape == (5, 3, 4, 4) and mos.item() == 3.0 and index == 0
-    d = (dist * 255).round().long()
+def test_eval_dataset_and_plan_give_aligned_crops(pair_files):
+    plan = CropPlan(4, "five")
+    dist, ref, mos, index = EvalPairs(pair_files, plan)[0]
+    assert dist.shape == ref.shape == (3, 10, 13) and mos.item() == 3.0 and index == 0
+    windows = plan.windows(10, 13)
+    assert windows.tolist() == [[0, 0], [0, 9], [6, 0], [6, 9], [3, 4]]
+    d = (plan.cut(dist, windows) * 255).round().long()
+    assert d.shape == (5, 3, 4, 4)
     assert [(int(c[0, 0, 0]), int(c[1, 0, 0])) for c in d] == [(0, 0), (0, 9), (6, 0), (6, 9), (3, 4)]
-    assert torch.equal(d[:, :2], (ref * 255).round().long()[:, :2]) and int(d[0, 2, 0, 0]) == 2
+    assert torch.equal(d[:, :2], (plan.cut(ref, windows) * 255).round().long()[:, :2]) and int(d[0, 2, 0, 0]) == 2
 
 
 def test_target_scale_directions():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as tdist
 
 from ahiq import training
-from ahiq.distributed import Dist, init_distributed
+from ahiq.distributed import Job, init_distributed
 from ahiq.evaluation import predict
 from ahiq.runtime import Runtime
 from ahiq.training import train
@@ -169,12 +169,12 @@ def test_a_training_step_holds_one_collective_its_loss_and_stop_vote(tmp_path, m
         reduced.append(tuple(tensor.shape))
         tensor.mul_(2)  # the other process holds the same loss
 
-    monkeypatch.setattr(training, "init_distributed", lambda device: (Dist(0, 2, 0), torch.device("cpu")))
+    monkeypatch.setattr(training, "init_distributed", lambda device: (Job(0, 2, 0), torch.device("cpu")))
     monkeypatch.setattr(tdist, "all_reduce", all_reduce)
     monkeypatch.setattr(training, "destroy", lambda dist: None)
     monkeypatch.setattr("torch.nn.parallel.DistributedDataParallel", lambda module, **kwargs: module)
     # validation as one process would share and gather it
-    monkeypatch.setattr(training, "predict_shared", lambda models, part, dist, **kw: predict(models, part, **kw))
+    monkeypatch.setattr(training, "predict_shared", lambda models, part, job, **kw: predict(models, part, **kw))
     train(tiny_options(tmp_path, "train.epochs=1", "train.device=cpu"), tmp_path / "ckpt")
     steps = torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)["scheduler"]["last_epoch"]
     assert steps == 10 and reduced == [(2,)] * steps  # 75 pairs, global batches of 8: (loss, stop vote) a step
@@ -185,7 +185,7 @@ def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
     gradient all-reduce overlap the backward pass). A one-process gloo group stands in for the job."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from ahiq.reference import random_official_setup
+    from ahiq.official import random_official_setup
     from ahiq.training import make_stepper
 
     graphs = []
@@ -197,7 +197,7 @@ def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = random_official_setup(8, tmp_path, **TINY)[1].train()
-        stepper = make_stepper(model, Dist(0, 2, 0), torch.device("cpu"), Runtime(compile=backend))
+        stepper = make_stepper(model, Job(0, 2, 0), torch.device("cpu"), Runtime(compile=backend))
         assert isinstance(stepper._orig_mod, DistributedDataParallel) and stepper._orig_mod.module is model
         dist_img, ref_img = torch.rand(2, 2, 3, 64, 64)
         torch.testing.assert_close(stepper(dist_img, ref_img), model(dist_img, ref_img), rtol=0, atol=1e-6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ahiq.data import load_parts, read_labels
+from ahiq.data import CropPlan, load_parts, read_labels
 from ahiq.evaluation import predict, run_test
 from ahiq.model import build_model
 from ahiq.training import train
@@ -16,22 +16,27 @@ from conftest import DEVICES, tiny_options
 @pytest.mark.parametrize("device", DEVICES)
 def test_grouped_prediction_equals_scoring_each_pair_alone(tmp_path, device):
     """The fast path (pairs grouped by reference, reference features computed once) against the obvious one."""
-    from ahiq.data import EvalPairs
+    from ahiq.data import eval_crop_positions, read_image
+    from ahiq.data.datasets import to_tensor
 
     opt = tiny_options(tmp_path)
     part = load_parts(opt["data"])["train"]  # 3 references x 25 distorted images
     device = torch.device(device)
     model = build_model(opt["model"]).eval().to(device)
-    # Spread the scores and move the sampling, so that agreement to 1e-5 says something (see reference.py).
+    # Spread the scores and move the sampling, so that agreement to 1e-5 says something (see official.py).
     torch.nn.init.normal_(model.head.score.weight, std=30.0 / model.head.score.in_channels ** 0.5)
     fan_in = model.fusion.offset_conv.in_channels * 9
     torch.nn.init.normal_(model.fusion.offset_conv.weight, std=3.0 / fan_in ** 0.5)
     for crops, count in (("random", 4), ("five", 5)):
-        fast = predict([model], part, 64, crops, num_crops=count, seed=3, batch_size=7, device=device)
-        items = EvalPairs(part.pairs, 64, crops, count, seed=3)
-        with torch.no_grad():
-            slow = np.array([model(items[i][0].to(device), items[i][1].to(device)).mean().item()
-                             for i in range(len(items))])
+        fast = predict([model], part, CropPlan(64, crops, count, seed=3), batch_size=7, device=device)
+        slow = []
+        for pair in part.pairs:  # every pair alone: its crops cut by hand, the whole model on them
+            dist, ref = read_image(pair.dist), read_image(pair.ref)
+            windows = eval_crop_positions(*dist.shape[:2], 64, crops, count, 3, Path(pair.ref).name)
+            cut = lambda image: torch.stack([to_tensor(image[t:t + 64, l:l + 64]) for t, l in windows]).to(device)
+            with torch.no_grad():
+                slow.append(model(cut(dist), cut(ref)).mean().item())
+        slow = np.array(slow)
         np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-5)
         assert np.ptp(slow) > 1e-2
 
@@ -40,12 +45,12 @@ def test_predict_keeps_every_pair_and_averages_an_ensemble(tmp_path):
     opt = tiny_options(tmp_path)
     part = load_parts(opt["data"])["test"]
     models = [build_model(opt["model"]) for _ in range(2)]
-    single = [predict([m], part, 64, "five", batch_size=4) for m in models]
-    both = predict(models, part, 64, "five", batch_size=4)
+    single = [predict([m], part, CropPlan(64, "five"), batch_size=4) for m in models]
+    both = predict(models, part, CropPlan(64, "five"), batch_size=4)
     assert len(both) == len(part.pairs) == 25  # 25 is not a multiple of the batch size
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, rtol=1e-6)
-    again = predict(models[:1], part, 64, "random", num_crops=3, seed=5, batch_size=7)
-    np.testing.assert_allclose(again, predict(models[:1], part, 64, "random", num_crops=3, seed=5, batch_size=2), rtol=1e-6)
+    again = predict(models[:1], part, CropPlan(64, "random", 3, seed=5), batch_size=7)
+    np.testing.assert_allclose(again, predict(models[:1], part, CropPlan(64, "random", 3, seed=5), batch_size=2), rtol=1e-6)
 
 
 def test_unlabelled_test_set_gives_a_submission(tmp_path):
@@ -82,7 +87,7 @@ def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     reads = Counter()
     real_read = datasets.read_image
     monkeypatch.setattr(datasets, "read_image", lambda path: reads.update([path]) or real_read(path))
-    predict([build_model(opt["model"])], part, 64, "five", batch_size=4)
+    predict([build_model(opt["model"])], part, CropPlan(64, "five"), batch_size=4)
     refs = {p.ref for p in part.pairs}
     assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
     assert all(reads[p.dist] == 1 for p in part.pairs)

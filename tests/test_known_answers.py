@@ -1,6 +1,6 @@
 """Against numbers produced by running the official AHIQ code itself (../shared/official-known-answers:
 generated weights and images, the official scores and three official training steps). The other
-faithfulness tests compare with ahiq/reference.py, this project's reading of the official code; these
+faithfulness tests compare with ahiq/official.py, this project's reading of the official code; these
 compare with the official code's own output. Skipped where the shared folder is absent (a user's clone)."""
 import importlib.util
 import json
@@ -11,7 +11,7 @@ import torch
 
 from ahiq import AHIQ
 from ahiq.options import DEFAULTS
-from ahiq.reference import OfficialFusion, OfficialHead
+from ahiq.official import OfficialFusion, OfficialHead
 from ahiq.training import make_optimizer, train_step
 from conftest import ROOT
 
@@ -78,7 +78,7 @@ def test_three_training_steps_equal_the_official_losses(known, tmp_path):
     # step, which moves every weight by +-lr whatever the size of its gradient, so a gradient whose sign
     # fp32 rounding decides moves a weight by 2 lr either way: 919 of the 27 million first-step gradients
     # change sign between fp32 and float64 here (up to 2.9e-5 in head.smooth.0). The official compute
-    # pattern itself (ahiq/reference.py, torchvision's kernel, unfused attention) run in float64 misses the
+    # pattern itself (ahiq/official.py, torchvision's kernel, unfused attention) run in float64 misses the
     # official losses of steps 2 and 3 by 6.9e-6 and 3.0e-4 relative; in fp32 by 9.2e-6 and 3.9e-4.
     # Step 3's tolerance says that; a wrong recipe (learning rate, loss, schedule) is off by far more.
     relative = [abs(ours - official) / official for ours, official in zip(losses, recipe["losses"])]

@@ -82,7 +82,7 @@ def test_test_py_maps_the_worst_and_best_predicted_pairs(tiny_checkpoint, tmp_pa
 
     from ahiq.data import load_parts
     from ahiq.evaluation import run_test
-    from ahiq.metrics import logistic4
+    from ahiq.correlations import logistic4
     from conftest import tiny_options
 
     monkeypatch.chdir(tmp_path)

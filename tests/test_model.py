@@ -7,7 +7,7 @@ import torch
 
 from ahiq import AHIQ
 from ahiq.model import OFFICIAL_MODULES, ahiq_to_official, official_to_ahiq
-from ahiq.reference import OfficialFusion, OfficialHead, random_official_setup
+from ahiq.official import OfficialFusion, OfficialHead, random_official_setup
 from ahiq.weights import WeightsError, read_weight_file
 from conftest import TINY
 

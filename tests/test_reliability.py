@@ -15,9 +15,10 @@ import pytest
 import torch
 
 import ahiq.weights as weights
-from ahiq.data import load_parts
+from ahiq.data import CropPlan, load_parts
 from ahiq.evaluation import predict
 from ahiq.model import AHIQ, build_model
+from ahiq.runtime import Runtime
 from ahiq.training import train
 from conftest import ROOT, TINY, tiny_options
 
@@ -198,9 +199,9 @@ def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "maps_with_reference", no_memory)
     with pytest.raises(MemoryError, match=r"scoring 4 pairs x 5 crops, 20 crops per forward pass: lower "
-                                          r"runtime.crop_chunk \(now 64\), or the pairs per batch "
+                                          r"runtime.crop_chunk \(now 64; --crop-chunk\), or the pairs per batch "
                                           r"\(test.batch_size.*now 4\)"):
-        predict([model], part, 64, "five", batch_size=4)
+        predict([model], part, CropPlan(64, "five"), batch_size=4, runtime=Runtime(crop_chunk=64))
 
 
 # ---- stop signals, two runs on one folder ---------------------------------------------------------------
@@ -272,6 +273,7 @@ def scoring(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("scoring")
     AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(folder / "model.pth")
+    AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(folder / "other.pth")  # other weights
     rng = np.random.default_rng(0)
     rows = ["dist,ref"]
     for r in range(6):
@@ -309,6 +311,12 @@ def test_killed_scoring_resumes_to_the_same_csv(fault, status, scoring, tmp_path
         assert "Traceback" not in killed.stderr and "--resume" in killed.stderr.strip().splitlines()[-1]
     refused = score_process(command, out)  # without --resume the journal is not overwritten
     assert refused.returncode == 2 and "continue it with --resume" in refused.stderr
+    for change, named in ((["--checkpoint", str(folder / "other.pth")], "checkpoints ['model.pth sha256 "),
+                          (["--crops", "nine"], "crops [64, 'five', None, None] then, [64, 'nine', None, None] now"),
+                          (["--precision", "bf16"], "precision 'fp32' then, 'bf16' now")):
+        mixed = score_process([*command, *change], out, None, "--resume")  # the CSV would mix two configurations
+        assert mixed.returncode == 2 and "were scored with other settings (" in mixed.stderr, mixed.stderr
+        assert named in mixed.stderr and len(mixed.stderr.strip().splitlines()) == 1, mixed.stderr
     resumed = score_process(command, out, None, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming: 6 of 18 pairs already scored" in resumed.stderr  # two references of three pairs

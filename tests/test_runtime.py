@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ahiq.data import load_parts
+from ahiq.data import CropPlan, load_parts
 from ahiq.evaluation import predict
 from ahiq.options import DEFAULTS
-from ahiq.reference import random_official_setup
+from ahiq.official import random_official_setup
 from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32
-from ahiq.distributed import Dist
+from ahiq.distributed import Job
 from ahiq.training import make_optimizer, make_stepper, train_step
 from conftest import TINY, tiny_options
 
@@ -106,8 +106,8 @@ def test_crop_chunks_give_the_same_scores(chunk, tmp_path):
     opt = tiny_options(tmp_path)
     part = load_parts(opt["data"])["test"]
     model = random_official_setup(8, tmp_path / "w", **TINY)[1]
-    whole = predict([model], part, 64, "five", batch_size=4)
-    chunked = predict([model], part, 64, "five", batch_size=4, runtime=Runtime(crop_chunk=chunk))
+    whole = predict([model], part, CropPlan(64, "five"), batch_size=4)
+    chunked = predict([model], part, CropPlan(64, "five"), batch_size=4, runtime=Runtime(crop_chunk=chunk))
     assert whole.std() > 0.01
     assert abs(chunked - whole).max() < 1e-5
 
@@ -141,7 +141,7 @@ def test_compiled_training_steps_equal_eager(model_and_pairs):
     for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=aot_eager))):
         net = runtime.prepare(copy.deepcopy(model), CPU).train()
         optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-        stepper = make_stepper(net, Dist(), CPU, runtime)
+        stepper = make_stepper(net, Job(), CPU, runtime)
         losses[name] = [train_step(stepper, optimizer, scheduler, dist[:4], ref[:4], target, runtime=runtime)
                         for _ in range(2)]
         weights[name] = net.state_dict()

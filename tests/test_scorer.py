@@ -82,3 +82,29 @@ def test_command_line_csv_in_and_out(setup):
                           str(setup / "nowhere"), "--checkpoint", str(setup / "model.pth")],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nowhere does not exist" in bad.stderr
+
+
+def test_a_folder_of_distorted_images_against_one_reference_file(setup):
+    pairs = pair_files(setup / "dist", setup / "ref" / "b.png")
+    assert [Path(p.dist).name for p in pairs] == ["A.PNG", "B.PNG"] and {Path(p.ref).name for p in pairs} == {"b.png"}
+    with pytest.raises(DatasetError, match="got the file .*a.png and the folder"):
+        pair_files(setup / "ref" / "a.png", setup / "dist")
+
+
+def test_help_and_zoo_answer_without_importing_torch():
+    """What made `python -m ahiq --help` take 8 s: torch (and timm) imported before argparse ran."""
+    script = ("import sys\nfrom ahiq.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+              "main(['zoo'])\nprint(sorted(m for m in ('torch', 'timm', 'cv2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage: python -m ahiq" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_score_without_ref_prints_the_score_commands_usage(capsys):
+    from ahiq.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["score", "--dist", "x.png"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: ") and " score " in err.splitlines()[0]
+    assert err.strip().endswith("error: give --dist and --ref, or --pairs")

@@ -10,8 +10,8 @@ import torch
 from ahiq import experiment
 from ahiq.evaluation import run_test
 from ahiq.model import official_to_ahiq
-from ahiq.reference import random_official_setup
-from ahiq.distributed import Dist, rank_batches
+from ahiq.official import random_official_setup
+from ahiq.distributed import Job, rank_batches
 from ahiq.options import load_options
 from ahiq.training import improves, make_optimizer, train, train_step
 from conftest import ROOT, TINY, tiny_options
@@ -131,14 +131,14 @@ def test_official_drop_last_leaves_out_the_short_last_batch(tmp_path):
     train(tiny_options(tmp_path, "train.epochs=1", "train.drop_last=true"), tmp_path / "ckpt")
     assert torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)["scheduler"]["last_epoch"] == 9
     for world in (1, 2):
-        kept = [rank_batches(75, 8, Dist(rank, world), torch.Generator().manual_seed(3), drop_last=True)
+        kept = [rank_batches(75, 8, Job(rank, world), torch.Generator().manual_seed(3), drop_last=True)
                 for rank in range(world)]
         assert all(len(batches) == 9 for batches in kept)
         indices = [i for batches in kept for batch in batches for i, w in batch if w]
         assert len(indices) == len(set(indices)) == 72
-    full = rank_batches(75, 8, Dist(0, 1), torch.Generator().manual_seed(3))
+    full = rank_batches(75, 8, Job(0, 1), torch.Generator().manual_seed(3))
     assert len(full) == 10 and len(full[-1]) == 3
-    assert rank_batches(75, 8, Dist(0, 1), torch.Generator().manual_seed(3), drop_last=True) == full[:9]
+    assert rank_batches(75, 8, Job(0, 1), torch.Generator().manual_seed(3), drop_last=True) == full[:9]
 
 
 def test_official_best_rule_takes_either_correlation():

@@ -242,7 +242,7 @@ def released(tmp_path_factory, monkeypatch):
     """A full-size released model with random weights (official format, with its optimiser state), its two
     backbones as timm safetensors files, all served by a local server as their real sources serve them
     (the model from a mirror, the backbones from the Hugging Face hub at HF_ENDPOINT)."""
-    from ahiq.reference import random_official_setup
+    from ahiq.official import random_official_setup
 
     folder = tmp_path_factory.mktemp("release")
     reference, _, checkpoint = random_official_setup(8, folder)

@@ -5,8 +5,8 @@ from .labels import DatasetError, Pair, Pairs
 from .parts import Part, load_parts
 from .registry import READERS, read_labels
 from .splits import load_split, save_split, split_by_reference
-from .transforms import EVAL_CROPS, eval_crop_positions
+from .transforms import EVAL_CROPS, CropPlan, eval_crop_positions
 
 __all__ = ["read_labels", "split_by_reference", "save_split", "load_split", "Pair", "Pairs", "DatasetError",
            "READERS", "TargetScale", "TrainPairs", "EvalPairs", "check_images", "ImageError", "image_size",
-           "read_image", "EVAL_CROPS", "eval_crop_positions", "Part", "load_parts"]
+           "read_image", "EVAL_CROPS", "CropPlan", "eval_crop_positions", "Part", "load_parts"]

@@ -2,7 +2,6 @@
 file that runs before the first step."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -11,7 +10,7 @@ from torch.utils.data import Dataset
 
 from .images import ImageError, image_size, read_image
 from .labels import DatasetError, Pair, Pairs
-from .transforms import RANDOM_CROPS, crop, eval_crop_positions, flip, random_crop_position
+from .transforms import RANDOM_CROPS, CropPlan, crop, flip, random_crop_position
 
 
 class TargetScale:
@@ -124,18 +123,17 @@ class TrainPairs(Dataset):
 
 
 class EvalPairs(Dataset):
-    """All evaluation crops of a pair at once: dist and ref [K, 3, S, S], the published score (NaN when
-    unlabelled) and the pair's index. Random crops are seeded by the reference image's name, so every
-    distorted version of a reference is cut at the same windows (its reference features can be shared)."""
+    """Decoded pairs for evaluation: the distorted image and its reference as [3, H, W] tensors in [0, 1],
+    the published score (NaN when unlabelled) and the pair's index. The crops are cut where they are scored
+    (ahiq.scoring), from the plan."""
 
-    def __init__(self, pairs: Pairs, crop_size: int = 224, crops: str = "five", count: int = 20, seed: int = 0,
-                 check: bool = True, reference_for: set[int] | None = None):
-        """``reference_for``: the pairs whose reference crops are needed (None: all); the others return an
-        empty reference tensor, so a reference shared by many pairs is read once."""
+    def __init__(self, pairs: Pairs, plan: CropPlan, check: bool = True, reference_for: set[int] | None = None):
+        """``reference_for``: the pairs whose reference image is needed (None: all); the others return an
+        empty reference tensor, so a reference shared by many pairs is read once. ``plan``: what the images
+        are checked against."""
         if check:
-            check_images(pairs, crop_size, whole=crops == "whole")
-        self.pairs, self.crop_size, self.crops, self.count, self.seed = list(pairs), crop_size, crops, count, seed
-        self.reference_for = reference_for
+            check_images(pairs, plan.size, whole=plan.mode == "whole")
+        self.pairs, self.reference_for = list(pairs), reference_for
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -143,13 +141,10 @@ class EvalPairs(Dataset):
     def __getitem__(self, index: int):
         pair = self.pairs[index]
         dist = read_image(pair.dist)
-        positions = eval_crop_positions(dist.shape[0], dist.shape[1], self.crop_size, self.crops, self.count,
-                                        self.seed, Path(pair.ref).name)
-        d = torch.stack([to_tensor(crop(dist, t, l, self.crop_size)) for t, l in positions])
+        mos = torch.tensor(pair.mos, dtype=torch.float64)
         if self.reference_for is not None and index not in self.reference_for:
-            return d, torch.empty(0), torch.tensor(pair.mos, dtype=torch.float64), index
+            return to_tensor(dist), torch.empty(0), mos, index
         ref = read_image(pair.ref)
         if dist.shape != ref.shape:
             raise DatasetError(f"{pair.dist} {dist.shape[:2]} and its reference {pair.ref} {ref.shape[:2]} differ in size")
-        r = torch.stack([to_tensor(crop(ref, t, l, self.crop_size)) for t, l in positions])
-        return d, r, torch.tensor(pair.mos, dtype=torch.float64), index
+        return to_tensor(dist), to_tensor(ref), mos, index

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,6 +50,32 @@ def eval_crop_positions(height: int, width: int, size: int, mode: str, count: in
             raise ValueError(f"crop mode 'whole' needs {size}x{size} images, {name or 'an image'} is {height}x{width}")
         return [(0, 0)]
     raise ValueError(f"unknown evaluation crop mode '{mode}'; choose from {', '.join(EVAL_CROPS)}")
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Which crops score a pair: ``size`` square, ``mode`` one of EVAL_CROPS, ``count`` random crops seeded by
+    ``seed`` and the reference's name (eval_crop_positions)."""
+
+    size: int
+    mode: str = "random"
+    count: int = 20
+    seed: int = 0
+
+    def windows(self, height: int, width: int, ref_name: str = "") -> np.ndarray:
+        """(top, left) of each crop of an image of ``height`` x ``width``: [K, 2]."""
+        return np.array(eval_crop_positions(height, width, self.size, self.mode, self.count, self.seed, ref_name),
+                        dtype=np.int64).reshape(-1, 2)
+
+    def cut(self, image, windows: np.ndarray):
+        """The crops of ``image`` at ``windows``: a tensor [3, H, W] gives [K, 3, S, S]; a numpy image
+        [H, W, 3] gives a list of [S, S, 3] views."""
+        s = self.size
+        if isinstance(image, np.ndarray):
+            return [image[t:t + s, l:l + s] for t, l in windows.tolist()]
+        import torch
+
+        return torch.stack([image[:, t:t + s, l:l + s] for t, l in windows.tolist()])
 
 
 def crop(image: np.ndarray, top: int, left: int, size: int) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ahiq.metrics import evaluate, fit_logistic, logistic4, summary_line
+from ahiq.correlations import evaluate, fit_logistic, logistic4, summary_line
 
 
 def test_metrics_against_scipy_with_ties():
