@@ -8,6 +8,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d, deform_conv2d
 
+from .head import is_channels_last
+
 
 # The most bytes of fp32 columns sampled at once: the columns are nine times the features (29 MB per ViT-B/8
 # crop), so a 64-crop pass sampled at once held 3.7 GB of them (and in bf16 their copy as well).
@@ -52,13 +54,16 @@ def deform_conv2d_bilinear(
     groups = n // b
     per_chunk = max(1, COLUMN_BYTES // (groups * c_in * taps * h * w * exact.itemsize))
     if per_chunk >= b:
-        out = _sample_and_multiply(x, grid.repeat(groups, 1, 1, 1), w2d, bias, exact)
-        return out.view(n, c_out, h, w)
-    images = x.view(groups, b, c, h, w)
-    chunks = [_sample_and_multiply(images[:, a:a + per_chunk].reshape(-1, c, h, w),
-                                   grid[a:a + per_chunk].repeat(groups, 1, 1, 1), w2d, bias, exact)
-              .view(groups, -1, c_out, h * w) for a in range(0, b, per_chunk)]
-    return torch.cat(chunks, dim=1).view(n, c_out, h, w)
+        out = _sample_and_multiply(x, grid.repeat(groups, 1, 1, 1), w2d, bias, exact).view(n, c_out, h, w)
+    else:
+        images = x.view(groups, b, c, h, w)
+        chunks = [_sample_and_multiply(images[:, a:a + per_chunk].reshape(-1, c, h, w),
+                                       grid[a:a + per_chunk].repeat(groups, 1, 1, 1), w2d, bias, exact)
+                  .view(groups, -1, c_out, h * w) for a in range(0, b, per_chunk)]
+        out = torch.cat(chunks, dim=1).view(n, c_out, h, w)
+    # The matmul gives NCHW; channels_last input gets channels_last output (one conversion), so that the
+    # convolutions after it see the layout the runtime chose.
+    return out.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else out
 
 
 def _sample_and_multiply(x: torch.Tensor, grid: torch.Tensor, w2d: torch.Tensor, bias: torch.Tensor | None,

@@ -143,9 +143,7 @@ class AHIQ(nn.Module):
 
     def maps_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """The score map and the weight map [G * B, 1, h, w] on the ViT grid whose weighted mean is the score."""
-        reduced = self._reduced(*self._backbones(dist), ref.offset)
-        repeat = dist.shape[0] // ref.reduced.shape[0]
-        return self.head.maps(reduced, ref.reduced.repeat(repeat, 1, 1, 1))
+        return self.head.maps(self._reduced(*self._backbones(dist), ref.offset), ref.reduced)
 
     def score_with_maps(self, dist: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward pass: scores [B], and the score map and weight map [B, h, w] on the ViT grid (28 x 28

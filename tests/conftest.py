@@ -37,6 +37,23 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+def layouts_on_the_way(net, run) -> dict:
+    """The tensors where a channels_last run could fall back to NCHW: the ViT map, the deformable convolution's
+    output (the fusion's projection input), the head's reduction input and its smoothing input (after the
+    concatenation with the broadcast reference). ``run()`` calls ``net``; the same hooks on every device."""
+    layouts = {}
+    hooks = [net.vit.register_forward_hook(lambda m, i, o: layouts.update(vit=o)),
+             net.fusion.project[0].register_forward_pre_hook(lambda m, i: layouts.update(deformed=i[0])),
+             net.head.reduce.register_forward_pre_hook(lambda m, i: layouts.update(reduce=i[0])),
+             net.head.smooth[0].register_forward_pre_hook(lambda m, i: layouts.update(smooth=i[0]))]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return layouts
+
+
 def tiny_options(tmp_path, *overrides):
     """The demo options on a smaller synthetic set (5 references: 3 train, 1 val, 1 test) and model."""
     size = [f"model.{k}={v}" for k, v in TINY.items()]

@@ -16,7 +16,7 @@ from ahiq.official import random_official_setup
 from ahiq.runtime import Runtime
 from ahiq.distributed import Job
 from ahiq.training import make_optimizer, make_stepper, train, train_step
-from conftest import ROOT, TINY, tiny_options
+from conftest import ROOT, TINY, layouts_on_the_way, tiny_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")
@@ -121,15 +121,13 @@ def test_channels_last_stays_nhwc_into_the_head_on_cuda(full_size):
     model, dist, ref, expected = full_size
     runtime = Runtime(channels_last=True)
     net = runtime.prepare(copy.deepcopy(model), CUDA)
-    layouts = {}
-    hooks = [net.vit.register_forward_hook(lambda m, i, o: layouts.update(vit=o)),
-             net.head.reduce.register_forward_pre_hook(lambda m, i: layouts.update(head=i[0])),
-             net.head.smooth[0].register_forward_pre_hook(lambda m, i: layouts.update(smooth=i[0]))]
+    found = {}
     with torch.no_grad():
-        got = net(runtime.inputs(dist, CUDA), runtime.inputs(ref, CUDA)).cpu()
-    for hook in hooks:
-        hook.remove()
-    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in layouts.values()), \
+        layouts = layouts_on_the_way(net, lambda: found.update(
+            got=net(runtime.inputs(dist, CUDA), runtime.inputs(ref, CUDA)).cpu()))
+    got = found["got"]
+    assert set(layouts) == {"vit", "deformed", "reduce", "smooth"}
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in layouts.values()), \
         {k: t.stride() for k, t in layouts.items()}
     assert (got - expected).abs().max().item() <= 1e-4
 

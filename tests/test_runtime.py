@@ -16,7 +16,7 @@ from ahiq.official import random_official_setup
 from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32
 from ahiq.distributed import Job
 from ahiq.training import make_optimizer, make_stepper, train_step
-from conftest import TINY, tiny_options
+from conftest import TINY, layouts_on_the_way, tiny_options
 
 CPU = torch.device("cpu")
 
@@ -192,22 +192,22 @@ def test_bf16_refused_on_a_gpu_that_emulates_it(monkeypatch):
         Runtime(precision="bf16").prepare(torch.nn.Linear(2, 2), gpu)
 
 
-def test_channels_last_keeps_the_vit_map_and_the_head_input_nhwc(model_and_pairs):
-    """Under channels_last the ViT map is a free NHWC view of the tokens (no NCHW copy), so the
-    concatenation that feeds the head stays NHWC instead of falling back to NCHW."""
+def test_channels_last_stays_nhwc_from_the_vit_map_into_the_head(model_and_pairs):
+    """Under channels_last the ViT map is a free NHWC view of the tokens (no NCHW copy), the deformable
+    convolution hands its output on NHWC, and the head's concatenation (the reference broadcast over the
+    distorted images) stays NHWC: no fallback to NCHW on the way. The CUDA twin hooks the same layers."""
     model, dist, ref = model_and_pairs
     runtime = Runtime(channels_last=True)
     prepared = runtime.prepare(copy.deepcopy(model), CPU)
-    layouts = {}
-    hooks = [prepared.vit.register_forward_hook(lambda m, i, o: layouts.update(vit=o)),
-             prepared.head.reduce.register_forward_pre_hook(lambda m, i: layouts.update(head=i[0]))]
+    inputs = runtime.inputs(dist[:4], CPU), runtime.inputs(ref[:2], CPU)
     with torch.no_grad():
-        prepared(runtime.inputs(dist[:2], CPU), runtime.inputs(ref[:2], CPU))
-    for hook in hooks:
-        hook.remove()
-    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in layouts.values())
+        layouts = layouts_on_the_way(prepared, lambda: prepared.maps_with_reference(
+            inputs[0], prepared.reference_features(inputs[1])))
+    assert set(layouts) == {"vit", "deformed", "reduce", "smooth"}
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in layouts.values()), \
+        {k: t.stride() for k, t in layouts.items()}
     with torch.no_grad():
-        plain = prepared.vit((dist[:2] - 0.5) / 0.5)  # NCHW input: the plain layout, as before; same values
+        plain = prepared.vit((dist[:4] - 0.5) / 0.5)  # NCHW input: the plain layout, as before; same values
     assert plain.is_contiguous()
     torch.testing.assert_close(plain, layouts["vit"], rtol=0, atol=1e-6)  # the last ViT call was on dist
 
