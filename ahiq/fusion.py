@@ -70,15 +70,30 @@ def _sample_and_multiply(x: torch.Tensor, grid: torch.Tensor, w2d: torch.Tensor,
                          exact: torch.dtype) -> torch.Tensor:
     """The columns of ``x`` [N, C, H, W] at ``grid`` [N, 9H, W, 2] times ``w2d`` -> [N, C_out, H * W]."""
     n, c, h, w = x.shape
-    # Batched, not stacked on channels: the CPU kernel parallelises over images. The native kernel
-    # (bilinear, zeros, align_corners) called directly: F.grid_sample would send these settings on CUDA to
-    # cuDNN's sampler, which the equality tests never covered and which takes channels_last input badly.
-    cols = torch.grid_sampler_2d(x.to(exact), grid, 0, 0, True)  # [N, C, 9H, W]
+    # The native kernel (bilinear, zeros, align_corners) called directly: F.grid_sample would send these
+    # settings on CUDA to cuDNN's sampler, which the equality tests never covered and which takes
+    # channels_last input badly. The CPU kernel parallelises over images only: fewer images than threads
+    # are sampled as groups of channels (a view of the same memory), so that every thread works.
+    split = _channel_groups(x, n, c)
+    cols = torch.grid_sampler_2d(x.to(exact).reshape(n * split, c // split, h, w),
+                                 grid.repeat_interleave(split, 0) if split > 1 else grid, 0, 0, True)
+    cols = cols.view(n, c, -1, w)  # [N, C, 9H, W]
     cols = cols.to(x.dtype)  # bf16 features give bf16 columns: half the memory of the largest tensor here
     # bmm with the weight broadcast, not matmul: for a weight that requires grad (a parameter, even under
     # no_grad) matmul folds the batch and copies the columns, the largest tensor here (1.7x slower on the CPU).
     out = torch.bmm(w2d.expand(n, -1, -1), cols.view(n, w2d.shape[1], h * w))
     return out if bias is None else out + bias
+
+
+def _channel_groups(x: torch.Tensor, n: int, c: int) -> int:
+    """Into how many groups of channels to split each image for the CPU sampler: as many as threads per
+    image, where the channels divide evenly and the layout makes the split a view (NCHW)."""
+    if x.device.type != "cpu" or not x.is_contiguous():
+        return 1
+    split = max(1, torch.get_num_threads() // n)
+    while c % split:
+        split -= 1
+    return split
 
 
 class DeformFusion(nn.Module):

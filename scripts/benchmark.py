@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,73 +47,24 @@ from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.official import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32  # noqa: E402
 from ahiq.training import make_optimizer, train_step  # noqa: E402
+from measure import PeakMemory, best_time, count_gflop, timed  # noqa: E402
 
 
-def best_time(fn, repeats: int, device: torch.device) -> float:
-    """Fastest of ``repeats`` timed calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: dict,
+           mem_ref: PeakMemory, mem_ours: PeakMemory, extra: str = "", what: str = "max |diff|") -> dict:
+    """One result: n pairs in t seconds for each path, the agreement (agreement()), the peak memory of each;
+    printed as one line and returned as a row."""
+    row = {"case": case, "reference_pairs_per_s": n_ref / t_ref, "ahiq_pairs_per_s": n_ours / t_ours,
+           "speedup": (n_ours / t_ours) / (n_ref / t_ref), **diff, "peak_reference_mib": mem_ref.mib,
+           "peak_ahiq_mib": mem_ours.mib}
+    print(f"{case}: reference {row['reference_pairs_per_s']:.3f} pairs/s, ahiq {row['ahiq_pairs_per_s']:.3f} pairs/s, "
+          f"speedup {row['speedup']:.2f}x, {agreement_text(diff, what)}, peak memory reference {mem_ref.mib:.0f} MiB, "
+          f"ahiq {mem_ours.mib:.0f} MiB{extra}", flush=True)
+    return row
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise OSError(f"no {key} in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory of a block above what was allocated before it, in MiB (NaN where it cannot be measured)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mib, self.base = device, float("nan"), None
-
-    def __enter__(self):
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return self
-        try:  # hand freed heap memory back first, so that reuse does not hide growth; then reset VmHWM
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            self.base = _status_kib("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.base = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.base is None:
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
-        else:
-            self.mib = (_status_kib("VmHWM") - self.base) / 2 ** 10
-
-
-def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: str,
-           mem_ref: PeakMemory, mem_ours: PeakMemory, extra: str = "") -> None:
-    """One result line: n pairs in t seconds for each path; ``diff``: the agreement (agreement())."""
-    print(f"{case}: reference {n_ref / t_ref:.3f} pairs/s, ahiq {n_ours / t_ours:.3f} pairs/s, "
-          f"speedup {(n_ours / t_ours) / (n_ref / t_ref):.2f}x, {diff}, "
-          f"peak memory reference {mem_ref.mib:.0f} MiB, ahiq {mem_ours.mib:.0f} MiB{extra}", flush=True)
-
-
-def model_suite(device: torch.device, repeats: int) -> None:
+def model_suite(device: torch.device, repeats: int) -> list[dict]:
+    rows = []
     for patch_size in (8, 16):
         torch.manual_seed(0)
         with tempfile.TemporaryDirectory() as tmp:
@@ -123,16 +72,19 @@ def model_suite(device: torch.device, repeats: int) -> None:
         reference, model = reference.to(device), model.to(device)
         dist, ref = torch.rand(2, 1, 3, 224, 224, device=device)
         with torch.no_grad():
-            diff = f"max |diff| {(model(dist, ref) - reference(dist, ref)).abs().max().item():.2e}"
+            diff = {"max_diff": (model(dist, ref) - reference(dist, ref)).abs().max().item()}
             with PeakMemory(device) as mem_ref:
                 t_ref = best_time(lambda: reference(dist, ref), repeats, device)
             with PeakMemory(device) as mem_ours:
                 t_ours = best_time(lambda: model(dist, ref), repeats, device)
-        report(f"pair224_p{patch_size}", 1, t_ref, 1, t_ours, diff, mem_ref, mem_ours)
+        rows.append(report(f"pair224_p{patch_size}", 1, t_ref, 1, t_ours, diff, mem_ref, mem_ours))
+    return rows
 
 
-def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dict[str, Runtime]) -> None:
-    """Crop-ensemble evaluation: the official per-crop loop against ahiq's grouped prediction."""
+def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dict[str, Runtime],
+               sizes: dict | None = None) -> list[dict]:
+    """Crop-ensemble evaluation: the official per-crop loop against ahiq's grouped prediction. ``sizes``:
+    AHIQ's size arguments (the paper's by default); the images keep their shapes relative to the crop."""
     import cv2
     from scipy.stats import spearmanr
 
@@ -140,13 +92,20 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
     from ahiq.data import Part
     from ahiq.evaluation import predict
 
+    sizes = sizes or {}
+    size = sizes.get("img_size", 224)
+    scaled = lambda pixels: pixels * size // 224  # noqa: E731
     torch.manual_seed(0)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        reference, model, checkpoint = random_official_setup(8, tmp)
+        reference, model, _ = random_official_setup(8, tmp, **sizes)
+        checkpoint = Path(tmp) / "ahiq.pth"  # this project's format: it carries the sizes the metric needs
+        model.save_checkpoint(checkpoint)
         reference = reference.to(device)
         models = {name: runtime.prepare(copy.deepcopy(model), device) for name, runtime in runtimes.items()}
         rng = np.random.default_rng(0)
-        cases = {f"pipal_288_{crops}crop": (288, 288, 2, distortions), f"live_768x512_{crops}crop": (512, 768, 1, 1)}
+        cases = {f"pipal_{scaled(288)}_{crops}crop": (scaled(288), scaled(288), 2, distortions),
+                 f"live_{scaled(768)}x{scaled(512)}_{crops}crop": (scaled(512), scaled(768), 1, 1)}
         for case, (h, w, n_refs, per_ref) in cases.items():
             pairs, psnr = [], []
             for r in range(n_refs):  # smooth random images: compression and decoding behave as for photos
@@ -158,7 +117,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                     pairs.append(Pair(f"{tmp}/{case}_R{r}.png", f"{tmp}/{case}_R{r}_{d}.png", float("nan"), f"{r}_{d}"))
                     psnr.append(cv2.PSNR(ref, noisy))
             part = Part(Pairs(pairs), None)
-            plan = CropPlan(224, "random", crops)
+            plan = CropPlan(size, "random", crops)
             decoded = EvalPairs(part.pairs, plan, check=False)
             items = [[plan.cut(image, plan.windows(h, w, Path(pair.ref).name)) for image in decoded[i][:2]]
                      for i, pair in enumerate(pairs)]
@@ -172,13 +131,9 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                     out.append(sum(reference(dist[:, k], ref[:, k]) for k in range(crops)) / crops)
                 return torch.cat(out)
 
-            def timed(fn, memory):
+            def measured(fn, memory):
                 with torch.no_grad(), memory:
-                    synchronize(device)
-                    start = time.perf_counter()
-                    result = fn()
-                    synchronize(device)
-                    return result, time.perf_counter() - start
+                    return timed(fn, device)
 
             n = len(pairs)
             # Both paths warmed up untimed on one crop of one pair (CUDA handles, lazy kernel loading, the
@@ -186,10 +141,10 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
             with torch.no_grad():
                 reference(items[0][0][:1].to(device), items[0][1][:1].to(device))
                 for name, runtime in runtimes.items():
-                    predict([models[name]], Part(Pairs(pairs[:1]), None), CropPlan(224, "random", 1), device=device,
+                    predict([models[name]], Part(Pairs(pairs[:1]), None), CropPlan(size, "random", 1), device=device,
                             runtime=runtime)
             mem_ref = PeakMemory(device)
-            expected, t_ref = timed(official, mem_ref)
+            expected, t_ref = measured(official, mem_ref)
             expected = expected.double().cpu().numpy()
             results = {}
             for name, runtime in runtimes.items():
@@ -197,33 +152,42 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                     return predict([models[name]], part, plan, batch_size=per_ref, device=device, runtime=runtime)
 
                 if runtime.compile:
-                    timed(ours, PeakMemory(device))  # compiling is not timed
+                    measured(ours, PeakMemory(device))  # compiling is not timed
                 mem_ours = PeakMemory(device)
-                results[name], t_ours = timed(ours, mem_ours)
+                results[name], t_ours = measured(ours, mem_ours)
                 # with more than a few pairs: whether the ranking against a label (here the PSNR) is the same
                 extra = (f", SROCC vs PSNR reference {spearmanr(expected, psnr)[0]:.4f}, ahiq "
                          f"{spearmanr(results[name], psnr)[0]:.4f}" if n >= 8 else "")
-                report(f"{case}_{name}", n, t_ref, n, t_ours, agreement(results, expected, name), mem_ref, mem_ours,
-                       extra)
-            metric_row(case, checkpoint, runtimes, part, plan, device, results)
+                rows.append(report(f"{case}_{name}", n, t_ref, n, t_ours, agreement(results, expected, name), mem_ref,
+                                   mem_ours, extra))
+            rows += metric_rows(case, checkpoint, runtimes, part, plan, device, results)
+    return rows
 
 
-def agreement(scores: dict, official, name: str) -> str:
+def agreement(scores: dict, official, name: str) -> dict:
     """The agreement of the row ``name`` of ``scores`` (numpy arrays by row name): its largest difference from
     the official pattern's scores, and for a row other than fp32 also from ahiq's fp32 row."""
-    text = f"max |diff| {np.abs(scores[name] - official).max():.2e}"
+    found = {"max_diff": float(np.abs(scores[name] - official).max())}
     if name != "fp32" and "fp32" in scores:
-        text += f" (against ahiq fp32 {np.abs(scores[name] - scores['fp32']).max():.2e})"
-    return text
+        found["max_diff_vs_fp32"] = float(np.abs(scores[name] - scores["fp32"]).max())
+    return found
 
 
-def metric_row(case: str, checkpoint: Path, runtimes: dict, part, plan, device: torch.device, results: dict) -> None:
+def agreement_text(diff: dict, what: str = "max |diff|") -> str:
+    if "max_diff" not in diff:
+        return f"{what} not compared"
+    text = f"{what} {diff['max_diff']:.2e}"
+    return text + (f" (against ahiq fp32 {diff['max_diff_vs_fp32']:.2e})" if "max_diff_vs_fp32" in diff else "")
+
+
+def metric_rows(case: str, checkpoint: Path, runtimes: dict, part, plan, device: torch.device, results: dict) -> list[dict]:
     """The metric (ahiq.create_metric) on the same pairs as in-memory tensors, against the prediction from the
     files that the scorer and test.py make: the same scores from the same core, and its speed (no decoding)."""
     from ahiq.data import read_image
     from ahiq.data.datasets import to_tensor
     from ahiq.metric import create_metric
 
+    rows = []
     for name, runtime in runtimes.items():
         metric = create_metric(checkpoint, crops=plan.mode, num_crops=plan.count, device=device, runtime=runtime,
                                vit_pretrained=checkpoint.parent / "vit.pth", cnn_pretrained=checkpoint.parent / "resnet.pth")
@@ -231,13 +195,12 @@ def metric_row(case: str, checkpoint: Path, runtimes: dict, part, plan, device: 
         refs = [to_tensor(read_image(p.ref)) for p in part.pairs]
         names = [Path(p.ref).name for p in part.pairs]
         with torch.no_grad(), PeakMemory(device) as memory:
-            synchronize(device)
-            start = time.perf_counter()
-            got = metric(dists, refs, ref_names=names).double().cpu().numpy()
-            synchronize(device)
-            seconds = time.perf_counter() - start
+            got, seconds = timed(lambda: metric(dists, refs, ref_names=names).double().cpu().numpy(), device)
+        rows.append({"case": f"{case}_{name}_metric", "metric_pairs_per_s": len(dists) / seconds,
+                     "max_diff_vs_scorer": float(np.abs(got - results[name]).max()), "peak_metric_mib": memory.mib})
         print(f"{case}_{name}_metric: metric {len(dists) / seconds:.3f} pairs/s, max |diff| against the scorer "
-              f"{np.abs(got - results[name]).max():.2e}, peak memory {memory.mib:.0f} MiB", flush=True)
+              f"{rows[-1]['max_diff_vs_scorer']:.2e}, peak memory {memory.mib:.0f} MiB", flush=True)
+    return rows
 
 
 def chunk_suite(device: torch.device, sizes: list[int]) -> None:
@@ -261,7 +224,8 @@ def chunk_suite(device: torch.device, sizes: list[int]) -> None:
             with PeakMemory(device) as memory:
                 seconds = best_time(run, 2, device)
         print(f"chunk_{size}: {seconds:.2f} s per pair of 20 crops, peak memory {memory.mib:.0f} MiB", flush=True)
-    print(f"# automatic choice here: {Runtime().crops_per_pass(model, device)} crops per pass", flush=True)
+    with torch.no_grad():  # as evaluation asks (under autograd a crop counts as four)
+        print(f"# automatic choice here: {Runtime().crops_per_pass(model, device)} crops per pass", flush=True)
 
 
 def official_stepper(reference: torch.nn.Module, device: torch.device):
@@ -293,50 +257,51 @@ def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device)
                                                 runtime.inputs(ref, device), target, runtime=runtime)
 
 
-def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]) -> None:
-    """Training steps of ViT-B/8: the official step against ahiq.training.train_step, from the same weights."""
+def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime], sizes: dict | None = None,
+                largest: bool = True) -> list[dict]:
+    """Training steps of ViT-B/8: the official step against ahiq.training.train_step, from the same weights
+    (``sizes``: AHIQ's size arguments; ``largest``: on CUDA also the largest batch each path fits)."""
+    sizes = sizes or {}
+    size = sizes.get("img_size", 224)
     torch.manual_seed(0)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        reference, model, _ = random_official_setup(8, tmp)
+        reference, model, _ = random_official_setup(8, tmp, **sizes)
 
     def run(stepper, batches):
         """Losses of all steps and the seconds of all but the first (the warm-up)."""
-        memory = PeakMemory(device)
-        with memory:
-            losses = [stepper(*batches[0])]
-            synchronize(device)
-            start = time.perf_counter()
-            losses += [stepper(*batch) for batch in batches[1:]]
-            synchronize(device)
-        return losses, time.perf_counter() - start, memory
+        with PeakMemory(device) as memory:
+            first = stepper(*batches[0])
+            rest, seconds = timed(lambda: [stepper(*batch) for batch in batches[1:]], device)
+        return [first, *rest], seconds, memory
 
-    def batches(size, count):
-        g = torch.Generator().manual_seed(size)
-        return [(torch.rand(size, 3, 224, 224, generator=g).to(device), torch.rand(size, 3, 224, 224, generator=g).to(device),
-                 torch.rand(size, generator=g).to(device)) for _ in range(count)]
+    def batches(batch, count):
+        g = torch.Generator().manual_seed(batch)
+        return [(torch.rand(batch, 3, size, size, generator=g).to(device),
+                 torch.rand(batch, 3, size, size, generator=g).to(device), torch.rand(batch, generator=g).to(device))
+                for _ in range(count)]
 
     data = batches(4, repeats + 1)
     ref_losses, t_ref, mem_ref = run(official_stepper(reference, device), data)
     losses = {}
     for name, runtime in runtimes.items():
         losses[name], t_ours, mem_ours = run(ahiq_stepper(model, runtime, device), data)
-        relative = {row: [(b - a) / abs(a) for a, b in zip(ref_losses, values)] for row, values in losses.items()}
-        report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours,
-               agreement({row: np.array(v) for row, v in relative.items()}, 0.0, name).replace("|diff|", "relative |diff|"),
-               mem_ref, mem_ours)
-    if device.type != "cuda":
+        relative = {row: np.array([(b - a) / abs(a) for a, b in zip(ref_losses, values)]) for row, values in losses.items()}
+        rows.append(report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours,
+                           agreement(relative, 0.0, name), mem_ref, mem_ours, what="max relative |diff| of the losses"))
+    if device.type != "cuda" or not largest:
         print("# train, largest batch: CUDA only (the CPU has no fixed memory limit)", flush=True)
-        return
+        return rows
     for name, runtime in runtimes.items():
         found = {}
         for label, make in (("reference", lambda: official_stepper(reference, device)),
                             ("ahiq", lambda: ahiq_stepper(model, runtime, device))):
-            size = 4
-            while size <= 512:  # doubling until the device runs out of memory
+            batch = 4
+            while batch <= 512:  # doubling until the device runs out of memory
                 try:
-                    _, seconds, memory = run(make(), batches(size * 2, 3))
-                    size *= 2
-                    found[label] = (size, seconds, memory)
+                    _, seconds, memory = run(make(), batches(batch * 2, 3))
+                    batch *= 2
+                    found[label] = (batch, seconds, memory)
                 except torch.OutOfMemoryError:
                     break
                 finally:
@@ -344,46 +309,9 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
                     torch.cuda.empty_cache()
         if len(found) == 2:
             (b_ref, t_ref, m_ref), (b_ours, t_ours, m_ours) = found["reference"], found["ahiq"]
-            report(f"train_p8_largest_{name}", 2 * b_ref, t_ref, 2 * b_ours, t_ours, "max |diff| not compared", m_ref, m_ours,
-                   f", batch reference {b_ref}, ahiq {b_ours}")
-
-
-def _deform_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import conv_flop_count
-    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
-
-
-def _deform_backward_flop(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * _deform_flop(x_shape, w_shape, out_shape=grad_shape)  # input and weight gradients
-
-
-def _as_gpu_attention(name: str):
-    """torch's table lacks the CPU's attention kernels, which compute what the GPU's flash kernels do."""
-    from torch.utils.flop_counter import flop_registry
-
-    def count(*args, **kwargs):
-        return flop_registry[getattr(torch.ops.aten, name)](*args, **kwargs)
-    count._get_raw = True  # the table's entries take tensors, not shapes
-    return count
-
-
-def count_gflop(fn) -> float:
-    """GFLOP of ``fn()`` as torch.utils.flop_counter counts them (matmuls, convolutions, attention and their
-    gradients), with torchvision's deformable convolution counted as the 3x3 convolution it computes and
-    the CPU's attention kernels as the GPU's. Not counted: bilinear sampling and elementwise work."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False, custom_mapping={
-        torch.ops.torchvision.deform_conv2d: _deform_flop,
-        torch.ops.torchvision._deform_conv2d_backward: _deform_backward_flop,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-            _as_gpu_attention("_scaled_dot_product_flash_attention"),
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            _as_gpu_attention("_scaled_dot_product_flash_attention_backward"),
-    })
-    with counter:
-        fn()
-    return counter.get_total_flops() / 1e9
+            rows.append(report(f"train_p8_largest_{name}", 2 * b_ref, t_ref, 2 * b_ours, t_ours, {}, m_ref, m_ours,
+                               f", batch reference {b_ref}, ahiq {b_ours}"))
+    return rows
 
 
 def flops_suite(crops: int, per_reference: int) -> None:
@@ -421,6 +349,8 @@ def main() -> None:
     parser.add_argument("--distortions", type=int, default=None,
                         help="eval suite: distorted images per reference (default 16 on CUDA, 4 on the CPU)")
     parser.add_argument("--crops", type=int, default=None, help="eval suite: random crops (default 20 on CUDA, 5 on the CPU)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[20, 10, 8, 5, 2],
+                        help="chunk suite: the crops per forward pass to measure")
     parser.add_argument("--channels-last", action="store_true", help="ahiq: the channels_last layout")
     parser.add_argument("--compile", action="store_true", help="ahiq: torch.compile (compile time in the warm-up)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "all"], default=None,
@@ -447,7 +377,7 @@ def main() -> None:
     if args.suite in ("flops", "all"):
         flops_suite(args.crops or 20, args.distortions or 16)
     if args.suite in ("chunk", "all"):
-        chunk_suite(device, [20, 10, 8, 5])
+        chunk_suite(device, args.chunks)
 
 
 if __name__ == "__main__":

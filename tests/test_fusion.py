@@ -97,7 +97,9 @@ def test_bf16_columns_use_one_bf16_weight_and_keep_the_output_bf16(monkeypatch):
     assert out.dtype == torch.bfloat16
     assert seen == [(torch.bfloat16, 0, torch.bfloat16)]  # stride 0: the weight broadcast, not copied
     expected = deform_conv2d(x.bfloat16().float(), offset, weight, bias, padding=(1, 1))
-    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.3)
+    # bf16 keeps 8 significant bits (2^-8 = 0.0039); measured over 50 seeds of these inputs, the largest error
+    # is at most 0.0064 of the largest output. Twice that:
+    assert (out.float() - expected).abs().max() <= 0.013 * expected.abs().max()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -170,3 +172,21 @@ def test_training_offsets_keep_the_vit_features_not_their_upsampled_copy(device)
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # the upsampled features (2 x 20 x 16 x 16) are recomputed in the backward pass, not kept
     assert saved_elements and max(saved_elements) < 2 * 20 * 16 * 16
+
+
+def test_one_image_is_sampled_as_groups_of_channels_on_every_thread(monkeypatch):
+    """The CPU sampler parallelises over images: one image is sampled as groups of its channels (a view),
+    with the same columns bit for bit."""
+    from ahiq import fusion
+
+    torch.manual_seed(0)
+    x, offset = torch.randn(1, 6, 9, 11), 2 * torch.randn(1, 18, 9, 11)
+    weight, bias = torch.randn(5, 6, 3, 3), torch.randn(5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    shapes = []
+    sampler = torch.grid_sampler_2d
+    monkeypatch.setattr(torch, "grid_sampler_2d", lambda a, *rest: shapes.append(tuple(a.shape)) or sampler(a, *rest))
+    split = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
+    monkeypatch.setattr(fusion, "_channel_groups", lambda x, n, c: 1)
+    whole = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
+    assert shapes == [(3, 2, 9, 11), (1, 6, 9, 11)] and torch.equal(split, whole)

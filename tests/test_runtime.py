@@ -120,7 +120,8 @@ def test_bf16_training_step_keeps_fp32_weights(model_and_pairs):
     fp32_loss = torch.nn.functional.mse_loss(model(dist[:4], ref[:4]), torch.full((4,), 0.5)).item()
     loss = train_step(model, optimizer, scheduler, dist[:4], ref[:4], torch.full((4,), 0.5),
                       runtime=Runtime(precision="bf16"))
-    assert loss == pytest.approx(fp32_loss, rel=0.05)
+    # measured over 10 seeds of the tiny model: at most 0.0092 relative; twice that
+    assert loss == pytest.approx(fp32_loss, rel=0.02)
     after = model.state_dict()
     assert all(v.dtype == before[k].dtype for k, v in after.items())
     assert not torch.equal(after["head.score.weight"], before["head.score.weight"])
@@ -252,3 +253,29 @@ def test_auto_precision_on_a_gpu_follows_its_native_bf16(monkeypatch):
     for native in (True, False):
         monkeypatch.setattr("ahiq.runtime.native_bf16", lambda device, native=native: native)
         assert Runtime(precision="auto").bf16(torch.device("cuda", 0)) is native
+
+
+def test_crops_per_pass_fit_the_free_memory(monkeypatch):
+    """Unless runtime.crop_chunk is set, evaluation (no autograd) takes a quarter of the CPU's available
+    memory, at most 128 MiB (one full-size crop), or half a GPU's free memory, between 1 and 64 crops; under
+    autograd (the metric as a loss) a crop counts three times."""
+    from ahiq import runtime as rt
+
+    full = type("Model", (), {"config": dict(img_size=224, vit_dim=768, cnn_width=64, patch_size=8)})()
+    half = type("Model", (), {"config": dict(img_size=112, vit_dim=768, cnn_width=64, patch_size=8)})()  # 32 MiB
+    tiny = type("Model", (), {"config": dict(img_size=64, vit_dim=32, cnn_width=8, patch_size=8)})()
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(rt, "available_memory", lambda: 64 * 2 ** 30)
+    with torch.enable_grad():
+        assert Runtime().crops_per_pass(half, cpu) == 1
+    with torch.no_grad():
+        assert Runtime().crops_per_pass(full, cpu) == 1 and Runtime(crop_chunk=20).crops_per_pass(full, cpu) == 20
+        assert Runtime().crops_per_pass(half, cpu) == 4 and Runtime().crops_per_pass(tiny, cpu) == 64  # the cap
+        monkeypatch.setattr(rt, "available_memory", lambda: 256 * 2 ** 20)  # a quarter: 64 MiB
+        assert Runtime().crops_per_pass(half, cpu) == 2 and Runtime().crops_per_pass(full, cpu) == 1
+        monkeypatch.setattr(rt, "available_memory", lambda: 100 * 2 ** 20)
+        assert Runtime().crops_per_pass(full, cpu) == 1  # never none
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * 2 ** 30, 8 * 2 ** 30))  # simulated GPU
+        assert Runtime().crops_per_pass(full, torch.device("cuda", 0)) == 24  # 3 GiB / 128 MiB
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * 2 ** 30, 80 * 2 ** 30))
+        assert Runtime().crops_per_pass(full, torch.device("cuda", 0)) == 64

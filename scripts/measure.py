@@ -1,0 +1,106 @@
+"""How the benchmarks measure: wall time with the device synchronised, peak memory above a baseline, and the
+operations a call performs (torch.utils.flop_counter, with the kernels it lacks added)."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+
+def timed(fn, device: torch.device):
+    """``fn()`` and the seconds it took, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def best_time(fn, repeats: int, device: torch.device) -> float:
+    """Fastest of ``repeats`` timed calls after one warm-up call."""
+    fn()
+    return min(timed(fn, device)[1] for _ in range(repeats))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+class PeakMemory:
+    """Peak memory of a block above what was allocated before it, in MiB (NaN where it cannot be measured)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mib, self.base = device, float("nan"), None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        try:  # hand freed heap memory back first, so that reuse does not hide growth; then reset VmHWM
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self.base = _status_kib("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.base is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
+        else:
+            self.mib = (_status_kib("VmHWM") - self.base) / 2 ** 10
+
+
+def _deform_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
+def _deform_backward_flop(grad_shape, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _deform_flop(x_shape, w_shape, out_shape=grad_shape)  # input and weight gradients
+
+
+def _as_gpu_attention(name: str):
+    """torch's table lacks the CPU's attention kernels, which compute what the GPU's flash kernels do."""
+    from torch.utils.flop_counter import flop_registry
+
+    def count(*args, **kwargs):
+        return flop_registry[getattr(torch.ops.aten, name)](*args, **kwargs)
+    count._get_raw = True  # the table's entries take tensors, not shapes
+    return count
+
+
+def count_gflop(fn) -> float:
+    """GFLOP of ``fn()`` as torch.utils.flop_counter counts them (matmuls, convolutions, attention and their
+    gradients), with torchvision's deformable convolution counted as the 3x3 convolution it computes and
+    the CPU's attention kernels as the GPU's. Not counted: bilinear sampling and elementwise work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.torchvision.deform_conv2d: _deform_flop,
+        torch.ops.torchvision._deform_conv2d_backward: _deform_backward_flop,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            _as_gpu_attention("_scaled_dot_product_flash_attention"),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            _as_gpu_attention("_scaled_dot_product_flash_attention_backward"),
+    })
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
