@@ -227,8 +227,11 @@ def _extreme_maps(folder: Path, model: AHIQ, part: Part, pred: np.ndarray, logis
     chosen = {f"worst_{rank + 1}": i for rank, i in enumerate(order[::-1][:n])}
     chosen.update({f"best_{rank + 1}": i for rank, i in enumerate(order[:n])})
     stems = [f"{label}_{Path(part.pairs[i].name).stem}" for label, i in chosen.items()]
+    fit = " after the logistic fit" if logistic is not None else ""
+    titles = [f"{stem}\npredicted {pred[i]:.4f}, MOS {part.pairs[i].mos:g} (target {part.targets[i]:.4f}), "
+              f"error {fitted[i] - part.targets[i]:+.4f}{fit}" for stem, i in zip(stems, chosen.values())]
     folder.mkdir(parents=True, exist_ok=True)
     for stem, maps in zip(stems, maps_of(model, part.pairs, list(chosen.values()), plan, device, runtime)):
         maps.save(folder / f"{stem}.npz")
-    write_panels(folder, [part.pairs[i] for i in chosen.values()], stems)
+    write_panels(folder, [part.pairs[i] for i in chosen.values()], stems, titles)
     print(f"wrote the quality maps of the {n} worst and {n} best predicted pairs to {folder}")

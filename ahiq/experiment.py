@@ -19,9 +19,7 @@ def setup_logging(experiment_dir: Path) -> None:
     """The ``ahiq`` logger writes to ``train.log`` in the folder and to the console."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
     log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
+    close_logging()
     file_handler = logging.FileHandler(experiment_dir / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     console = logging.StreamHandler()
@@ -29,6 +27,13 @@ def setup_logging(experiment_dir: Path) -> None:
     log.addHandler(file_handler)
     log.addHandler(console)
     log.propagate = False
+
+
+def close_logging() -> None:
+    """Detach the ``ahiq`` logger from its files (train.log) and the console."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
 
 
 def remove_stale_temporaries(experiment_dir: Path) -> None:
@@ -52,32 +57,34 @@ def resume_path(resume: str | None, experiment_dir: Path) -> Path | None:
     return Path(resume)
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """The random state of the run: torch's, numpy's, Python's, and on a CUDA run its own GPU's. Only the
+    run's device is asked: a CPU run on a machine with GPUs creates no CUDA context (under torchrun, one per
+    process and GPU), and a GPU run touches no other GPU."""
     # numpy's state as a tensor and plain numbers: checkpoints stay loadable with weights_only=True
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                        cached], "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore rng_state's state; the GPU state goes to the run's own GPU (whichever GPU, or however many,
+    the run that saved it had), and a run on the CPU ignores it."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        # One state per GPU of the machine that saved it: a run resumed on fewer GPUs (trained on four,
-        # continued on one) takes the first ones; torch.cuda.set_rng_state_all would fail on the others.
-        for index, gpu_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(gpu_state, index)
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_training_checkpoint(path: Path, model: AHIQ, optimizer, scheduler, epoch: int, best: dict, opt: dict,
-                             **extra) -> None:
+                             device: torch.device, **extra) -> None:
     model.save_checkpoint(path, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                          best=best, rng=rng_state(), options=opt, **extra)
+                          best=best, rng=rng_state(device), options=opt, **extra)
 
 
 def load_training_checkpoint(path: Path, experiment_dir: Path) -> tuple[Path, dict]:

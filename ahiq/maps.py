@@ -55,11 +55,15 @@ class QualityMaps:
                             crop_size=np.int64(self.crop_size))
 
 
-def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, score: float,
-          score_range: tuple[float, float], title: str = "") -> np.ndarray:
-    """A BGR picture: the distorted image (RGB uint8 [H, W, 3]), then the score map and the weight map as
-    colour overlays on it (viridis, perceptually uniform; ``score_range`` fixed per run so that panels
-    compare; weights in [0, 1]), each with a legend; uncovered pixels hatched; the score in the title."""
+MAP_OPACITY = 0.85  # the maps over a faint copy of the image: the colours carry the information
+
+
+def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, score_range: tuple[float, float],
+          title: str) -> np.ndarray:
+    """A BGR picture: the distorted image (RGB uint8 [H, W, 3]), then the score map and the weight map in
+    viridis (perceptually uniform; ``score_range`` fixed per run so that panels compare; weights in [0, 1])
+    over a faint copy of the image, each with a legend; uncovered pixels hatched; ``title`` above (its lines
+    split at newlines)."""
     scale = -(-256 // image.shape[1])  # small images enlarged (nearest), so that the legends fit
     if scale > 1:
         image, score_map, weight_map = (np.repeat(np.repeat(a, scale, 0), scale, 1)
@@ -70,9 +74,10 @@ def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, scor
         tiles.append(_with_legend(_overlay(base, values, low, high), (low, high), name))
     gap = np.full((tiles[0].shape[0], 8, 3), 255, np.uint8)
     body = np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]])
-    header = np.full((28, body.shape[1], 3), 255, np.uint8)
-    cv2.putText(header, f"{title}  score {score:.4f}".strip(), (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0),
-                1, cv2.LINE_AA)
+    lines = title.splitlines() or [""]
+    header = np.full((8 + 20 * len(lines), body.shape[1], 3), 255, np.uint8)
+    for number, line in enumerate(lines):
+        cv2.putText(header, line, (6, 20 + 20 * number), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return np.vstack([header, body])
 
 
@@ -80,7 +85,7 @@ def _overlay(base: np.ndarray, values: np.ndarray, low: float, high: float) -> n
     covered = np.isfinite(values)
     scaled = np.clip((np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-12), 0, 1)
     colours = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_VIRIDIS)
-    out = cv2.addWeighted(base, 0.35, colours, 0.65, 0)
+    out = cv2.addWeighted(base, 1 - MAP_OPACITY, colours, MAP_OPACITY, 0)
     hatch = (np.add.outer(np.arange(values.shape[0]), np.arange(values.shape[1])) % 8) < 2
     out[~covered] = base[~covered]
     out[~covered & hatch] = (128, 128, 128)
@@ -105,18 +110,19 @@ def map_file_stems(names: list[str]) -> list[str]:
     return [f"{s}_{i}" if s in repeated else s for i, s in enumerate(stems)]
 
 
-def write_panels(folder: Path, pairs, stems: list[str] | None = None) -> None:
+def write_panels(folder: Path, pairs, stems: list[str] | None = None, titles: list[str] | None = None) -> None:
     """A panel ``<stem>.png`` for every pair whose ``<stem>.npz`` is in ``folder`` (stems: map_file_stems by
-    default), with one score range for all of them (the 1st to 99th percentile of every covered pixel)."""
+    default), with one score range for all of them (the 1st to 99th percentile of every covered pixel);
+    ``titles`` (default: the stem and the score) above each."""
     from .data.images import read_image
 
     stems = stems or map_file_stems([p.name for p in pairs])
     saved = {stem: np.load(folder / f"{stem}.npz") for stem in stems if (folder / f"{stem}.npz").is_file()}
     values = np.concatenate([m["score_map"][np.isfinite(m["score_map"])] for m in saved.values()] or [np.empty(0)])
     score_range = (float(np.percentile(values, 1)), float(np.percentile(values, 99))) if values.size else (0.0, 1.0)
-    for stem, pair in zip(stems, pairs):
+    for number, (stem, pair) in enumerate(zip(stems, pairs)):
         if stem in saved:
             maps = saved[stem]
-            picture = panel(read_image(pair.dist), maps["score_map"], maps["weight_map"], float(maps["score"]),
-                            score_range, stem)
+            title = titles[number] if titles else f"{stem}  score {float(maps['score']):.4f}"
+            picture = panel(read_image(pair.dist), maps["score_map"], maps["weight_map"], score_range, title)
             cv2.imwrite(str(folder / f"{stem}.png"), picture)

@@ -115,6 +115,12 @@ class AHIQ(nn.Module):
         if self.freeze_backbones:  # frozen backbones keep their BatchNorm statistics and no dropout
             self.vit.eval()
             self.cnn.eval()
+        # Fine-tuned backbones train their BatchNorm scale and shift, never their statistics: normalising by
+        # the batch would make an image's result depend on the others in its batch, and under torchrun on how
+        # the global batch is shared out (each process its own share, its padding copies included).
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
         return self
 
     def _backbones(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

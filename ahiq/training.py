@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +19,8 @@ from .data import CropPlan, DatasetError, TrainPairs, check_images, load_parts
 from .distributed import Job, Weighted, destroy, init_distributed, rank_batches
 from .data.images import read_image
 from .evaluation import maps_of, predict_shared
-from .experiment import (load_training_checkpoint, lock_folder, log, remove_stale_temporaries, resume_path,
-                         save_training_checkpoint, set_rng_state, setup_logging, stopped)
+from .experiment import (close_logging, load_training_checkpoint, lock_folder, log, remove_stale_temporaries,
+                         resume_path, save_training_checkpoint, set_rng_state, setup_logging, stopped)
 from .maps import panel
 from .correlations import evaluate, summary_line
 from .model import AHIQ, build_model
@@ -76,6 +77,11 @@ def make_optimizer(model: AHIQ, train_opt: dict):
     """Adam over the trained weights and the cosine schedule, stepped every iteration (the official recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=train_opt["lr"], weight_decay=train_opt["weight_decay"])
+    if all(p.device.type == "cpu" for p in params):
+        # torch's step asks for the current CUDA stream (a CUDA-graph capture check) whenever CUDA is
+        # available, creating a CUDA context in every process of a CPU run on a GPU machine; CPU weights
+        # have nothing to capture.
+        optimizer._accelerator_graph_capture_health_check = lambda: None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train_opt["t_max"],
                                                            eta_min=train_opt["eta_min"])
     return optimizer, scheduler
@@ -114,10 +120,20 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     written (Stopped); train.resume=auto continues it exactly."""
     job, device = init_distributed(opt["train"]["device"])
     experiment_dir = Path(checkpoints_root) / opt["name"]
+    new_folder = job.main and not experiment_dir.exists()
     lock = lock_folder(experiment_dir) if job.main else None  # before anything in the folder is touched
     try:
         with StopSignals() as signals:
-            return Trainer(opt, experiment_dir, job, device, signals).run()
+            try:
+                trainer = Trainer(opt, experiment_dir, job, device, signals)
+            except BaseException:
+                if new_folder:  # a run that never started leaves no experiment folder behind
+                    close_logging()
+                    lock.close()
+                    lock = None
+                    shutil.rmtree(experiment_dir, ignore_errors=True)
+                raise
+            return trainer.run()
     finally:
         if lock is not None:
             lock.close()
@@ -184,7 +200,7 @@ class Trainer:
         self.model.restore(saved, path)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"], self.device)
         self.start_epoch, self.best = saved["epoch"] + 1, saved["best"]
         self.partial = saved.get("partial")  # a run stopped within an epoch
         within = f", step {self.partial['steps']} of epoch {self.start_epoch + 1}" if self.partial else ""
@@ -195,7 +211,7 @@ class Trainer:
         next one done so far."""
         if self.job.main:
             save_training_checkpoint(self.experiment_dir / name, self.model, self.optimizer, self.scheduler, epoch,
-                                     self.best, self.opt, **({"partial": partial} if partial else {}))
+                                     self.best, self.opt, self.device, **({"partial": partial} if partial else {}))
 
     def _stop(self, where: str) -> Stopped:
         message = (f"stopped by {self.signals.name} {where}; {self.experiment_dir / 'latest.pth'} holds the run so "
@@ -317,8 +333,8 @@ class Trainer:
             values = np.concatenate([score_map.ravel() for score_map, _, _ in image_maps])
             self.map_range = tuple(np.nanpercentile(values, [1, 99]).tolist())
         for number, (index, maps, (score_map, weight_map, _)) in enumerate(zip(shown, found, image_maps)):
-            picture = panel(read_image(part.pairs[index].dist), score_map, weight_map, maps.score, self.map_range,
-                            part.pairs[index].name)
+            picture = panel(read_image(part.pairs[index].dist), score_map, weight_map, self.map_range,
+                            f"{part.pairs[index].name}\npredicted {maps.score:.4f}, MOS {part.pairs[index].mos:g}")
             self.writer.add_image(f"val/maps_{number}", picture[..., ::-1].copy(), step, dataformats="HWC")
 
     def _validate(self, epoch: int, record: dict) -> None:

@@ -45,8 +45,9 @@ def main() -> None:
     model = AHIQ.from_pretrained(args.checkpoint, allow_random_backbones=True, **opt["model"])  # the demo trains its backbones
     maps = maps_of(model, test.pairs, [index], CropPlan(model.config["img_size"], "nine"), torch.device("cpu"))[0]
     score_map, weight_map, _ = maps.image_maps()
-    picture = panel(read_image(test.pairs[index].dist), score_map, weight_map, maps.score,
-                    (float(np.nanmin(score_map)), float(np.nanmax(score_map))), Path(test.pairs[index].dist).name)
+    picture = panel(read_image(test.pairs[index].dist), score_map, weight_map,
+                    (float(np.nanmin(score_map)), float(np.nanmax(score_map))),
+                    f"{Path(test.pairs[index].dist).name}  score {maps.score:.4f}")
     cv2.imwrite(str(args.out), picture, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     print(f"wrote {args.out} (score {maps.score:.4f})")
 

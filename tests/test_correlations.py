@@ -2,23 +2,8 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from ahiq.correlations import evaluate, fit_logistic, logistic4, summary_line
-
-
-def test_metrics_against_scipy_with_ties():
-    rng = np.random.default_rng(0)
-    mos = np.round(rng.uniform(0, 1, 200), 1)  # many ties
-    pred = mos + rng.normal(0, 0.1, 200)
-    pred[:20] = pred[0]
-    m = evaluate(pred, mos)
-    assert m["plcc"] == pytest.approx(stats.pearsonr(pred, mos)[0], abs=1e-12)
-    assert m["srocc"] == pytest.approx(stats.spearmanr(pred, mos)[0], abs=1e-12)
-    assert m["krocc"] == pytest.approx(stats.kendalltau(pred, mos)[0], abs=1e-12)
-    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred - mos) ** 2)), abs=1e-12)
-    assert m["main"] == pytest.approx(abs(m["plcc"]) + abs(m["srocc"]))
-    assert m["n"] == 200
 
 
 def test_metrics_by_hand_with_ties():
@@ -34,7 +19,7 @@ def test_metrics_by_hand_with_ties():
     # 5 / sqrt((6 - 1) * (6 - 0)). tau-a would give 5 / 6.
     assert m["krocc"] == pytest.approx(5 / np.sqrt(30), abs=1e-12)
     assert m["rmse"] == pytest.approx(np.sqrt(0.5), abs=1e-12)  # differences (0, -1, 0, -1)
-    assert m["main"] == pytest.approx(3 / np.sqrt(10) + 4.5 / np.sqrt(22.5), abs=1e-12)
+    assert m["main"] == pytest.approx(3 / np.sqrt(10) + 4.5 / np.sqrt(22.5), abs=1e-12) and m["n"] == 4
 
 
 def test_logistic_fit_recovers_a_nonlinear_mapping():

@@ -72,15 +72,34 @@ def test_tf32_is_used_only_when_asked(full_size):
     assert 0 < (loose - strict).abs().max().item() < 1e-2
 
 
+def through_the_scoring_core(model, dist, ref, runtime):
+    """Scores as the scorer, test.py and the metric compute them: ahiq.scoring.score_group, whose forward
+    passes go through runtime.entry (compiled when the runtime compiles); one 64-pixel image per pair."""
+    from ahiq.data import CropPlan
+    from ahiq.scoring import score_group
+
+    net = runtime.prepare(copy.deepcopy(model), CUDA)
+    with torch.no_grad():
+        return torch.cat([score_group([net], CropPlan(64, "whole"), r, [d], "", runtime, CUDA, 64).scores
+                          for d, r in zip(dist, ref)]).cpu()
+
+
 def test_compiled_model_on_cuda_equals_eager(tmp_path):
     torch.manual_seed(0)
     _, model, _ = random_official_setup(8, tmp_path, **TINY)
     dist, ref = torch.rand(2, 6, 3, 64, 64)
-    eager = scores(model, dist, ref, Runtime())
+    captured = []
+
+    def inductor(graph_module, example_inputs):  # inductor itself (Triton kernels), recording what it gets
+        captured.append(graph_module)
+        return torch._dynamo.lookup_backend("inductor")(graph_module, example_inputs)
+
+    eager = through_the_scoring_core(model, dist, ref, Runtime())
     torch._dynamo.reset()
-    compiled = scores(model, dist, ref, Runtime(compile=True))  # inductor: Triton kernels on the GPU
+    compiled = through_the_scoring_core(model, dist, ref, Runtime(compile=inductor))
+    assert captured  # the scoring core's forward passes really went through torch.compile
     assert (compiled - eager).abs().max().item() < 1e-4  # fused kernels sum in another order
-    compiled_bf16 = scores(model, dist, ref, Runtime(precision="bf16", compile=True))
+    compiled_bf16 = through_the_scoring_core(model, dist, ref, Runtime(precision="bf16", compile=inductor))
     assert (compiled_bf16 - eager).abs().max().item() < 1e-2
 
 
@@ -98,7 +117,9 @@ def test_bf16_training_step_on_cuda_matches_fp32_and_keeps_fp32_weights(full_siz
         assert all(v.dtype == model.state_dict()[k].dtype for k, v in weights[precision].items())
         # the backbones are frozen: no gradient was computed for them
         assert all(p.grad is None for p in net.backbone_parameters())
-    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+    # the same step of the full-size model on the CPU: bf16 within 0.0071 relative of fp32; the GPU's bf16
+    # kernels accumulate differently, so three times that
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
     before = model.state_dict()["head.score.weight"].to(CUDA)
     assert not torch.equal(weights["bf16"]["head.score.weight"], before)
 
@@ -141,7 +162,7 @@ def test_ddp_wrapped_module_compiled_on_cuda_equals_eager(tmp_path):
     dist, ref = torch.rand(2, 4, 3, 64, 64, device=CUDA)
     target = torch.linspace(0.2, 0.8, 4, device=CUDA)
     tdist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
-                             device_id=CUDA)
+                             device_id=torch.device("cuda", 0))  # device_id needs an index
     try:
         losses = {}
         for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=True))):

@@ -128,6 +128,22 @@ def test_test_py_under_two_processes_writes_what_one_writes(pairs_to_score, tmp_
     assert max(abs(float(a.split(",")[1]) - float(b.split(",")[1])) for a, b in zip(one, two)) <= 1.01e-6
 
 
+@needs_torchrun
+def test_a_cpu_run_under_torchrun_on_a_gpu_host_touches_no_cuda(tmp_path):
+    """Two gloo processes with train.device=cpu on a machine whose CUDA looks available (tests/gpu_host.py:
+    any CUDA context is an error): training, checkpoints with their random state, and a resume. The demo set
+    does not exist yet, so both processes generate it at once."""
+    options = [f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=1",
+               "train.batch_size=8", "train.device=cpu", "data.num_workers=0", "train.resume=auto",
+               *[f"model.{k}={v}" for k, v in TINY.items()]]
+    command = [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(ROOT / "tests" / "gpu_host.py"), "--opt",
+               str(ROOT / "options" / "demo.yaml"), *options]
+    _run(command, tmp_path)
+    _run([*command, "train.epochs=2"], tmp_path)  # resumed: the random state restored
+    log = (tmp_path / "checkpoints" / "demo" / "train.log").read_text()
+    assert "2 process(es)" in log and "resumed from" in log
+
+
 @pytest.fixture
 def gpu_machine(monkeypatch):
     """Process 1 of 2 under torchrun on a machine with two GPUs (simulated: nothing touches a GPU)."""
@@ -204,3 +220,35 @@ def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
         assert graphs
     finally:
         tdist.destroy_process_group()
+
+
+@needs_torchrun
+def test_two_nodes_with_fine_tuned_backbones_train_like_one_process(tmp_path):
+    """The demo's trainable backbones, one process against a two-node job (two torchrun agents, --nnodes 2,
+    c10d rendezvous on 127.0.0.1): the same weights and BatchNorm buffers after an epoch whose last global
+    batch is shared unevenly (padding copies)."""
+    import socket
+
+    options = [f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=1",
+               "train.batch_size=8", "train.resume=null", "train.device=cpu", "data.num_workers=0",
+               *[f"model.{k}={v}" for k, v in TINY.items()]]
+    train = [str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml")]  # freeze_backbones: false
+    _run([sys.executable, *train, "name=one", *options], tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node-rank", str(rank),
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ahiq",
+                               *train, "name=two", *options], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    for node in nodes:
+        out, _ = node.communicate(timeout=600)
+        assert node.returncode == 0, out[-3000:]
+    one = torch.load(tmp_path / "checkpoints" / "one" / "latest.pth", weights_only=True)
+    a, b = one["model"], torch.load(tmp_path / "checkpoints" / "two" / "latest.pth", weights_only=True)["model"]
+    assert "cnn.stem.1.running_var" in a and a.keys() == b.keys()  # the backbones and their buffers are saved
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=1e-5, msg=key)
+    assert all(state["step"] == 10 for state in one["optimizer"]["state"].values())  # 75 pairs: 10 steps taken
+    assert "2 process(es)" in (tmp_path / "checkpoints" / "two" / "train.log").read_text()

@@ -1,31 +1,45 @@
-"""Against numbers produced by running the official AHIQ code itself (../shared/official-known-answers:
-generated weights and images, the official scores and three official training steps). The other
-faithfulness tests compare with ahiq/official.py, this project's reading of the official code; these
-compare with the official code's own output. Skipped where the shared folder is absent (a user's clone)."""
-import importlib.util
+"""Against numbers produced by running the official AHIQ code itself (tests/data/official_known_answers.json:
+the official scores of generated weights and images, and three official training steps; the generation is
+tests/known_answers.py). The other faithfulness tests compare with ahiq/official.py, this project's reading
+of the official code; these compare with the official code's own output."""
 import json
 
 import pytest
 import timm
 import torch
 
+import known_answers
 from ahiq import AHIQ
 from ahiq.options import DEFAULTS
 from ahiq.official import OfficialFusion, OfficialHead
 from ahiq.training import make_optimizer, train_step
 from conftest import ROOT
 
-KNOWN = ROOT.parent / "shared" / "official-known-answers"
+EXPECTED = ROOT / "tests" / "data" / "official_known_answers.json"
+SHARED = ROOT.parent / "shared" / "official-known-answers"
 
 
 @pytest.fixture(scope="module")
 def known():
-    if not (KNOWN / "expected.json").is_file():
-        pytest.skip(f"{KNOWN} not available")
-    spec = importlib.util.spec_from_file_location("known_answers", KNOWN / "known_answers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, json.loads((KNOWN / "expected.json").read_text())
+    return known_answers, json.loads(EXPECTED.read_text())
+
+
+def test_the_shipped_answers_and_generator_are_the_shared_originals():
+    """The copy in tests/ and this generator against the originals in ../shared (skipped in a user's clone)."""
+    if not (SHARED / "expected.json").is_file():
+        pytest.skip(f"{SHARED} not available")
+    import importlib.util
+
+    assert json.loads(EXPECTED.read_text()) == json.loads((SHARED / "expected.json").read_text())
+    spec = importlib.util.spec_from_file_location("shared_known_answers", SHARED / "known_answers.py")
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    state = {**OfficialHead(64, 8, 16).state_dict(), **timm.create_model(
+        "resnet50", pretrained=False, stem_width=8, channels=(8, 16, 32, 64)).state_dict()}
+    ours, theirs = known_answers.fill_state_dict(state, 5), original.fill_state_dict(state, 5)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for (a, b), (c, d) in zip(known_answers.make_images(3, 64, 19), original.make_images(3, 64, 19)):
+        assert (a == c).all() and (b == d).all()
 
 
 def generated_model(known, patch_size, folder):

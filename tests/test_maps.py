@@ -31,24 +31,28 @@ def test_the_maps_come_with_the_scores_of_the_same_forward_pass(tiny_checkpoint)
         expected = model(dist, ref)
     assert score_map.shape == weight_map.shape == (3, 8, 8)  # the ViT grid of a 64-pixel crop, patch 8
     torch.testing.assert_close(scores, expected, rtol=0, atol=1e-6)
-    pooled = (score_map * weight_map).sum((1, 2)) / weight_map.sum((1, 2))
-    torch.testing.assert_close(pooled, scores, rtol=0, atol=1e-5)
+    # pooled by hand, the maps give the score of a separate forward pass without maps
+    pooled = (score_map.double() * weight_map.double()).sum((1, 2)) / weight_map.double().sum((1, 2))
+    torch.testing.assert_close(pooled, expected.double(), rtol=0, atol=1e-5)
 
 
 def test_a_crop_sized_image_scored_whole_is_its_maps_weighted_mean(tiny_checkpoint, tmp_path):
-    maps = scorer(tiny_checkpoint, crops="whole").maps(*_pair(tmp_path, 64, 64))
+    pair = _pair(tmp_path, 64, 64)
+    maps = scorer(tiny_checkpoint, crops="whole").maps(*pair)
     assert maps.crop_score_maps.shape == (1, 8, 8) and maps.windows.tolist() == [[0, 0]]
-    assert maps.crop_scores()[0] == pytest.approx(maps.score, abs=1e-5)
+    separate = scorer(tiny_checkpoint, crops="whole").score(*pair)  # scored without maps
+    assert maps.crop_scores()[0] == pytest.approx(separate, abs=1e-5) and maps.score == pytest.approx(separate, abs=1e-6)
     score_map, weight_map, coverage = maps.image_maps()
     assert score_map.shape == (64, 64) and (coverage == 1).all()
-    assert (score_map * weight_map).sum() / weight_map.sum() == pytest.approx(maps.score, abs=1e-5)
+    assert (score_map * weight_map).sum() / weight_map.sum() == pytest.approx(separate, abs=1e-5)
 
 
 def test_a_crop_ensembles_maps_reproduce_its_score_and_leave_uncovered_pixels_nan(tiny_checkpoint, tmp_path):
     d, r = _pair(tmp_path, 100, 90)
     maps = scorer(tiny_checkpoint, crops="random", num_crops=20).maps(d, r)
-    assert maps.crop_scores().mean() == pytest.approx(maps.score, abs=1e-5) and len(maps.windows) == 20
-    assert maps.score == pytest.approx(scorer(tiny_checkpoint, crops="random", num_crops=20).score(d, r), abs=1e-6)
+    separate = scorer(tiny_checkpoint, crops="random", num_crops=20).score(d, r)  # scored without maps
+    assert maps.crop_scores().mean() == pytest.approx(separate, abs=1e-5) and len(maps.windows) == 20
+    assert maps.score == pytest.approx(separate, abs=1e-6)
     few = scorer(tiny_checkpoint, crops="random", num_crops=2).maps(d, r)
     score_map, weight_map, coverage = few.image_maps()
     assert (coverage == 0).any() and (coverage > 0).any()
@@ -58,9 +62,11 @@ def test_a_crop_ensembles_maps_reproduce_its_score_and_leave_uncovered_pixels_na
 
 def test_score_maps_folder_holds_arrays_that_reproduce_the_printed_score_and_panels(tiny_checkpoint, tmp_path, capsys):
     d, r = _pair(tmp_path, 64, 64)
-    assert main(["score", "--dist", str(d), "--ref", str(r), "--checkpoint", str(tiny_checkpoint), "--crops", "whole",
-                 "--vit-pretrained", "false", "--cnn-pretrained", "false", "--maps", str(tmp_path / "maps")]) == 0
-    printed = float(capsys.readouterr().out.strip().split(",")[1])
+    command = ["score", "--dist", str(d), "--ref", str(r), "--checkpoint", str(tiny_checkpoint), "--crops", "whole",
+               "--vit-pretrained", "false", "--cnn-pretrained", "false"]
+    assert main(command) == 0
+    printed = float(capsys.readouterr().out.strip().split(",")[1])  # a run without maps
+    assert main([*command, "--maps", str(tmp_path / "maps")]) == 0
     saved = np.load(tmp_path / "maps" / "d.npz")
     pooled = (saved["score_map"] * saved["weight_map"]).sum() / saved["weight_map"].sum()
     assert pooled == pytest.approx(printed, abs=1e-5) and saved["score_map"].dtype == np.float32
@@ -85,7 +91,13 @@ def test_test_py_maps_the_worst_and_best_predicted_pairs(tiny_checkpoint, tmp_pa
     from ahiq.correlations import logistic4
     from conftest import tiny_options
 
+    from ahiq import evaluation
+
     monkeypatch.chdir(tmp_path)
+    titles = {}
+    real = evaluation.write_panels
+    monkeypatch.setattr(evaluation, "write_panels", lambda folder, pairs, stems, shown: titles.update(
+        zip(stems, shown)) or real(folder, pairs, stems, shown))
     opt = tiny_options(tmp_path, f"test.checkpoint={tiny_checkpoint}", "test.num_crops=2", "test.maps=2",
                        "model.vit_pretrained=false", "model.cnn_pretrained=false", "data.num_workers=0")
     metrics = run_test(opt, tmp_path / "checkpoints")
@@ -105,6 +117,28 @@ def test_test_py_maps_the_worst_and_best_predicted_pairs(tiny_checkpoint, tmp_pa
     assert sorted(found) == ["best1", "best2", "worst1", "worst2"]
     ranked = sorted(error.values())
     assert found["best1"] == ranked[0] and found["worst1"] == ranked[-1] and found["worst2"] == ranked[-2]
+    # a researcher looking at a failure sees the MOS beside the prediction, and the error after the fit
+    worst = next(stem for stem in titles if stem.startswith("worst_1_"))
+    name = by_stem[worst.split("_", 2)[2]]
+    pair = next(p for p in part.pairs if p.name == name)
+    signed = logistic4(float(predicted[name]), *metrics["logistic"]) - target[name]
+    assert titles[worst] == (f"{worst}\npredicted {float(predicted[name]):.4f}, MOS {pair.mos:g} (target "
+                             f"{target[name]:.4f}), error {signed:+.4f} after the logistic fit")
+
+
+def test_a_panels_maps_are_the_colours_of_their_values_not_the_image():
+    """The maps cover the image almost opaquely: a map tile's pixel is its value's colour up to the faint
+    image below, whatever the image (white or black)."""
+    import cv2
+
+    from ahiq.maps import panel
+
+    values = np.zeros((256, 256), np.float32)  # the low end of the range everywhere
+    colour = cv2.applyColorMap(np.zeros((1, 1), np.uint8), cv2.COLORMAP_VIRIDIS)[0, 0].astype(int)
+    for shade in (0, 255):
+        picture = panel(np.full((256, 256, 3), shade, np.uint8), values, values + 0.5, (0.0, 1.0), "t")
+        tile = picture[28 + 100, 256 + 8 + 100].astype(int)  # inside the score map's tile
+        assert np.abs(tile - colour).max() <= 0.15 * 255 + 1, (shade, tile, colour)
 
 
 def test_training_shows_the_scatter_plot_and_four_pairs_maps_in_tensorboard(tmp_path, monkeypatch):

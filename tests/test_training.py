@@ -114,15 +114,22 @@ def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     assert (tmp_path / "ckpt" / "demo_split0" / "train.log").read_text().count("epoch 1 loss") == 1
 
 
-def test_resuming_on_fewer_gpus_restores_the_random_state_of_those_there(monkeypatch):
-    """A checkpoint saved on a 4-GPU machine, resumed on one GPU (simulated: the test needs no GPU)."""
-    state = {**experiment.rng_state(), "cuda": [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]}
-    restored = {}
+def test_the_random_state_of_the_runs_own_gpu_only(monkeypatch):
+    """A GPU run saves and restores the state of the GPU it runs on (process 3's cuda:3, resumed by a run on
+    cuda:0); a CPU run on a machine with GPUs asks CUDA nothing (simulated: the test needs no GPU)."""
+    asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda gpu_state, index: restored.update({index: gpu_state}))
-    experiment.set_rng_state(state)
-    assert list(restored) == [0] and torch.equal(restored[0], state["cuda"][0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: asked.append(("get", device)) or torch.full((8,), 3, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: asked.append(("set", device, state[0].item())))
+    for name in ("get_rng_state_all", "set_rng_state_all", "device_count"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: pytest.fail(f"torch.cuda.{name} asked"))
+    state = experiment.rng_state(torch.device("cuda", 3))
+    experiment.set_rng_state(state, torch.device("cuda", 0))
+    assert asked == [("get", torch.device("cuda", 3)), ("set", torch.device("cuda", 0), 3)]
+    asked.clear()
+    cpu = experiment.rng_state(torch.device("cpu"))
+    experiment.set_rng_state(state, torch.device("cpu"))  # a GPU run's checkpoint resumed on the CPU
+    assert "cuda" not in cpu and asked == []
 
 
 
