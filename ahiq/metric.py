@@ -173,7 +173,8 @@ def _same_reference(refs: Sequence[torch.Tensor], names: Sequence[str]) -> list[
     groups: list[list[int]] = []
     prints: dict[tuple, list[list[int]]] = {}
     for i, ref in enumerate(refs):
-        key = (names[i], tuple(ref.shape), ref.dtype, ref.device, float(ref.detach().flatten()[:: max(1, ref.numel() // 64)].sum()))
+        sample = ref.detach().flatten()[::max(1, ref.numel() // 64)]  # 64 values spread over the image
+        key = (names[i], tuple(ref.shape), ref.dtype, ref.device, float(sample.sum()))
         for group in prints.setdefault(key, []):
             if refs[group[0]] is ref or torch.equal(refs[group[0]], ref):
                 group.append(i)

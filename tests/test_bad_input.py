@@ -305,3 +305,46 @@ def test_a_text_file_as_a_checkpoint_is_one_line(scoring_files, capsys):
     code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "notes.pth")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "notes.pth is not a readable torch" in err, err
     assert "Weights only load failed" not in err
+
+
+def test_own_pairs_without_a_label_file_is_one_line_naming_the_option(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(train, ["--opt", str(ROOT / "options" / "demo.yaml"), "data.dataset=csv",
+                                f"data.root={tmp_path / 'mine'}", "data.options={}"], monkeypatch, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("error: dataset 'csv' needs data.options.labels (for 'csv': the CSV file of ref,dist,mos rows, "
+                      "relative to data.root); see options/custom.yaml")
+
+
+def test_a_run_that_fails_before_training_leaves_no_experiment_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--opt", str(ROOT / "options" / "live.yaml"), f"data.root={tmp_path / 'nowhere'}"]
+    code, err = run_cli(train, args, monkeypatch, capsys)
+    assert code == 2 and "root folder" in err[0] and "does not exist" in err[0]
+    assert not (tmp_path / "checkpoints" / "ahiq_live").exists()
+    (tmp_path / "checkpoints" / "ahiq_live").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "ahiq_live" / "notes.txt").write_text("mine")
+    code, err = run_cli(train, args, monkeypatch, capsys)  # a folder that was there before is left as it was
+    assert code == 2 and (tmp_path / "checkpoints" / "ahiq_live" / "notes.txt").read_text() == "mine"
+
+
+def test_the_options_for_own_pairs_train_as_they_say(tmp_path, monkeypatch, capsys):
+    """options/custom.yaml read as written, on a CSV in its layout: its pairs reach the first step."""
+    from ahiq.data.synthetic import distort, reference_image
+    from trees import touch
+
+    rng = np.random.default_rng(0)
+    rows = ["ref,dist,mos"]
+    for r in range(5):
+        ref = reference_image(rng, 72)
+        touch(tmp_path / "mine" / "refs" / f"r{r}.png", ref)
+        for d in range(2):
+            touch(tmp_path / "mine" / "dist" / f"r{r}_{d}.png", distort(ref, "noise", d + 1, rng))
+            rows.append(f"refs/r{r}.png,dist/r{r}_{d}.png,{3.0 + r - d}")
+    (tmp_path / "mine" / "labels.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AssertionError, match="a training step ran"):  # every check passed: the first step came
+        run_cli(train, ["--opt", str(ROOT / "options" / "custom.yaml"), f"data.root={tmp_path / 'mine'}",
+                        "model.vit_pretrained=false", "model.cnn_pretrained=false",
+                        *[f"model.{k}={v}" for k, v in TINY.items()]], monkeypatch, capsys)

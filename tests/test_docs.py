@@ -1,6 +1,7 @@
 """The documentation stays true to the code: every relative link resolves (anchors included), every option
 in the schema is described in docs/training.md, every test a page cites exists, and the README stays a
 five-minute page."""
+import json
 import re
 
 import pytest
@@ -68,3 +69,77 @@ def test_reliability_counts_agree():
     assert len(rows) == faults
     assert f"{faults} faults survived" in (ROOT / "README.md").read_text()
     assert f"{bad} bad inputs refused" in (ROOT / "README.md").read_text()
+
+
+# ---- the README as a newcomer reads it; the paper's targets ----------------------------------------------------
+
+def test_the_readme_scores_with_the_released_model_on_its_first_screen_after_the_quick_start():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    demo = next(i for i, line in enumerate(lines) if "python train.py --opt options/demo.yaml" in line)
+    tests = next(i for i, line in enumerate(lines) if line.strip() == "python -m pytest -q tests")
+    score = next(i for i, line in enumerate(lines) if line.strip().startswith("python -m ahiq score --dist"))
+    assert demo < tests < score < 40, (demo, tests, score)
+    offline = next(i for i, line in enumerate(lines) if "python -m ahiq download --dir" in line)
+    assert score < offline < 45
+
+
+def test_the_readme_stays_under_800_words():
+    assert len((ROOT / "README.md").read_text().split()) < 800
+
+
+def paper_numbers(pairs):
+    return [f"{a:.3f} / {b:.3f}" for a, b in pairs]
+
+
+def test_every_target_in_reproducing_is_the_papers():
+    """Each of the paper's figures (tests/data/paper_targets.json, copied from its tables) stands in
+    docs/reproducing.md, in the row of its dataset, model or variant."""
+    targets = json.loads((ROOT / "tests" / "data" / "paper_targets.json").read_text())
+    rows = [line for line in (ROOT / "docs" / "reproducing.md").read_text().splitlines() if line.startswith("| ")]
+
+    def row(*words):
+        found = [r for r in rows if all(w in r for w in words)]
+        assert found, words
+        return found[0]
+
+    for dataset, figures in targets["table2"].items():
+        assert paper_numbers([figures])[0] in row(f"| {dataset} |", "run_splits.py")
+    for model, phases in targets["table4"].items():
+        line = row(f"| {model} ")
+        assert all(f in line for f in paper_numbers([phases["validation"], phases["test"]]))
+    for dataset, figures in targets["table5"].items():
+        assert paper_numbers([figures])[0] in row(f"| {dataset} |", "<trained model>")
+    for place, (plcc, srocc, main) in targets["table9"].items():
+        assert f"| {plcc:.3f} | {srocc:.3f} | {main:.3f} |" in row(f"({place})" if place == "1st" else f"| {place} |")
+    ablations = [r for r in rows if r.startswith(("| 6 ", "| 7 ", "| 8 "))]
+    for table in ("table6", "table7", "table8"):
+        for variant, figures in targets[table].items():
+            assert any(paper_numbers([figures])[0] in r for r in ablations if r.startswith(f"| {table[-1]} ")), \
+                (table, variant)
+
+
+def test_the_copied_targets_are_the_posters():
+    """tests/data/paper_targets.json against the poster's text in ../shared (skipped in a user's clone)."""
+    poster = ROOT.parent / "shared" / "paper" / "001_1e0261913f4c7d95.txt"
+    if not poster.is_file():
+        pytest.skip(f"{poster} not available")
+    text = poster.read_text()
+    targets = json.loads((ROOT / "tests" / "data" / "paper_targets.json").read_text())
+    assert "AHIQ (ours)\t0.989\t0.984\t0.978\t0.975\t0.968\t0.962" in text  # Table 2, one line
+    assert "AHIQ (ours)\t0.845\t0.835\t0.823\t0.813" in text and "AHIQ-C (ours)\t0.865\t0.852\t0.828\t0.822" in text
+    assert "AHIQ (ours)\t0.911/0.920\t0.861/0.865\t0.804/0.763" in text
+    assert "Ours\t0.828\t0.822\t1.651" in text and "0.827\t0.815\t1.642" in text
+    flat = [f"{x:.3f}" for table in ("table6", "table7", "table8") for pair in targets[table].values() for x in pair]
+    assert all(number in text for number in flat)
+    assert targets["table2"] == {"LIVE": [0.989, 0.984], "CSIQ": [0.978, 0.975], "TID2013": [0.968, 0.962]}
+
+
+def test_the_ensemble_line_of_reproducing_parses_to_a_list_of_checkpoints(tmp_path):
+    """The AHIQ-C command as written: its quoted override gives test.checkpoint a list of two paths."""
+    from ahiq.options import load_options
+
+    text = (ROOT / "docs" / "reproducing.md").read_text()
+    override = re.search(r'"(test\.checkpoint=\[[^\]]+\])"', text).group(1)
+    opt = load_options(ROOT / "options" / "ntire2022_test.yaml", [override])
+    assert opt["test"]["checkpoint"] == ["checkpoints/ahiq_pipal/best.pth", "checkpoints/ahiq_pipal_2/best.pth"]
+    assert opt["name"] == "ntire2022_test"  # the submission is written beside, not into, the training's folder

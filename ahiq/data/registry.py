@@ -23,10 +23,15 @@ def read_labels(dataset: str, root: str | os.PathLike, **options) -> Pairs:
     key = dataset.lower().replace("-", "").replace("_", "")
     if key not in READERS:
         raise DatasetError(f"unknown dataset '{dataset}'; known: {', '.join(READERS)}")
-    params = [p for p in inspect.signature(READERS[key]).parameters if p != "root"]
+    signature = inspect.signature(READERS[key]).parameters
+    params = [p for p in signature if p != "root"]
     unknown = [k for k in options if k not in params]
     if unknown:
         raise DatasetError(f"unknown option(s) {', '.join(unknown)} for dataset '{key}'; it takes {', '.join(params)}")
+    required = [p for p in params if signature[p].default is inspect.Parameter.empty and p not in options]
+    if required:
+        raise DatasetError(f"dataset '{key}' needs {' and '.join(f'data.options.{p}' for p in required)} (for "
+                           f"'csv': the CSV file of ref,dist,mos rows, relative to data.root); see options/custom.yaml")
     root = Path(root).expanduser()
     if key == "synthetic":  # generated on first use
         root.mkdir(parents=True, exist_ok=True)
