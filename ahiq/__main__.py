@@ -142,7 +142,7 @@ def _score(args) -> int:
         from .data import check_images
         from .scorer import Scorer, check_outputs, pair_files, pairs_from_csv, score_to_file
 
-        job, device = init_distributed(args.device)
+        job, device = init_distributed(args.device, "--device")
         pairs = pairs_from_csv(args.pairs) if args.pairs else pair_files(args.dist, args.ref)
         check_images(pairs, 1)  # unreadable images and unwritable outputs before a model is loaded or downloaded
         check_outputs(args.out, args.maps)

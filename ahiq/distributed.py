@@ -21,14 +21,15 @@ class Job:
         return self.rank == 0
 
 
-def init_distributed(device_name: str) -> tuple[Job, torch.device]:
+def init_distributed(device_name: str, option: str = "train.device") -> tuple[Job, torch.device]:
     """Join the torchrun job described by the environment, if any, on the device ``device_name`` asks for
-    (``auto``, ``cpu``, ``cuda``...): returns this process's place and its device.
+    (``auto``, ``cpu``, ``cuda``...; ``option`` names where it came from, for errors): returns this process's
+    place and its device.
 
     The device decides the backend, not what the machine has: on CUDA each process takes the GPU of its
     LOCAL_RANK and nccl; on the CPU gloo, and no GPU is touched, so ``train.device=cpu`` runs under
     torchrun on a GPU machine too."""
-    device = select_device(device_name)
+    device = select_device(device_name, option)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Job(), device

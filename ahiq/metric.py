@@ -61,7 +61,7 @@ class AHIQMetric(nn.Module):
             raise ValueError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {loss_reduction!r}")
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         paths = [NAMES.get(p, p) if isinstance(p, str) else p for p in paths]
-        device = device if isinstance(device, torch.device) else select_device(device)
+        device = device if isinstance(device, torch.device) else select_device(device, "device")
         self.runtime = runtime
         self.models = nn.ModuleList(
             runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
@@ -110,9 +110,15 @@ class AHIQMetric(nn.Module):
 
     def _scores(self, dist: Any, ref: Any, ref_names: Sequence[str] | None) -> torch.Tensor:
         dists, refs, names = self._pairs(dist, ref, ref_names)
+        size = self.plan.size
         for i, (d, r) in enumerate(zip(dists, refs)):
             if d.shape != r.shape:
                 raise ValueError(f"pair {i}: dist and ref differ in shape: {tuple(d.shape)} vs {tuple(r.shape)}")
+            if min(d.shape[-2:]) < size:
+                raise ValueError(f"pair {i}: the images are {d.shape[-2]}x{d.shape[-1]}, smaller than the model's "
+                                 f"{size}x{size} crop")
+        if not dists:
+            return torch.zeros(0, device=self.device)
         chunk = self.runtime.crops_per_pass(self.models[0], self.device)
         scores = [None] * len(dists)
         for group in _same_reference(refs, names):  # each reference's features once, as the scorer does
@@ -125,8 +131,9 @@ class AHIQMetric(nn.Module):
 
     def _pairs(self, dist: Any, ref: Any, ref_names: Sequence[str] | None):
         """Lists of [3, H, W] tensors (checked) and the reference names that seed the crops."""
-        dists, dist_names = _images(dist, "dist", self.check_input_range)
-        refs, file_names = _images(ref, "ref", self.check_input_range)
+        dtype = self.models[0].head.score.weight.dtype
+        dists, _ = _images(dist, "dist", self.check_input_range, dtype)
+        refs, file_names = _images(ref, "ref", self.check_input_range, dtype)
         if len(dists) != len(refs):
             raise ValueError(f"{len(dists)} distorted images for {len(refs)} references")
         names = list(ref_names) if ref_names is not None else file_names
@@ -135,9 +142,9 @@ class AHIQMetric(nn.Module):
         return dists, refs, names
 
 
-def _images(images: Any, what: str, check_range: bool) -> tuple[list[torch.Tensor], list[str]]:
-    """A batch, a list or one image (tensor, file, PIL image) -> [3, H, W] float tensors, and the file names
-    ("" for tensors): what random crops are seeded by."""
+def _images(images: Any, what: str, check_range: bool, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[str]]:
+    """A batch, a list or one image (tensor, file, PIL image) -> [3, H, W] tensors of the weights' ``dtype``,
+    and the file names ("" for tensors): what random crops are seeded by."""
     if isinstance(images, torch.Tensor) and images.dim() == 4:
         items = list(images)
     elif isinstance(images, (list, tuple)):
@@ -157,7 +164,10 @@ def _images(images: Any, what: str, check_range: bool) -> tuple[list[torch.Tenso
                              f"image files or PIL images; got {shape}")
         if not item.is_floating_point():
             raise ValueError(f"{what} is {item.dtype}: give floats in [0, 1] (divide 8-bit images by 255)")
+        item = item.to(dtype)  # half input to fp32 weights (runtime.precision=bf16 is how to compute in bf16)
         if check_range:
+            if not torch.isfinite(item).all():
+                raise ValueError(f"{what} holds NaN or infinite values: AHIQ takes RGB in [0, 1]")
             low, high = item.min().item(), item.max().item()
             if low < 0 or high > 1:
                 raise ValueError(f"{what} holds values in [{low:.4g}, {high:.4g}]: AHIQ takes RGB in [0, 1] (divide "

@@ -146,13 +146,18 @@ def cpu_bf16() -> str:
     return "emulated"
 
 
-def select_device(name: str) -> torch.device:
-    """``auto`` (CUDA where there is a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+def select_device(name: str, option: str = "train.device") -> torch.device:
+    """``auto`` (CUDA where there is a GPU, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``option`` is how
+    the caller's user gave it (the option or flag named in an error)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{option} '{name}' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option} is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
+    return device
 
 
 def set_tf32(enabled: bool) -> None:

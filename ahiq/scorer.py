@@ -92,7 +92,7 @@ class Scorer:
                  num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", batch_size: int = 1,
                  runtime: Runtime = Runtime(), allow_random_backbones: bool = False, weights: PathLike | None = None):
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
-        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.device = device if isinstance(device, torch.device) else select_device(device, "device")
         self.runtime = runtime
         self.models = [runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
                                                             cnn_pretrained=cnn_pretrained, weights=weights,

@@ -7,6 +7,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ahiq import training
 from ahiq.cli import run
@@ -181,6 +182,7 @@ BAD_OPTIONS = [
     ("model.img_size=100", "model.img_size 100 must be a multiple of model.patch_size 8"),
     ("model.vit_heads=5", "model.vit_dim 32 must be a multiple of model.vit_heads 5"),
     ("data.split.ratios=[0.5]", "data.split.ratios must be 2 (train, test) or 3 (train, val, test) non-negative"),
+    ("train.device=gpu", "train.device 'gpu' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ]
 
 
@@ -227,6 +229,15 @@ def test_command_line_numbers_are_range_checked(argument, scoring_files, capsys)
     code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "whole.pth"), *argument.split()], capsys)
     name = argument.split()[0]
     assert code == 2 and f"error: argument {name}: " in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("device,message", [("gpu", "error: --device 'gpu' is not a device"),
+                                            ("cuda", "error: --device is 'cuda' but no CUDA device is available")])
+def test_a_device_that_is_not_there_is_named_as_the_flag(device, message, scoring_files, capsys, monkeypatch):
+    folder, _, pair = scoring_files
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "whole.pth"), "--device", device], capsys)
+    assert code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("out,message", [("nowhere/scores.csv", "the folder {}/nowhere does not exist"),

@@ -160,11 +160,11 @@ def gpu_machine(monkeypatch):
 
 
 def test_the_device_asked_for_decides_the_backend(gpu_machine):
-    dist, device = init_distributed("cpu")  # train.device=cpu on a GPU machine: gloo, no GPU touched
-    assert (dist.rank, dist.world, device) == (1, 2, torch.device("cpu"))
+    job, device = init_distributed("cpu")  # train.device=cpu on a GPU machine: gloo, no GPU touched
+    assert (job.rank, job.world, device) == (1, 2, torch.device("cpu"))
     assert gpu_machine == [("gloo", {})]
     gpu_machine.clear()
-    dist, device = init_distributed("auto")  # each process its own GPU, nccl bound to it
+    job, device = init_distributed("auto")  # each process its own GPU, nccl bound to it
     assert device == torch.device("cuda", 1)
     assert gpu_machine == [("set_device", device), ("nccl", {"device_id": device})]
 

@@ -105,6 +105,22 @@ def test_0_255_input_is_refused_in_one_line_unless_the_check_is_off(metric, tmp_
     assert unchecked(dist * 255, ref * 255).shape == (1,)
 
 
+def test_nan_empty_half_and_too_small_inputs(metric, tmp_path):
+    """NaN would give NaN scores silently: refused with the range check; an empty batch gives no scores; half
+    and double precision inputs score as fp32; images smaller than the crop name the pair."""
+    _, _, dist, ref = _pair(tmp_path)
+    nan = dist.clone()
+    nan[0, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="^dist holds NaN or infinite values"):
+        metric(nan, ref)
+    assert metric(dist[:0], ref[:0]).shape == (0,)
+    expected = metric(dist, ref)
+    torch.testing.assert_close(metric(dist.double(), ref.double()), expected)
+    torch.testing.assert_close(metric(dist.half(), ref.half()), metric(dist.half().float(), ref.half().float()))
+    with pytest.raises(ValueError, match="^pair 1: the images are 40x72, smaller than the model's 64x64 crop"):
+        metric([dist[0], dist[0, :, :40]], [ref[0], ref[0, :, :40]])
+
+
 def test_the_metric_follows_its_module_to_another_device(metric):
     assert metric.device == torch.device("cpu")
     metric.to("meta")

@@ -32,7 +32,8 @@ def eval_crop_positions(height: int, width: int, size: int, mode: str, count: in
     ``whole``: the image itself, which must be exactly ``size`` square.
     """
     if height < size or width < size:
-        raise ValueError(f"image {name or ''} of {height}x{width} is smaller than the {size}x{size} crop")
+        raise ValueError(f"{f'image {name}' if name else 'an image'} is {height}x{width}, smaller than the "
+                         f"{size}x{size} crop")
     mid_top, mid_left = height // 2 - size // 2, width // 2 - size // 2
     bottom, right = height - size, width - size
     if mode in ("five", "nine"):
