@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .locks import hold
 from .model import AHIQ
 from .weights import TEMPORARY_PATTERN, WeightsError, read_weight_file
 
@@ -111,32 +112,8 @@ def stopped(what: str, experiment_dir: Path, advice: str) -> FloatingPointError:
     return FloatingPointError(f"{what}; {kept}; {advice}")
 
 
-class ExperimentBusy(ValueError):
-    """Another process is running in the experiment folder."""
-
-
 def lock_folder(experiment_dir: Path):
-    """An exclusive lock on ``experiment_dir`` for as long as the returned file stays open. The operating
-    system releases it when the process ends in any way (SIGKILL included), so a lock is never stale; a
-    second run on the folder fails at once, naming the process that holds it."""
-    import fcntl
-    import os
-    import socket
-    import time
-
+    """An exclusive lock on ``experiment_dir`` (its ``.lock`` file) for as long as the returned file stays
+    open: a second run on the folder fails at once, naming the process that holds it (ahiq.locks)."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(experiment_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise ExperimentBusy(f"{experiment_dir} is in use by {holder}: wait for that run to end (or stop it), "
-                             f"or choose another name=...") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"process {os.getpid()} on host {socket.gethostname()}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
-    return handle
+    return hold(experiment_dir / ".lock", str(experiment_dir), "choose another name=...")

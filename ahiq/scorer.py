@@ -18,6 +18,7 @@ from .data.images import IMAGE_EXTENSIONS
 from .distributed import Job
 from .evaluation import maps_of, predict, reference_shares
 from .maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
+from .locks import hold, release_and_remove
 from .journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
                       read_journals, record_settings)
 from .model import AHIQ
@@ -163,6 +164,18 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
             write_panels(maps, pairs)
         return
     check_writable(out)
+    # Two runs on one output would take each other's journals for their own: the second is refused.
+    lock_path = out.with_name(f".{out.name}.lock")
+    lock = hold(lock_path, f"--out {out}", "choose another --out") if job.main else None
+    try:
+        _score_to_journals(scorer, pairs, out, job, resume, progress, maps, saver)
+    finally:
+        if lock is not None:
+            release_and_remove(lock, lock_path)
+
+
+def _score_to_journals(scorer: Scorer, pairs: Pairs, out: Path, job: Job, resume: bool, progress: bool,
+                       maps: Path | None, saver) -> None:
     leftovers = journal_paths(out)
     if leftovers and not resume:
         raise ValueError(f"{leftovers[0]} holds the scores of an unfinished run: continue it with --resume, or "

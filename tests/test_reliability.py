@@ -321,4 +321,24 @@ def test_killed_scoring_resumes_to_the_same_csv(fault, status, scoring, tmp_path
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming: 6 of 18 pairs already scored" in resumed.stderr  # two references of three pairs
     assert out.read_bytes() == (folder / "straight.csv").read_bytes()
-    assert not list(tmp_path.glob("scores.csv.part*"))
+    assert not list(tmp_path.glob("scores.csv.part*")) and not (tmp_path / ".scores.csv.lock").exists()
+
+
+def test_a_second_scoring_run_on_the_same_output_is_refused_at_once(scoring, tmp_path):
+    """Two runs on one --out would each take the other's journal for its own (the second, finding the first's
+    rows unfinished, would end in 'the journals lack 6 pairs'). This process holds the lock as a first run
+    would; the second run is refused naming it, and runs once the lock is released."""
+    import os
+
+    from ahiq.locks import hold, release_and_remove
+
+    folder, command = scoring
+    out, lock_path = tmp_path / "scores.csv", tmp_path / ".scores.csv.lock"
+    lock = hold(lock_path, "the first run", "")
+    second = score_process(command, out)
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert second.stderr.startswith(f"error: --out {out} is in use by process {os.getpid()} on host "), second.stderr
+    assert not out.exists() and not list(tmp_path.glob("scores.csv.part*"))  # nothing of its own written
+    release_and_remove(lock, lock_path)
+    assert score_process(command, out).returncode == 0
+    assert out.read_bytes() == (folder / "straight.csv").read_bytes() and not lock_path.exists()
