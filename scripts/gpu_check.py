@@ -37,8 +37,9 @@ from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32  # noqa: E402
 QUICK_SIZES = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
 
 
-class TimeUp(Exception):
-    """The time limit was reached."""
+class TimeUp(BaseException):
+    """The time limit was reached. Not an Exception: code that catches and handles errors (torch.compile's
+    fallbacks among them) must not swallow it."""
 
 
 def runtimes(quick: bool) -> dict[str, Runtime]:
@@ -121,16 +122,17 @@ def main(argv=None) -> int:
               "environment": environment(device), "rows": [], "complete": False, "stopped_during": ""}
     sizes = QUICK_SIZES if args.quick else None
     steps = [("GPU tests", lambda: report.update(tests=gpu_tests(deadline, args.quick))),
-             ("evaluation", lambda: report["rows"].extend(benchmark.eval_suite(
-                 device, 2 if args.quick else 16, 2 if args.quick else 20, runtimes(args.quick), sizes))),
-             ("training", lambda: report["rows"].extend(benchmark.train_suite(
-                 device, 1 if args.quick else 3, runtimes(args.quick), sizes, largest=False)))]
+             ("evaluation", lambda: benchmark.eval_suite(device, 2 if args.quick else 16, 2 if args.quick else 20,
+                                                         runtimes(args.quick), sizes, rows=report["rows"])),
+             ("training", lambda: benchmark.train_suite(device, 1 if args.quick else 3, runtimes(args.quick), sizes,
+                                                        largest=False, rows=report["rows"]))]
 
     def time_up(signum, frame):
         raise TimeUp
 
     signal.signal(signal.SIGALRM, time_up)
-    signal.setitimer(signal.ITIMER_REAL, max(1e-3, deadline - time.monotonic()))
+    # Every second from the limit on, until cancelled: code that catches and handles errors can swallow one.
+    signal.setitimer(signal.ITIMER_REAL, max(1e-3, deadline - time.monotonic()), 1.0)
     try:
         for name, step in steps:
             report["stopped_during"] = name
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
             write(report, args.out)  # what is measured so far, after every step
         report["complete"], report["stopped_during"] = True, ""
     except TimeUp:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         print(f"# the time limit ({args.minutes} min) was reached during {report['stopped_during']}", flush=True)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
