@@ -131,7 +131,8 @@ def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
         path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
         if not path.exists():  # a file, or a weights folder holding a released model
             raise FileNotFoundError(f"test.checkpoint: {path} does not exist (train first, or set "
-                                    f"test.checkpoint=<path> or a list of paths for an ensemble)")
+                                    f"test.checkpoint=<path>, a list of paths for an ensemble, or pipal for the "
+                                    f"released model)")
         paths.append(path)
     return paths
 

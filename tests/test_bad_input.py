@@ -140,7 +140,8 @@ def test_bad_options_and_checkpoints_are_refused(tmp_path, monkeypatch, capsys):
             (official_p8, ["model.head_dim=24"], "does not fit this model; wrongly shaped keys: head."),
             (p16, [], "p16_epoch33-da3ea303.pth is named for patch size 16, this model has patch_size=8"),
             (corrupt, [], "corrupt.pth is not a readable torch or safetensors weight file"),
-            (tmp_path / "none.pth", [], "none.pth does not exist")):
+            (tmp_path / "none.pth", [], "none.pth does not exist (train first, or set test.checkpoint=<path>, a "
+                                        "list of paths for an ensemble, or pipal for the released model)")):
         cases.append((run_test, [*demo, *tiny, *size, f"test.checkpoint={path}"], message))
     for action, args, message in cases:
         code, err = run_cli(action, args, monkeypatch, capsys)
