@@ -194,7 +194,12 @@ def download(names: Sequence[str], folder: str | os.PathLike | None = None, prog
     in force, else the cache): files already on this machine are copied there, the rest downloaded."""
     files = files_for(names)
     target = Path(folder).expanduser() if folder is not None else weights_folder() or cache_dir()
-    target.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"weights folder {target} is a file; give a folder (it is created if missing)")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"weights folder {target}: cannot create it ({exc.strerror or exc})") from None
     found = {file: find(file, target) for file in files}
     for file in files:
         source = None if found[file] else find(file, None)
@@ -202,7 +207,9 @@ def download(names: Sequence[str], folder: str | os.PathLike | None = None, prog
             found[file] = source  # Hugging Face's cache is part of the cache
         elif source is not None:
             found[file] = _copy(source, target / (source.name if source.name in file.names() else file.name))
-    return _complete(files, found, target, f"in {target} and {cache_dir()}", progress, put_in=target)
+    places = [target] if target == cache_dir() else [target, cache_dir()]
+    return _complete(files, found, target, f"in {', '.join(map(str, places))} and Hugging Face's cache", progress,
+                     put_in=target)
 
 
 def _complete(files: Sequence[WeightFile], found: dict, into: Path | None, looked: str, progress: bool,

@@ -157,6 +157,21 @@ def test_offline_the_command_line_reports_every_missing_file_in_one_line_at_once
     assert seconds < 30, seconds  # the time to import torch, not that of hub retries (23 s for one file)
 
 
+def test_download_into_a_file_or_an_uncreatable_folder_is_one_line(tmp_path, cache, monkeypatch, capsys):
+    """Before any file is looked for; and without --dir, the cache it fills is named once among the places."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    for folder, message in ((tmp_path / "a.png", f"error: weights folder {tmp_path / 'a.png'} is a file; give a folder"),
+                            (tmp_path / "a.png" / "sub", f"error: weights folder {tmp_path / 'a.png' / 'sub'}: cannot "
+                                                          f"create it (")):
+        assert main(["download", "--dir", str(folder), "pipal"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download", "pipal"]) == 2
+    err = capsys.readouterr().err
+    assert f"looked in {cache} and Hugging Face's cache; not downloaded: HF_HUB_OFFLINE is set" in err, err
+
+
 def test_the_released_entry_carries_the_full_digest_and_size_of_the_published_file():
     pipal = zoo.ZOO["pipal"].file
     assert (pipal.name, pipal.size) == ("AHIQ_vit_p8_epoch33-da3ea303.pth", 326044337)
