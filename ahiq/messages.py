@@ -1,6 +1,8 @@
 """Shared wording of error messages."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def listed(items: list[str], limit: int = 12) -> str:
     """The first ``limit`` items, comma-separated, and how many there are in all when some are left out."""
@@ -23,3 +25,13 @@ def for_the_user(exc: BaseException) -> str:
         prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
         return original[len(prefix):] if original.startswith(prefix) else original.split(": ", 1)[-1]
     return text
+
+
+def create_folder(path: Path, what: str) -> None:
+    """Create the folder ``path`` (and its parents), or raise the one-line error naming it as ``what``."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file; give a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None

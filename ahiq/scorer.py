@@ -17,6 +17,7 @@ from .data import CropPlan, DatasetError, Pair, Pairs, Part, check_images
 from .data.images import IMAGE_EXTENSIONS
 from .distributed import Job
 from .evaluation import maps_of, predict, reference_shares
+from .messages import create_folder
 from .maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
 from .locks import hold, release_and_remove
 from .journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
@@ -236,12 +237,7 @@ def check_outputs(out: Path | None, maps: Path | None) -> None:
     if out is not None:
         check_writable(out)
     if maps is not None:
-        if maps.exists() and not maps.is_dir():
-            raise ValueError(f"--maps {maps} is a file; give a folder (it is created if missing)")
-        try:
-            maps.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"--maps {maps}: cannot create the folder ({exc.strerror or exc})") from None
+        create_folder(maps, "--maps")
         check_writable(maps / "maps.check")
 
 

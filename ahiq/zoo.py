@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .messages import create_folder
+
 # The backbone weights the released heads were trained with: timm 0.5.4's defaults, which current timm names
 # with these tags (its untagged `vit_base_patch8_224` now means augreg2 weights, which are different).
 VIT_TAGS = {8: "vit_base_patch8_224.augreg_in21k_ft_in1k", 16: "vit_base_patch16_224.augreg_in21k_ft_in1k"}
@@ -194,12 +196,7 @@ def download(names: Sequence[str], folder: str | os.PathLike | None = None, prog
     in force, else the cache): files already on this machine are copied there, the rest downloaded."""
     files = files_for(names)
     target = Path(folder).expanduser() if folder is not None else weights_folder() or cache_dir()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"weights folder {target} is a file; give a folder (it is created if missing)")
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"weights folder {target}: cannot create it ({exc.strerror or exc})") from None
+    create_folder(target, "weights folder")
     found = {file: find(file, target) for file in files}
     for file in files:
         source = None if found[file] else find(file, None)
