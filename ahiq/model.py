@@ -65,6 +65,9 @@ class ReferenceFeatures(NamedTuple):
     reduced: torch.Tensor  # [B, head_dim, h, w] the head's 1x1 reduction of cat(ViT, fused CNN)
 
 
+FROM_PRETRAINED = "Load it with AHIQ.from_pretrained, which builds the architecture it was saved for"
+
+
 class AHIQ(nn.Module):
     """Attention-based Hybrid IQA (Lao, Gong et al., CVPRW 2022), full-reference.
 
@@ -175,12 +178,12 @@ class AHIQ(nn.Module):
     def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
         atomic_save({**self.checkpoint(), **extra}, path)
 
-    def restore(self, saved: Any, path: Path) -> dict[str, Any]:
+    def restore(self, saved: Any, path: Path, advice: str = FROM_PRETRAINED) -> dict[str, Any]:
         """Load the weights of a checkpoint already read from ``path`` (named in errors) into this model:
-        the official released format or this project's. Returns ``saved``. To obtain a trained model, use
-        AHIQ.from_pretrained."""
+        the official released format or this project's. Returns ``saved``. ``advice``: what to do when the
+        checkpoint is of another architecture. To obtain a trained model, use AHIQ.from_pretrained."""
         if _is_project_checkpoint(saved, path):
-            self._check_config(saved.get("config", {}), path)
+            self._check_config(saved.get("config", {}), path, advice)
             state = saved["model"]
         else:
             self._check_official_patch_size(path)
@@ -193,11 +196,10 @@ class AHIQ(nn.Module):
         self.load_state_dict(state, strict=False)
         return saved
 
-    def _check_config(self, saved: dict, path: Path) -> None:
+    def _check_config(self, saved: dict, path: Path, advice: str) -> None:
         differ = [f"{k}={saved[k]!r} (this model: {v!r})" for k, v in self.config.items() if k in saved and saved[k] != v]
         if differ:
-            raise WeightsError(f"checkpoint {path} was saved for another architecture: {', '.join(differ)}. "
-                               f"Load it with AHIQ.from_pretrained, which builds the architecture it was saved for")
+            raise WeightsError(f"checkpoint {path} was saved for another architecture: {', '.join(differ)}. {advice}")
 
     def _check_official_patch_size(self, path: Path) -> None:
         # Patch 8 and 16 heads have identically shaped weights (only a stride differs), so the released

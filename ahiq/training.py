@@ -197,7 +197,8 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         path, saved = load_training_checkpoint(path, self.experiment_dir)
-        self.model.restore(saved, path)
+        self.model.restore(saved, path, advice=f"Resume it with the model options it was trained with (model.* in "
+                                                f"{self.experiment_dir / 'options.yaml'}), or start anew under another name=")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"], self.device)

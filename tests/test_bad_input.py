@@ -3,6 +3,7 @@
 no traceback, and nothing written."""
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -341,8 +342,9 @@ def test_a_run_that_fails_before_training_leaves_no_experiment_folder(tmp_path, 
     assert code == 2 and (tmp_path / "checkpoints" / "ahiq_live" / "notes.txt").read_text() == "mine"
 
 
-def test_the_options_for_own_pairs_train_as_they_say(tmp_path, monkeypatch, capsys):
-    """options/custom.yaml read as written, on a CSV in its layout: its pairs reach the first step."""
+def own_pairs(folder) -> list[str]:
+    """Five references with two distorted images each under ``folder``, in options/custom.yaml's layout, and
+    the options that train a tiny model on them from random weights."""
     from ahiq.data.synthetic import distort, reference_image
     from trees import touch
 
@@ -350,13 +352,31 @@ def test_the_options_for_own_pairs_train_as_they_say(tmp_path, monkeypatch, caps
     rows = ["ref,dist,mos"]
     for r in range(5):
         ref = reference_image(rng, 72)
-        touch(tmp_path / "mine" / "refs" / f"r{r}.png", ref)
+        touch(folder / "refs" / f"r{r}.png", ref)
         for d in range(2):
-            touch(tmp_path / "mine" / "dist" / f"r{r}_{d}.png", distort(ref, "noise", d + 1, rng))
+            touch(folder / "dist" / f"r{r}_{d}.png", distort(ref, "noise", d + 1, rng))
             rows.append(f"refs/r{r}.png,dist/r{r}_{d}.png,{3.0 + r - d}")
-    (tmp_path / "mine" / "labels.csv").write_text("\n".join(rows) + "\n")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return ["--opt", str(ROOT / "options" / "custom.yaml"), f"data.root={folder}", "model.vit_pretrained=false",
+            "model.cnn_pretrained=false", *[f"model.{k}={v}" for k, v in TINY.items()]]
+
+
+def test_the_options_for_own_pairs_train_as_they_say(tmp_path, monkeypatch, capsys):
+    """options/custom.yaml read as written, on a CSV in its layout: its pairs reach the first step."""
+    args = own_pairs(tmp_path / "mine")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AssertionError, match="a training step ran"):  # every check passed: the first step came
-        run_cli(train, ["--opt", str(ROOT / "options" / "custom.yaml"), f"data.root={tmp_path / 'mine'}",
-                        "model.vit_pretrained=false", "model.cnn_pretrained=false",
-                        *[f"model.{k}={v}" for k, v in TINY.items()]], monkeypatch, capsys)
+        run_cli(train, args, monkeypatch, capsys)
+
+
+def test_a_resume_with_another_architecture_says_which_options_to_use(tmp_path, monkeypatch, capsys):
+    args = [*own_pairs(tmp_path / "mine"), "name=mine", "train.epochs=1", "train.batch_size=2"]
+    monkeypatch.chdir(tmp_path)
+    assert run("test", train, args) == 0
+    capsys.readouterr()
+    code, err = run_cli(train, [*args, "train.epochs=2", "train.resume=auto", "model.patch_size=8"], monkeypatch,
+                        capsys)
+    assert code == 2 and err[-1].startswith("error: checkpoint ") and "Traceback" not in "".join(err), err
+    assert "was saved for another architecture: patch_size=16 (this model: 8). Resume it with the model options it " \
+           f"was trained with (model.* in {Path('checkpoints') / 'mine' / 'options.yaml'}), or start anew under " \
+           "another name=" in err[-1], err
