@@ -345,18 +345,10 @@ def test_a_run_that_fails_before_training_leaves_no_experiment_folder(tmp_path, 
 def own_pairs(folder) -> list[str]:
     """Five references with two distorted images each under ``folder``, in options/custom.yaml's layout, and
     the options that train a tiny model on them from random weights."""
-    from ahiq.data.synthetic import distort, reference_image
-    from trees import touch
+    from trees import noisy_pairs
 
-    rng = np.random.default_rng(0)
-    rows = ["ref,dist,mos"]
-    for r in range(5):
-        ref = reference_image(rng, 72)
-        touch(folder / "refs" / f"r{r}.png", ref)
-        for d in range(2):
-            touch(folder / "dist" / f"r{r}_{d}.png", distort(ref, "noise", d + 1, rng))
-            rows.append(f"refs/r{r}.png,dist/r{r}_{d}.png,{3.0 + r - d}")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    rows = [f"{ref},{dist},{3.0 + r - d}" for ref, dist, r, d in noisy_pairs(folder, 5, 2, "refs", "r")]
+    (folder / "labels.csv").write_text("\n".join(["ref,dist,mos", *rows]) + "\n")
     return ["--opt", str(ROOT / "options" / "custom.yaml"), f"data.root={folder}", "model.vit_pretrained=false",
             "model.cnn_pretrained=false", *[f"model.{k}={v}" for k, v in TINY.items()]]
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -268,21 +267,13 @@ def test_a_second_run_on_a_busy_folder_fails_at_once_and_a_killed_run_leaves_no_
 @pytest.fixture(scope="module")
 def scoring(tmp_path_factory):
     """A checkpoint holding its backbones, 6 references x 3 distorted images, and the uninterrupted CSV."""
-    from ahiq.data.synthetic import distort, reference_image
-    from trees import touch
+    from trees import noisy_pairs
 
     folder = tmp_path_factory.mktemp("scoring")
     AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(folder / "model.pth")
     AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(folder / "other.pth")  # other weights
-    rng = np.random.default_rng(0)
-    rows = ["dist,ref"]
-    for r in range(6):
-        ref = reference_image(rng, 72)
-        touch(folder / "ref" / f"R{r}.png", ref)
-        for d in range(3):
-            touch(folder / "dist" / f"R{r}_{d}.png", distort(ref, "noise", d + 1, rng))
-            rows.append(f"dist/R{r}_{d}.png,ref/R{r}.png")
-    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    rows = [f"{dist},{ref}" for ref, dist, _, _ in noisy_pairs(folder, 6, 3, "ref", "R")]
+    (folder / "pairs.csv").write_text("\n".join(["dist,ref", *rows]) + "\n")
     command = ["score", "--pairs", str(folder / "pairs.csv"), "--checkpoint", str(folder / "model.pth"),
                "--vit-pretrained", "false", "--cnn-pretrained", "false", "--crops", "five"]
     done = subprocess.run([sys.executable, "-m", "ahiq", *command, "--out", str(folder / "straight.csv")],

@@ -32,6 +32,23 @@ def touch(path: Path, image: np.ndarray | None = None) -> None:
         assert cv2.imwrite(str(path), np.ascontiguousarray(image[..., ::-1]))
 
 
+def noisy_pairs(folder: Path, references: int, per_reference: int, ref_dir: str, prefix: str) -> list[tuple]:
+    """``references`` synthetic 72 x 72 images ``<ref_dir>/<prefix><r>.png`` under ``folder``, each with
+    ``per_reference`` noisy versions ``dist/<prefix><r>_<d>.png`` (noise level d + 1): (ref, dist, r, d) with
+    the paths relative to ``folder``."""
+    from ahiq.data.synthetic import distort, reference_image
+
+    rng = np.random.default_rng(0)
+    pairs = []
+    for r in range(references):
+        ref = reference_image(rng, 72)
+        touch(folder / ref_dir / f"{prefix}{r}.png", ref)
+        for d in range(per_reference):
+            touch(folder / "dist" / f"{prefix}{r}_{d}.png", distort(ref, "noise", d + 1, rng))
+            pairs.append((f"{ref_dir}/{prefix}{r}.png", f"dist/{prefix}{r}_{d}.png", r, d))
+    return pairs
+
+
 def tid_tree(root: Path, label_file: Path, n_refs: int) -> None:
     """TID2013/TID2008: names on disk upper-cased where the label file has lower case, and vice versa."""
     root.mkdir(parents=True, exist_ok=True)
