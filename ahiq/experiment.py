@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .locks import hold
+from .files import hold
 from .model import AHIQ
 from .weights import TEMPORARY_PATTERN, WeightsError, read_weight_file
 
@@ -114,6 +114,6 @@ def stopped(what: str, experiment_dir: Path, advice: str) -> FloatingPointError:
 
 def lock_folder(experiment_dir: Path):
     """An exclusive lock on ``experiment_dir`` (its ``.lock`` file) for as long as the returned file stays
-    open: a second run on the folder fails at once, naming the process that holds it (ahiq.locks)."""
+    open: a second run on the folder fails at once, naming the process that holds it (ahiq.files)."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
     return hold(experiment_dir / ".lock", str(experiment_dir), "choose another name=...")

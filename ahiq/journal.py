@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .files import write_atomically
+
 HEADER = ("dist", "ref", "score")
 
 
@@ -79,7 +81,7 @@ def settings_path(out: Path) -> Path:
 
 def record_settings(out: Path, settings: dict) -> None:
     """Keep what decides a score (checkpoint digests, crops, seed, precision...) beside the journals."""
-    _write_atomically(settings_path(out), json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    write_atomically(settings_path(out), (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
 
 
 def check_settings(out: Path, settings: dict) -> None:
@@ -117,20 +119,7 @@ def finish(out: Path, pairs: Sequence) -> None:
     writer = csv.writer(text)
     writer.writerow(HEADER)
     writer.writerows([p.dist, p.ref, scores[(p.dist, p.ref)]] for p in pairs)
-    _write_atomically(out, text.getvalue())
+    write_atomically(out, text.getvalue().encode("utf-8"))
     for path in journal_paths(out):
         path.unlink()
     settings_path(out).unlink(missing_ok=True)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

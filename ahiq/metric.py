@@ -79,6 +79,11 @@ class AHIQMetric(nn.Module):
         """Where the metric computes: where its weights are (it follows ``.to(...)``)."""
         return self.models[0].head.score.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype, which inputs are given (it follows ``.double()``)."""
+        return self.models[0].head.score.weight.dtype
+
     def forward(self, dist: Any, ref: Any, ref_names: Sequence[str] | None = None) -> torch.Tensor:
         """[B] scores of B pairs; as a loss (``as_loss``), the weighted, reduced scores."""
         with torch.set_grad_enabled(self.as_loss and torch.is_grad_enabled()):
@@ -131,9 +136,8 @@ class AHIQMetric(nn.Module):
 
     def _pairs(self, dist: Any, ref: Any, ref_names: Sequence[str] | None):
         """Lists of [3, H, W] tensors (checked) and the reference names that seed the crops."""
-        dtype = self.models[0].head.score.weight.dtype
-        dists, _ = _images(dist, "dist", self.check_input_range, dtype)
-        refs, file_names = _images(ref, "ref", self.check_input_range, dtype)
+        dists, _ = _images(dist, "dist", self.check_input_range, self.dtype)
+        refs, file_names = _images(ref, "ref", self.check_input_range, self.dtype)
         if len(dists) != len(refs):
             raise ValueError(f"{len(dists)} distorted images for {len(refs)} references")
         names = list(ref_names) if ref_names is not None else file_names

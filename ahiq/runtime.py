@@ -97,11 +97,11 @@ class Runtime:
 
 
 MAX_CHUNK = 64
-CPU_CHUNK_BUDGET = 128 * 2 ** 20  # one full-size crop: more per pass are no faster on a CPU (benchmark --suite chunk)
 # Measured per full-size ViT-B/8 crop in fp32 on the CPU (the difference between one and two crops per pass):
 # 125 MiB evaluating, 319 MiB under autograd with respect to the distorted input (2.6 times).
 FULL_SIZE_CROP_BYTES = 128 * 2 ** 20
 GRAD_FACTOR = 3.0
+CPU_CHUNK_BUDGET = FULL_SIZE_CROP_BYTES  # one crop: more per pass are no faster on a CPU (benchmark --suite chunk)
 
 
 def crop_bytes(config: dict) -> float:

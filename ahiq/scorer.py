@@ -19,7 +19,7 @@ from .distributed import Job
 from .evaluation import maps_of, predict, reference_shares
 from .messages import create_folder
 from .maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
-from .locks import hold, release_and_remove
+from .files import hold, release_and_remove
 from .journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
                       read_journals, record_settings)
 from .model import AHIQ

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -45,9 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.official import random_official_setup  # noqa: E402
-from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32  # noqa: E402
+from ahiq.runtime import Runtime, native_bf16, set_tf32  # noqa: E402
 from ahiq.training import make_optimizer, train_step  # noqa: E402
-from measure import PeakMemory, best_time, count_gflop, timed  # noqa: E402
+from measure import PeakMemory, best_time, count_gflop, environment, timed  # noqa: E402
 
 
 def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: dict,
@@ -364,15 +363,13 @@ def main() -> None:
                         help="ahiq's precision(s) (default: all where the device has native bf16, else fp32)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     if device.type == "cuda":
         set_tf32(False)  # every suite in strict fp32, the model suite (which uses no Runtime) included
-    native = native_bf16(device)
-    bf16 = ("native" if native else "emulated") + (f" ({cpu_bf16()})" if device.type == "cpu" and native else "")
-    print(f"# torch {torch.__version__}, {device.type} ({name}), {torch.get_num_threads()} CPU threads, "
-          f"bf16 {bf16}", flush=True)
+    env = environment(device)
+    print(f"# torch {env['torch']}, {device.type} ({env.get('gpu') or env['cpu']}), {env['threads']} CPU threads, "
+          f"bf16 {env['bf16']}", flush=True)
     precisions = {"fp32": ("fp32",), "bf16": ("bf16",), "all": ("fp32", "bf16")}[
-        args.precision or ("all" if native else "fp32")]
+        args.precision or ("all" if native_bf16(device) else "fp32")]
     runtimes = {p: Runtime(precision=p, channels_last=args.channels_last, compile=args.compile) for p in precisions}
     if args.suite in ("model", "all"):
         model_suite(device, args.repeats)

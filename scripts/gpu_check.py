@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The first GPU run, prepared: one command, one report, inside a time limit.
 
-    python scripts/gpu_check.py                              # on one GPU: about 8 minutes
+    python scripts/gpu_check.py                              # on one GPU: stops at 8 minutes (--minutes)
     python scripts/gpu_check.py --device cpu --quick         # the dry run (CI): small model, seconds
 
 It writes ``<out>.md`` and ``<out>.json`` (default ``gpu_check.md``/``.json``) with
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import signal
 import subprocess
 import sys
@@ -32,7 +31,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 import benchmark  # noqa: E402
-from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32  # noqa: E402
+from ahiq.runtime import Runtime, set_tf32  # noqa: E402
+from measure import environment  # noqa: E402
 
 QUICK_SIZES = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
 
@@ -46,24 +46,6 @@ def runtimes(quick: bool) -> dict[str, Runtime]:
     # The dry run compiles with dynamo's eager backend: the same capture, none of inductor's minutes.
     return {"fp32": Runtime(), "tf32": Runtime(tf32=True), "bf16": Runtime(precision="bf16"),
             "channels_last": Runtime(channels_last=True), "compiled": Runtime(compile="eager" if quick else True)}
-
-
-def environment(device: torch.device) -> dict:
-    import timm
-    import torchvision
-
-    found = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-             "timm": timm.__version__, "device": str(device), "cuda": torch.version.cuda,
-             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    if device.type == "cuda":
-        found.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
-                     memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1))
-    else:
-        found.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    found["bf16"] = "native" if native_bf16(device) else "emulated"
-    if device.type == "cpu":
-        found["bf16"] += f" ({cpu_bf16()})"
-    return found
 
 
 def gpu_tests(deadline: float, quick: bool) -> dict:

@@ -1,13 +1,36 @@
-"""How the benchmarks measure: wall time with the device synchronised, peak memory above a baseline, and the
-operations a call performs (torch.utils.flop_counter, with the kernels it lacks added)."""
+"""How the benchmarks measure: the machine they ran on, wall time with the device synchronised, peak memory
+above a baseline, and the operations a call performs (torch.utils.flop_counter, with the kernels it lacks
+added)."""
 from __future__ import annotations
 
 import ctypes
 import gc
+import platform
 import time
 from pathlib import Path
 
 import torch
+
+from ahiq.runtime import cpu_bf16, native_bf16
+
+
+def environment(device: torch.device) -> dict:
+    """The device and library versions a measurement is worth only beside."""
+    import timm
+    import torchvision
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+             "timm": timm.__version__, "device": str(device), "cuda": torch.version.cuda,
+             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+             "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        found.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
+                     memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2 ** 30, 1))
+    else:
+        found.update(cpu=platform.processor() or platform.machine())
+    native = native_bf16(device)
+    found["bf16"] = ("native" if native else "emulated") + (f" ({cpu_bf16()})" if device.type == "cpu" and native else "")
+    return found
 
 
 def timed(fn, device: torch.device):

@@ -321,7 +321,7 @@ def test_a_second_scoring_run_on_the_same_output_is_refused_at_once(scoring, tmp
     would; the second run is refused naming it, and runs once the lock is released."""
     import os
 
-    from ahiq.locks import hold, release_and_remove
+    from ahiq.files import hold, release_and_remove
 
     folder, command = scoring
     out, lock_path = tmp_path / "scores.csv", tmp_path / ".scores.csv.lock"

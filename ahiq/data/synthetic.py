@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from ..files import write_atomically
 from .labels import Pairs, read_custom_csv
 
 DISTORTIONS = {  # five levels each, mild to strong
@@ -75,9 +75,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def make_synthetic_dataset(root: Path, references: int = 24, size: int = 96, seed: int = 0) -> None:
     """Write ``refs/``, ``dist/`` and ``labels.csv`` (``ref,dist,mos``, the custom-CSV layout) under root.
 
-    Every file goes to a temporary name of this process and is renamed into place, so several processes
-    generating the set at once (the processes of a torchrun job on a fresh clone) each write the same whole
-    files, and a reader never sees a half-written one."""
+    Every file is written atomically (ahiq.files), so several processes generating the set at once (the
+    processes of a torchrun job on a fresh clone) each write the same whole files, and a reader never sees a
+    half-written one."""
     rng = np.random.default_rng(seed)
     (root / "refs").mkdir(parents=True, exist_ok=True)
     (root / "dist").mkdir(parents=True, exist_ok=True)
@@ -85,24 +85,18 @@ def make_synthetic_dataset(root: Path, references: int = 24, size: int = 96, see
     for r in range(references):
         ref = reference_image(rng, size)
         ref_name = f"refs/R{r:03d}.png"
-        _write(root / ref_name, cv2.imencode(".png", ref[..., ::-1])[1].tobytes())
+        write_atomically(root / ref_name, cv2.imencode(".png", ref[..., ::-1])[1].tobytes())
         for kind in DISTORTIONS:
             for level in range(5):
                 dist = distort(ref, kind, level, rng)
                 dist_name = f"dist/R{r:03d}_{kind}_{level + 1}.png"
-                _write(root / dist_name, cv2.imencode(".png", dist[..., ::-1])[1].tobytes())
+                write_atomically(root / dist_name, cv2.imencode(".png", dist[..., ::-1])[1].tobytes())
                 rows.append((ref_name, dist_name, f"{psnr(ref, dist):.4f}"))
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["ref", "dist", "mos"])
     writer.writerows(rows)
-    _write(root / LABELS, text.getvalue().encode())  # written last: its presence means the set is complete
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomically(root / LABELS, text.getvalue().encode())  # written last: its presence means the set is complete
 
 
 def read_synthetic(root: Path, references: int = 24, size: int = 96, seed: int = 0) -> Pairs:

@@ -1,4 +1,8 @@
-"""Exclusive locks held for as long as a run lasts, so that a second run on the same experiment folder or
+"""Files a crash or a second process must not spoil.
+
+Atomic writes: a file is written under a temporary name of its own in the same folder, synced, and renamed
+into place, so a reader never sees half of it and processes writing the same file at once do not mix.
+Exclusive locks held for as long as a run lasts, so that a second run on the same experiment folder or
 output file fails at once, naming the process that holds it. They are flock locks: the operating system
 releases them when the process ends in any way (SIGKILL included), so a lock is never stale."""
 from __future__ import annotations
@@ -6,8 +10,23 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class Busy(ValueError):
