@@ -2,8 +2,7 @@
 """Train AHIQ: python train.py --opt options/pipal.yaml [key.path=value ...]"""
 import sys
 
-from ahiq.cli import run
-from ahiq.training import train
+from ahiq.cli import train_command
 
 if __name__ == "__main__":
-    sys.exit(run(__doc__, train))
+    sys.exit(train_command())

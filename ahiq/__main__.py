@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--crop-chunk", type=_at_least(1), help="most crops in one forward pass (default: as many as "
                        "fit in a share of the free memory)")
     score.add_argument("--batch-size", type=_at_least(1), default=1, help="pairs of one reference scored together")
+    score.add_argument("--threads", type=_at_least(1), help="CPU threads (default: OMP_NUM_THREADS, else the CPUs this "
+                       "process may use: its affinity, cgroup quota and Slurm allocation, shared by torchrun's processes)")
     score.add_argument("--out", type=Path, help="write dist,ref,score rows to this CSV (kept as they are scored)")
     score.add_argument("--resume", action="store_true", help="continue an interrupted run into the same --out")
     score.add_argument("--maps", type=Path, metavar="DIR",
@@ -75,12 +77,22 @@ def parser() -> argparse.ArgumentParser:
                           help="zoo names or backbone tags (python -m ahiq zoo lists them; default: pipal)")
     download.add_argument("--dir", type=Path, metavar="DIR", help="the weights folder to fill (created)")
     download.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    commands.add_parser("launch", add_help=False, help="torchrun whose signal stops end in one line per process "
+                        "(python -m ahiq launch --help: torchrun's arguments)")
     zoo = commands.add_parser("zoo", help="list the released models and which are cached")
     zoo.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return main
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    from .threads import prepare_environment
+
+    prepare_environment()  # before torch is loaded
+    if argv[:1] == ["launch"]:  # torchrun's own arguments, parsed by torchrun's parser
+        from .launch import main as launch
+
+        return launch(argv[1:])
     args = parser().parse_args(argv)
     try:
         if args.command == "download":
@@ -100,9 +112,9 @@ def _expected(exc: Exception) -> bool:
     have them; importing them lazily keeps torch out of --help, zoo and download."""
     if isinstance(exc, (ValueError, FileNotFoundError)):
         return True
-    from .cli import EXPECTED
+    from .cli import expected_errors
 
-    return isinstance(exc, EXPECTED)
+    return isinstance(exc, expected_errors())
 
 
 def _download(names: list[str], folder: Path | None) -> int:
@@ -146,11 +158,14 @@ def _score(args) -> int:
         pairs = pairs_from_csv(args.pairs) if args.pairs else pair_files(args.dist, args.ref)
         check_images(pairs, 1)  # unreadable images and unwritable outputs before a model is loaded or downloaded
         check_outputs(args.out, args.maps)
-        runtime = Runtime(precision=args.precision, compile=args.compile, crop_chunk=args.crop_chunk)
+        runtime = Runtime(precision=args.precision, compile=args.compile, crop_chunk=args.crop_chunk,
+                          threads=args.threads)
+        computes = runtime.start(device)
         scorer = Scorer(args.checkpoint, args.patch_size, _pretrained(args.vit_pretrained),
                         _pretrained(args.cnn_pretrained), args.crops, args.num_crops, args.seed, device,
                         args.batch_size, runtime, args.allow_random_backbones, args.weights)
-        score_to_file(scorer, pairs, args.out, job, args.resume, progress=True, maps=args.maps)
+        score_to_file(scorer, pairs, args.out, job, args.resume, progress=True, maps=args.maps,
+                      heading=f"ahiq score: {len(pairs)} pairs; {computes}; {job.world} process(es)")
     except Stopped as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code

@@ -7,15 +7,42 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .data import DatasetError, ImageError
 from .messages import for_the_user
 from .options import OptionsError, load_options
 from .signals import Stopped
-from .weights import CheckpointWriteError, WeightsError
+from .threads import prepare_environment
 from .zoo import DownloadError, VerificationError
 
-EXPECTED = (OptionsError, DatasetError, ImageError, WeightsError, FileNotFoundError, ValueError, FloatingPointError,
+TRAIN = "Train AHIQ: python train.py --opt options/pipal.yaml [key.path=value ...]"
+TEST = ("Test AHIQ checkpoints, or write an NTIRE 2022 submission: python test.py --opt options/pipal.yaml "
+        "[key.path=value ...]. Without --opt: options/pipal.yaml, testing its experiment's best checkpoint, or the "
+        "released model before one exists.")
+
+
+def expected_errors() -> tuple[type, ...]:
+    """The errors a user can act on, printed as one line (imported here: they bring torch)."""
+    from .data import DatasetError, ImageError
+    from .weights import CheckpointWriteError, WeightsError
+
+    return (OptionsError, DatasetError, ImageError, WeightsError, FileNotFoundError, ValueError, FloatingPointError,
             CheckpointWriteError, MemoryError, DownloadError, VerificationError)
+
+
+def train_command(argv: list[str] | None = None) -> int:
+    """python train.py"""
+    prepare_environment()  # before torch is loaded: OpenMP reads its settings once
+    from .training import train
+
+    return run(TRAIN, train, argv)
+
+
+def test_command(argv: list[str] | None = None) -> int:
+    """python test.py"""
+    prepare_environment()
+    from .evaluation import run_default_test, run_test
+
+    default = (Path(__file__).resolve().parents[1] / "options" / "pipal.yaml", run_default_test)
+    return run(TEST, run_test, argv, default=default)
 
 
 def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None,
@@ -37,7 +64,7 @@ def run(description: str, action: Callable[[dict], object], argv: list[str] | No
         args.opt, action = default
     try:
         action(load_options(args.opt, args.overrides))
-    except EXPECTED as exc:
+    except expected_errors() as exc:
         if args.debug:
             raise
         print(f"error: {for_the_user(exc)}", file=sys.stderr)

@@ -171,10 +171,14 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
         raise ValueError(f"test.maps: {ONE_MODEL}")
     part = load_parts(opt["data"], roles=("test",))["test"]
     runtime = Runtime(**opt["runtime"])
+    computes = runtime.start(device)
     models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
                                                   **opt["model"]), device) for p in paths]
     crop = models[0].config["img_size"]
     check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
+    if job.main:
+        print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {computes}; {job.world} "
+              f"process(es)", flush=True)
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
     if job.main:
         out_dir.mkdir(parents=True, exist_ok=True)

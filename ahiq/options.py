@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = {
         "seed": 1919, "val_crops": "five", "val_every": 1, "save_interval": 5, "resume": None,
         "device": "auto", "log_every": 20, "nonfinite_loss": "stop", "drop_last": False, "best": "main",
     },
-    "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": None},
+    "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": None,
+                "threads": None},
     "test": {
         "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
         "allow_random_backbones": False, "maps": 0,
@@ -52,6 +53,7 @@ TYPES: dict[str, tuple] = {
     "train.resume": (str, type(None)), "test.checkpoint": (str, list), "test.output": (str, type(None)),
     "test.submission.runtime": (float, type(None)), "test.submission.gpu": (bool, type(None)),
     "runtime.compile": (bool, str), "runtime.crop_chunk": (int, type(None)),
+    "runtime.threads": (int, type(None)),
 }
 CHOICES = {
     "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),
@@ -70,7 +72,7 @@ RANGES: dict[str, tuple[float, bool]] = {
     "model.head_hidden": (1, True), "data.split.seed": (0, True), "data.num_workers": (0, True),
     "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.weight_decay": (0, True),
     "train.t_max": (1, True), "train.eta_min": (0, True), "train.seed": (0, True), "train.val_every": (1, True),
-    "train.save_interval": (1, True), "train.log_every": (1, True), "runtime.crop_chunk": (1, True),
+    "train.save_interval": (1, True), "train.log_every": (1, True), "runtime.crop_chunk": (1, True), "runtime.threads": (1, True),
     "test.num_crops": (1, True), "test.maps": (0, True), "test.seed": (0, True), "test.batch_size": (1, True),
     "test.submission.runtime": (0, True),
 }

@@ -20,19 +20,32 @@ class Runtime:
     use TF32 on GPUs that have it (off: strict fp32). ``channels_last``: NHWC weights and inputs, what
     tensor cores want. ``compile``: torch.compile the model's entry points (True: the default inductor
     backend; a string: that backend). ``crop_chunk``: the most crops in one forward pass when evaluating
-    (the memory budget); None sizes it from the memory the device has free (``crops_per_pass``)."""
+    (the memory budget); None sizes it from the memory the device has free (``crops_per_pass``).
+    ``threads``: the CPU intra-op threads the command lines set (``start``); None sizes them from the CPUs
+    this process may use (ahiq.threads)."""
 
     precision: str = "fp32"
     tf32: bool = False
     channels_last: bool = False
     compile: bool | str | Callable = False
     crop_chunk: int | None = None
+    threads: int | None = None
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"runtime.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
         if self.crop_chunk is not None and self.crop_chunk < 1:
             raise ValueError(f"runtime.crop_chunk must be at least 1, got {self.crop_chunk}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"runtime.threads must be at least 1, got {self.threads}")
+
+    def start(self, device: torch.device) -> str:
+        """What a command line (train.py, test.py, python -m ahiq score) does once, before its work: set the
+        process's CPU threads (ahiq.threads). Returns the line that says how the run computes."""
+        from .threads import apply_threads
+
+        threads = apply_threads(self.threads)
+        return f"device {device}, {'bf16' if self.bf16(device) else 'fp32'}; {threads}"
 
     def crops_per_pass(self, model: torch.nn.Module, device: torch.device) -> int:
         """``crop_chunk``, or when it is None the crops that fit in a share of the memory ``device`` has free

@@ -135,7 +135,7 @@ class Scorer:
 
 
 def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job(), resume: bool = False,
-                  progress: bool = False, maps: Path | None = None) -> None:
+                  progress: bool = False, maps: Path | None = None, heading: str | None = None) -> None:
     """Score ``pairs`` into the CSV ``out`` (dist,ref,score in the pairs' order), or print ``name,score``
     lines as references finish when ``out`` is None.
 
@@ -143,8 +143,13 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
     job killed at pair 90,000 keeps them and ``resume`` scores only the rest. Under torchrun the processes
     share the pairs by reference and rank 0 writes ``out`` from all journals. SIGTERM or SIGINT stops at
     the next reference with everything scored kept (Stopped). ``maps``: a folder that gets each pair's
-    quality maps (``<name>.npz``, saved as the pair is scored) and, at the end, its panel (``<name>.png``)."""
+    quality maps (``<name>.npz``, saved as the pair is scored) and, at the end, its panel (``<name>.png``).
+    ``heading``: printed (rank 0, standard error) once everything is checked, as scoring begins."""
     saver = _map_saver(scorer, pairs, maps)
+
+    def announce():
+        if heading and job.main:
+            print(heading, file=sys.stderr, flush=True)
     if out is None:
         if job.world > 1 or resume:
             raise ValueError("give --out: " + ("the processes' rows go to one file" if job.world > 1
@@ -159,6 +164,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
                 raise Stopped(f"stopped by {signals.name} after {len(printed)} of {len(pairs)} pairs (printed above)",
                               signals.requested)
 
+        announce()
         with StopSignals() as signals:
             scorer.score_pairs(pairs, progress, on_reference=show, on_maps=saver(pairs))
         if maps is not None:
@@ -169,14 +175,14 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
     lock_path = out.with_name(f".{out.name}.lock")
     lock = hold(lock_path, f"--out {out}", "choose another --out") if job.main else None
     try:
-        _score_to_journals(scorer, pairs, out, job, resume, progress, maps, saver)
+        _score_to_journals(scorer, pairs, out, job, resume, progress, maps, saver, announce)
     finally:
         if lock is not None:
             release_and_remove(lock, lock_path)
 
 
 def _score_to_journals(scorer: Scorer, pairs: Pairs, out: Path, job: Job, resume: bool, progress: bool,
-                       maps: Path | None, saver) -> None:
+                       maps: Path | None, saver, announce) -> None:
     leftovers = journal_paths(out)
     if leftovers and not resume:
         raise ValueError(f"{leftovers[0]} holds the scores of an unfinished run: continue it with --resume, or "
@@ -186,9 +192,10 @@ def _score_to_journals(scorer: Scorer, pairs: Pairs, out: Path, job: Job, resume
         check_settings(out, settings)
     elif job.main:
         record_settings(out, settings)
+    announce()
     done = read_journals(out) if resume else {}
     todo = Pairs([p for p in pairs if (p.dist, p.ref) not in done], pairs.higher_is_better, pairs.dataset)
-    if resume and job.main:
+    if done and job.main:
         print(f"resuming: {len(pairs) - len(todo)} of {len(pairs)} pairs already scored", file=sys.stderr)
     if job.world > 1:
         tdist.barrier()  # every process has read the journals before any process appends to them

@@ -4,26 +4,42 @@ they have done, and end with ``Stopped``, whose message says how to continue."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Iterator
+
+from .files import write_atomically
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+MARKER = "AHIQ_STOP_MARKER"
+
+
 class Stopped(Exception):
-    """A run stopped on a signal with its work kept. The process exits with 128 + the signal's number."""
+    """A run stopped on a signal with its work kept. The process exits with 128 + the signal's number.
+
+    When the environment names a file in AHIQ_STOP_MARKER, the stop writes the message there: how a batch
+    script learns that the run should be continued (scripts/slurm/job.sh requeues the job), whatever exit
+    status the launchers between them report."""
 
     def __init__(self, message: str, signum: int, logged: bool = False):
         super().__init__(message)
         self.exit_code = 128 + signum
         self.logged = logged  # already printed by the run's log
+        marker = os.environ.get(MARKER)
+        if marker:
+            write_atomically(Path(marker), (message + "\n").encode())
 
 
 class StopSignals:
     """While entered, SIGTERM and SIGINT set ``requested`` (the signal's number) instead of ending the
-    process; a second one ends it at once (KeyboardInterrupt), for the impatient. Outside the main thread,
-    where Python cannot handle signals, it does nothing."""
+    process. A second SIGINT ends it at once (KeyboardInterrupt), for the impatient at the keyboard; a
+    second SIGTERM is the same request again (Slurm signals every process of a job step, and torchrun's agent
+    passes its own SIGTERM on to its workers) and changes nothing. Outside the main thread, where Python
+    cannot handle signals, it does nothing."""
 
     def __init__(self):
         self.requested = 0
@@ -39,13 +55,14 @@ class StopSignals:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signum
+        self.requested = self.requested or signum
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.requested).name
+        """The signal's name; "a signal to another process" where another process of the job got it."""
+        return signal.Signals(self.requested).name if self.requested else "a signal to another process"
 
 
 def ignore_in_workers(worker_id: int = 0) -> None:

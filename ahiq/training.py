@@ -6,6 +6,7 @@ import math
 import random
 import re
 import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -157,10 +158,14 @@ class Trainer:
         if train_opt["batch_size"] % job.world:
             raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of "
                              f"the {job.world} processes")
+        self.runtime = Runtime(**opt["runtime"])
+        computes = self.runtime.start(device)
         seed_everything(train_opt["seed"])
         self.parts, self.train_set = self._data()
+        log.info(f"{opt['name']}: {len(self.parts['train'].pairs)} training pairs, {len(self.parts['val'].pairs)} "
+                 f"validation pairs ({opt['data']['dataset']} at {opt['data']['root']}); {computes}; "
+                 f"{job.world} process(es)")
         self.val_plan = CropPlan(opt["model"]["img_size"], train_opt["val_crops"])
-        self.runtime = Runtime(**opt["runtime"])
         self.model = self.runtime.prepare(build_model(opt["model"]), device)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_opt)
         self.start_epoch, self.best, self.partial = 0, {"main": -math.inf}, None
@@ -190,9 +195,6 @@ class Trainer:
         check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
         if parts["test"] is not parts["val"]:  # found now, not by test.py after days of training
             check_images(parts["test"].pairs, crop, whole=self.opt["test"]["crops"] == "whole")
-        log.info(f"{self.opt['name']}: {len(parts['train'].pairs)} training pairs, {len(parts['val'].pairs)} "
-                 f"validation pairs ({data_opt['dataset']} at {data_opt['root']}), device {self.device}, "
-                 f"{self.job.world} process(es)")
         return parts, train_set
 
     def _resume(self, path: Path) -> None:
@@ -215,10 +217,18 @@ class Trainer:
                                      self.best, self.opt, self.device, **({"partial": partial} if partial else {}))
 
     def _stop(self, where: str) -> Stopped:
+        """The stop every process of the run agreed on, once latest.pth is written. No process exits before
+        rank 0 has written it: a launcher that sees one process end may end the others (srun
+        --kill-on-bad-exit)."""
         message = (f"stopped by {self.signals.name} {where}; {self.experiment_dir / 'latest.pth'} holds the run so "
                    f"far: continue it with train.resume=auto")
         log.warning(message)
-        return Stopped(message, self.signals.requested or 15, logged=True)
+        stop = Stopped(message, self.signals.requested or signal.SIGTERM, logged=True)
+        if self.job.world > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        return stop
 
     def _stop_agreed(self) -> bool:
         """Whether any process was asked to stop (one small collective; at epoch ends only)."""

@@ -1,6 +1,7 @@
 """Two-process training with torchrun on the CPU (gloo) gives the single-process result, and one process
 resumes a two-process run; what a GPU machine changes, with CUDA and the collectives simulated."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -251,4 +252,32 @@ def test_two_nodes_with_fine_tuned_backbones_train_like_one_process(tmp_path):
     for key in a:
         torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=1e-5, msg=key)
     assert all(state["step"] == 10 for state in one["optimizer"]["state"].values())  # 75 pairs: 10 steps taken
-    assert "2 process(es)" in (tmp_path / "checkpoints" / "two" / "train.log").read_text()
+    first = (tmp_path / "checkpoints" / "two" / "train.log").read_text().splitlines()[0]
+    assert first.endswith("CPU threads: 1 (OMP_NUM_THREADS=1); OpenMP wait policy PASSIVE; 2 process(es)"), first
+
+
+def test_the_launcher_passes_sigterm_on_and_ends_in_one_line_per_process(tmp_path):
+    """python -m ahiq launch, signalled itself as Kubernetes signals a container's first process (its workers,
+    in sessions of their own, get no signal but the one it passes on): both workers stop at a step with
+    latest.pth written, each says so in one line, the launcher in one more, exit 143, no traceback."""
+    import signal
+    import time
+
+    options = [f"data.root={tmp_path / 'data'}", "data.options={references: 10, size: 72}", "train.epochs=3",
+               "train.device=cpu", "data.num_workers=0", "train.resume=null",
+               *[f"model.{k}={v}" for k, v in TINY.items()]]
+    launcher = subprocess.Popen([sys.executable, "-m", "ahiq", "launch", "--standalone", "--nproc_per_node", "2",
+                                 str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml"), *options],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "checkpoints" / "demo" / "train.log"
+    end = time.monotonic() + 300
+    while not (log.is_file() and " epoch 1 loss" in log.read_text()) and time.monotonic() < end:
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err
+    assert len(re.findall(r"^stopped by SIGTERM (at epoch 2, step \d+ of 10|after epoch 1);", err, re.M)) == 2, err
+    assert len(re.findall(r"^ahiq launch on .*: stopped by SIGTERM", err, re.M)) == 1, err
+    assert torch.load(tmp_path / "checkpoints" / "demo" / "latest.pth", weights_only=True)["epoch"] in (0, 1)
