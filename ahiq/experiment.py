@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import hold
+from .files import TEMPORARY_PATTERN, take_lock
 from .model import AHIQ
-from .weights import TEMPORARY_PATTERN, WeightsError, read_weight_file
+from .weights import WeightsError, read_weight_file
 
 log = logging.getLogger("ahiq")
 
@@ -116,4 +116,4 @@ def lock_folder(experiment_dir: Path):
     """An exclusive lock on ``experiment_dir`` (its ``.lock`` file) for as long as the returned file stays
     open: a second run on the folder fails at once, naming the process that holds it (ahiq.files)."""
     experiment_dir.mkdir(parents=True, exist_ok=True)
-    return hold(experiment_dir / ".lock", str(experiment_dir), "choose another name=...")
+    return take_lock(experiment_dir / ".lock", str(experiment_dir), "choose another name=...")

@@ -1,63 +1,162 @@
 """Files a crash or a second process must not spoil.
 
 Atomic writes: a file is written under a temporary name of its own in the same folder, synced, and renamed
-into place, so a reader never sees half of it and processes writing the same file at once do not mix.
-Exclusive locks held for as long as a run lasts, so that a second run on the same experiment folder or
-output file fails at once, naming the process that holds it. They are flock locks: the operating system
-releases them when the process ends in any way (SIGKILL included), so a lock is never stale."""
+into place (the rename synced too where the system allows), so a reader never sees half of it and
+processes writing the same file at once do not mix.
+
+Locks held by a process: exclusive, taken at once or refused (``take_lock``: a second run on the same
+experiment folder or output file fails at once, naming the process that holds it), or waited for
+(``waiting_for_lock``: one download per machine while the others wait). They are the operating system's
+locks (flock on POSIX, a byte-range lock on Windows): released when the process ends in any way (SIGKILL
+included), so a lock is never stale.
+"""
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import os
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO, Iterator
+
+try:
+    import fcntl  # POSIX
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt  # Windows
+except ImportError:
+    msvcrt = None
+
+TEMPORARY_PATTERN = ".*.tmp"  # what atomic_file writes before the rename; a killed write leaves one behind
+_LOCKED_BYTE = 1 << 30  # Windows locks a byte range; far past the holder's line, which stays readable
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: it replaces ``path`` whole when the block ends, or not at
+    all when the block raises (the temporary file is removed)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); where a folder cannot be opened (Windows), the rename is still atomic."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class Busy(ValueError):
     """Another process holds the lock."""
 
 
-def hold(path: Path, what: str, advice: str):
-    """Lock the file ``path`` (created if missing) for this process; ``what`` and ``advice`` complete the
-    error when another process holds it. Returns the open lock file: the lock lasts until it is closed."""
+def _try_lock(handle, blocking: bool) -> bool:
+    """Lock the open file ``handle`` for this process; False when another process holds it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            return True
+        except OSError:
+            return False
+    if msvcrt is not None:
+        while True:
+            handle.seek(_LOCKED_BYTE)
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not blocking:
+                    return False
+                time.sleep(0.2)
+    raise OSError("locking a file needs fcntl (POSIX) or msvcrt (Windows), and this Python has neither")
+
+
+def _open_locked(path: Path, blocking: bool):
+    """The lock file ``path`` (created if missing), open and locked; None when another process holds it."""
     while True:
         handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
+        if not _try_lock(handle, blocking):
             handle.close()
-            raise Busy(f"{what} is in use by {holder}: wait for that run to end (or stop it), or {advice}") from None
+            return None
         if _still_at(handle, path):
-            break
+            return handle
         handle.close()  # its holder removed it between our open and our lock: lock the file now at path
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _sign(handle) -> None:
     handle.seek(0)
     handle.truncate()
     handle.write(f"process {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
+
+
+def take_lock(path: Path, what: str, advice: str):
+    """Lock the file ``path`` for this process, or raise Busy at once naming the process that holds it;
+    ``what`` and ``advice`` complete that error. Returns the open lock file: the lock lasts until it is
+    closed (release_and_remove)."""
+    handle = _open_locked(path, blocking=False)
+    if handle is None:
+        raise Busy(f"{what} is in use by {_holder(path)}: wait for that run to end (or stop it), or {advice}")
+    _sign(handle)
     return handle
 
 
+@contextlib.contextmanager
+def waiting_for_lock(path: Path, waiting: str) -> Iterator[None]:
+    """Hold the lock file ``path`` for the block, waiting while another process holds it (``waiting`` is
+    printed once, to standard error, if it must wait); the file is removed at the end."""
+    handle = _open_locked(path, blocking=False)
+    if handle is None:
+        print(f"{waiting} ({_holder(path)} holds {path})", file=sys.stderr, flush=True)
+        handle = _open_locked(path, blocking=True)
+    try:
+        _sign(handle)
+        yield
+    finally:
+        release_and_remove(handle, path)
+
+
 def release_and_remove(handle, path: Path) -> None:
-    """Remove the lock file, then release it (in this order, so that no one locks a file on its way out)."""
-    path.unlink(missing_ok=True)
+    """Remove the lock file, then release it (in this order, so that no one locks a file on its way out;
+    Windows removes no open file: there it is closed first)."""
+    try:
+        path.unlink(missing_ok=True)
+    except PermissionError:
+        handle.close()
+        path.unlink(missing_ok=True)
     handle.close()
 
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from .files import atomic_file
 from .messages import listed
 
 
@@ -100,37 +100,14 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
         raise WeightsError(f"{source} does not fit this model; " + "; ".join(problems))
 
 
-TEMPORARY_PATTERN = ".*.tmp"  # what atomic_save writes before the rename; a killed save leaves one behind
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); where a folder cannot be opened, the rename is still atomic."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _sync_folder(path.parent)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as RuntimeError too
             kept = "the previous file is intact" if path.exists() else "nothing was written"
             raise CheckpointWriteError(f"could not write {path} ({exc}); {kept}. Free disk space, then "

@@ -9,7 +9,8 @@ trained with. The rule that finds any of them (the only one; every message follo
    fills such a folder.
 2. Otherwise the **cache**: torch's hub folder ``<torch.hub.get_dir()>/checkpoints`` (``TORCH_HOME`` moves
    it), where torch.hub, timm 0.5.4 (which the official code used) and ``python -m ahiq download`` put
-   files; for the backbones also Hugging Face's cache, where current timm puts them.
+   files; then ``<torch.hub.get_dir()>/pyiqa``, where pyiqa (0.1.13 and later) puts the released AHIQ file;
+   for the backbones also Hugging Face's cache, where current timm puts them.
 3. What is in neither is **downloaded** into the cache, unless ``HF_HUB_OFFLINE`` is set: each server is
    tried once, with a short timeout, and every file still missing is named in one error.
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .files import waiting_for_lock
 from .messages import create_folder
 
 # The backbone weights the released heads were trained with: timm 0.5.4's defaults, which current timm names
@@ -44,6 +46,7 @@ VIT_TAGS = {8: "vit_base_patch8_224.augreg_in21k_ft_in1k", 16: "vit_base_patch16
 RESNET_TAG = "resnet50.a1_in1k"
 
 ENVIRONMENT = "AHIQ_WEIGHTS"
+DOWNLOAD_LOCK = ".ahiq-download.lock"  # held in the folder downloaded into, while a process downloads
 TIMEOUT = 10.0  # seconds without an answer before a server counts as unreachable
 
 
@@ -131,12 +134,23 @@ def zoo_model(name: str) -> ZooModel:
     return ZOO[name]
 
 
-def cache_dir() -> Path:
-    """torch.hub's folder of checkpoints: ``torch.hub.get_dir()/checkpoints``, found as torch finds it."""
+def hub_dir() -> Path:
+    """torch.hub's folder, ``torch.hub.get_dir()``, found as torch finds it."""
     if "torch" in sys.modules:  # honours torch.hub.set_dir
-        return Path(sys.modules["torch"].hub.get_dir()) / "checkpoints"
+        return Path(sys.modules["torch"].hub.get_dir())
     xdg = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
-    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(xdg, "torch")))) / "hub" / "checkpoints"
+    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(xdg, "torch")))) / "hub"
+
+
+def cache_dir() -> Path:
+    """Where downloads go: torch.hub's folder of checkpoints, ``torch.hub.get_dir()/checkpoints``."""
+    return hub_dir() / "checkpoints"
+
+
+def cache_dirs() -> list[Path]:
+    """The cache's folders, in the order looked in: torch.hub's checkpoints, then pyiqa's
+    (``torch.hub.get_dir()/pyiqa``, its DEFAULT_CACHE_DIR)."""
+    return [cache_dir(), hub_dir() / "pyiqa"]
 
 
 def weights_folder(weights: str | os.PathLike | None = None) -> Path | None:
@@ -159,7 +173,7 @@ def offline() -> bool:
 
 def find(file: WeightFile, folder: Path | None) -> Path | None:
     """Where ``file`` is on this machine by the rule (a weights folder, or the caches); None if nowhere."""
-    for directory in [folder] if folder is not None else [cache_dir()]:
+    for directory in [folder] if folder is not None else cache_dirs():
         for name in file.names():
             if (directory / name).is_file():
                 return directory / name
@@ -186,7 +200,8 @@ def locate(files: Sequence[WeightFile], weights: str | os.PathLike | None = None
     folder = weights_folder(weights)
     found = {file: find(file, folder) for file in files}
     if folder is None:
-        return _complete(files, found, cache_dir(), f"in {cache_dir()} and Hugging Face's cache", progress)
+        return _complete(files, found, cache_dir(), f"in {', '.join(map(str, cache_dirs()))} and Hugging Face's "
+                                                    f"cache", progress)
     return _complete(files, found, None, f"in the weights folder {folder} ({ENVIRONMENT} or --weights: nothing is "
                                          f"downloaded with one)", progress, put_in=folder)
 
@@ -196,15 +211,25 @@ def download(names: Sequence[str], folder: str | os.PathLike | None = None, prog
     in force, else the cache): files already on this machine are copied there, the rest downloaded."""
     files = files_for(names)
     target = Path(folder).expanduser() if folder is not None else weights_folder() or cache_dir()
+    created = not target.exists()
     create_folder(target, "weights folder")
+    try:
+        return _download_into(files, target, progress)
+    except DownloadError:
+        if created and not any(target.iterdir()):  # a failed download leaves no empty folder behind
+            target.rmdir()
+        raise
+
+
+def _download_into(files: list[WeightFile], target: Path, progress: bool) -> list[Path]:
     found = {file: find(file, target) for file in files}
     for file in files:
         source = None if found[file] else find(file, None)
         if source is not None and target == cache_dir():
-            found[file] = source  # Hugging Face's cache is part of the cache
+            found[file] = source  # pyiqa's folder and Hugging Face's cache are part of the cache
         elif source is not None:
             found[file] = _copy(source, target / (source.name if source.name in file.names() else file.name))
-    places = [target] if target == cache_dir() else [target, cache_dir()]
+    places = cache_dirs() if target == cache_dir() else [target, *cache_dirs()]
     return _complete(files, found, target, f"in {', '.join(map(str, places))} and Hugging Face's cache", progress,
                      put_in=target)
 
@@ -220,7 +245,15 @@ def _complete(files: Sequence[WeightFile], found: dict, into: Path | None, looke
     failures: list[str] = []
     missing = [file for file in files if found[file] is None]
     if missing and into is not None and not offline():
-        found.update(fetch(missing, into, failures, progress))
+        create_folder(into, "weights folder")
+        # One process per machine downloads (torchrun starts one per GPU); the others wait, then find its files.
+        with waiting_for_lock(into / DOWNLOAD_LOCK, f"waiting for another process's download into {into}"):
+            arrived = {file: into / file.name for file in missing if (into / file.name).is_file()}
+            for file, path in arrived.items():
+                verify(file, path)
+            found.update(arrived)
+            missing = [file for file in missing if file not in arrived]
+            found.update(fetch(missing, into, failures, progress))
         missing = [file for file in files if found[file] is None]
     if missing:
         why = ("" if into is None else "; not downloaded: HF_HUB_OFFLINE is set" if offline()

@@ -94,6 +94,23 @@ def run_cli(action, args, monkeypatch, capsys):
     return code, capsys.readouterr().err.strip().splitlines()
 
 
+def test_every_parts_bad_images_are_reported_together(tmp_path, monkeypatch, capsys):
+    """A truncated image under every reference: the training, validation and test parts' problems in one
+    report, each named by its part, not one part per try."""
+    root = tmp_path / "pipal"
+    pipal_tree(root)
+    for r in range(5):
+        truncate(distorted_path(root, f"A{r:04d}_00_01.bmp"))
+    monkeypatch.chdir(tmp_path)
+    args = ["--opt", str(ROOT / "options" / "demo.yaml"), "data.dataset=pipal", f"data.root={root}",
+            "data.options={}", "data.split.ratios=[0.6, 0.2, 0.2]", *[f"model.{k}={v}" for k, v in TINY.items()]]
+    code, err = run_cli(train, args, monkeypatch, capsys)
+    assert code == 2 and err[0] == ("error: 5 problems with the images of 15 pairs in the training, validation, test "
+                                    "parts (fix or remove them, then run again):"), err
+    parts = sorted(line.strip().split(":")[0] for line in err[1:])
+    assert parts == ["test", "training", "training", "training", "validation"], err
+
+
 @pytest.mark.parametrize("case,breakage,message", BAD_DATA, ids=[c[0] for c in BAD_DATA])
 def test_bad_data_is_refused_before_the_first_step(case, breakage, message, tmp_path, monkeypatch, capsys):
     root = tmp_path / "pipal"

@@ -28,16 +28,18 @@ DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
 class Server:
     """Serves ``files`` (name -> bytes) whole at /good/<name>; cut after half its bytes at /dies/<name>; as a
     web page at /page/<name>; at /timm/<tag>/resolve/main/model.safetensors as the Hugging Face hub does
-    (HF_ENDPOINT); anything else is a 404. Counts the requests."""
+    (HF_ENDPOINT); anything else is a 404. Counts the requests; waits ``delay`` seconds before each answer."""
 
-    def __init__(self, files=None):
+    def __init__(self, files=None, delay=0.0):
         self.files = files if files is not None else {}
         self.requests = []
+        self.delay = delay
         served = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 served.requests.append(self.path)
+                time.sleep(served.delay)
                 parts = self.path.split("/")
                 kind, name = parts[1], parts[2] if parts[1] == "timm" else parts[-1]
                 payload = served.files.get(name, PAYLOAD if not served.files else None)
@@ -117,7 +119,7 @@ def test_every_mirror_failing_is_one_line_naming_the_file_the_urls_and_the_place
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"error: missing weight files: {model.file.name}, ")
     assert f"{model.file.urls[0]} (the connection closed after" in err and f"{model.file.urls[1]} (HTTP 404" in err
-    assert f"put its files in {cache.parent / 'd'}" in err and not any((cache.parent / "d").iterdir())
+    assert f"put its files in {cache.parent / 'd'}" in err and not (cache.parent / "d").exists()  # no empty folder left
 
 
 def test_no_network_and_an_empty_cache_is_one_error_naming_every_file_each_server_tried_once(cache, monkeypatch):
@@ -169,7 +171,7 @@ def test_download_into_a_file_or_an_uncreatable_folder_is_one_line(tmp_path, cac
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["download", "pipal"]) == 2
     err = capsys.readouterr().err
-    assert f"looked in {cache} and Hugging Face's cache; not downloaded: HF_HUB_OFFLINE is set" in err, err
+    assert f"looked in {cache}, {cache.parent / 'pyiqa'} and Hugging Face's cache; not downloaded: HF_HUB_OFFLINE is set" in err, err
 
 
 def test_the_released_entry_carries_the_full_digest_and_size_of_the_published_file():
@@ -239,6 +241,20 @@ def test_the_original_backbone_files_are_found_where_timm_054_left_them(cache):
     assert [p.name for p in found] == [zoo.BACKBONES[zoo.VIT_TAGS[8]].also_named[0], "resnet50_a1_0-14fe96d1.pth"]
 
 
+def test_a_released_file_in_pyiqas_folder_is_used_verified_without_a_download(server, cache):
+    """pyiqa (0.1.13 and later) keeps the released file in torch.hub.get_dir()/pyiqa: found there, its digest
+    checked, and no server asked; other bytes under the name are refused as anywhere else."""
+    model = entry(server, "good")
+    pyiqa = cache.parent / "pyiqa"
+    pyiqa.mkdir(parents=True)
+    (pyiqa / model.file.name).write_bytes(PAYLOAD)
+    assert zoo.cache_dirs() == [cache, pyiqa]
+    assert zoo.locate([model.file], progress=False) == [pyiqa / model.file.name] and server.requests == []
+    (pyiqa / model.file.name).write_bytes(PAYLOAD[::-1])
+    with pytest.raises(zoo.VerificationError, match=f"{pyiqa / model.file.name} is not the released"):
+        zoo.locate([model.file], progress=False)
+
+
 def test_a_weights_folder_is_the_only_place_looked_and_the_network_is_not_used(server, tmp_path, monkeypatch):
     monkeypatch.setitem(zoo.ZOO, "test", entry(server, "good"))
     (tmp_path / "w").mkdir()
@@ -300,12 +316,16 @@ def test_download_dir_then_score_and_test_py_offline_from_that_folder(released, 
     assert printed == pytest.approx(expected, abs=1e-5)
     monkeypatch.delenv("AHIQ_WEIGHTS")
     monkeypatch.chdir(tmp_path)
+    rows = [f"r.png,d{level}.png,{30 - level}" for level in range(5)]  # a labelled test part of five pairs
+    for level in range(5):
+        cv2.imwrite(str(tmp_path / f"d{level}.png"), distort(ref, "blur", level, rng)[..., ::-1])
+    (tmp_path / "labels.csv").write_text("ref,dist,mos\n" + "\n".join(rows) + "\n")
     full = {"img_size": 224, "vit_dim": 768, "vit_heads": 12, "cnn_width": 64, "fusion_hidden": 512, "head_dim": 256,
             "head_hidden": 1024}
-    args = ["--opt", str(ROOT / "options" / "demo.yaml"), "--weights", str(weights), f"data.root={tmp_path / 'data'}",
-            "data.options={references: 5, size: 224}", "test.checkpoint=pipal", "test.crops=centre",
-            "model.vit_pretrained=true", "model.cnn_pretrained=true", "model.freeze_backbones=true",
-            *[f"model.{k}={v}" for k, v in full.items()]]
+    args = ["--opt", str(ROOT / "options" / "demo.yaml"), "--weights", str(weights), "data.dataset=csv",
+            f"data.root={tmp_path}", "data.options={labels: labels.csv}", "data.split.ratios=[0, 0, 1]",
+            "test.checkpoint=pipal", "test.crops=centre", "model.vit_pretrained=true", "model.cnn_pretrained=true",
+            "model.freeze_backbones=true", *[f"model.{k}={v}" for k, v in full.items()]]
     assert run("test", run_test, args) == 0
     assert any(line.startswith("SROCC ") for line in capsys.readouterr().out.splitlines())
     assert len(served.requests) == asked
@@ -381,3 +401,28 @@ def test_zoo_lists_every_file_and_where_it_is(planted, capsys):
     listing = capsys.readouterr().out
     assert f"pipal: test; ViT-B/8; at {planted}" in listing
     assert "resnet50.a1_in1k: backbone; missing (resnet50.a1_in1k.safetensors (or resnet50_a1_0-14fe96d1.pth))" in listing
+
+
+def test_processes_downloading_at_once_fetch_each_file_once(tmp_path):
+    """Two processes (as torchrun starts them) missing the same two backbones at the same moment, the hub
+    slow to answer: one downloads while the other waits on the folder's lock; both then have the files, and
+    the hub was asked for each file once."""
+    files = {tag: safetensors_bytes({"w": torch.full((4,), float(i))}) for i, tag in enumerate(zoo.BACKBONES)}
+    served = Server(files, delay=2.0)
+    tags = [zoo.VIT_TAGS[8], zoo.RESNET_TAG]
+    code = (f"from ahiq import zoo; print(*zoo.locate([zoo.BACKBONES[t] for t in {tags!r}], progress=False))")
+    env = {**os.environ, "HF_ENDPOINT": served.url}
+    try:
+        processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [process.communicate(timeout=120) for process in processes]
+    finally:
+        served.close()
+    assert all(process.returncode == 0 for process in processes), outs
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    expected = " ".join(str(cache / zoo.BACKBONES[tag].name) for tag in tags)
+    assert [out.strip() for out, _ in outs] == [expected, expected]
+    assert sorted(served.requests) == sorted(f"/timm/{tag}/resolve/main/model.safetensors" for tag in tags)
+    assert sum("waiting for another process's download" in err for _, err in outs) == 1, outs
+    assert all((cache / zoo.BACKBONES[tag].name).read_bytes() == files[tag] for tag in tags)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(zoo.BACKBONES[tag].name for tag in tags)  # no lock left
