@@ -126,12 +126,12 @@ def _download(names: list[str], folder: Path | None) -> int:
 
 
 def _list_zoo() -> int:
-    from .zoo import BACKBONES, ZOO, cache_dir, find, weights_folder
+    from .zoo import BACKBONES, ZOO, cache_dirs, find, weights_folder
 
     folder = weights_folder()
     print(f"weight files are looked for in {folder} ($AHIQ_WEIGHTS)" if folder else
-          f"weight files are looked for in {cache_dir()} (torch's hub cache) and, for the backbones, Hugging "
-          f"Face's cache")
+          f"weight files are looked for in {' and '.join(map(str, cache_dirs()))} (torch's hub cache, pyiqa's) and, "
+          f"for the backbones, Hugging Face's cache")
     for name, model in ZOO.items():
         found = find(model.file, folder)
         print(f"{name}: {model.description}; ViT-B/{model.patch_size}; "
@@ -153,6 +153,7 @@ def _score(args) -> int:
         from .runtime import Runtime
         from .data import check_images
         from .scorer import Scorer, check_outputs, pair_files, pairs_from_csv, score_to_file
+        from .threads import applied
 
         job, device = init_distributed(args.device, "--device")
         pairs = pairs_from_csv(args.pairs) if args.pairs else pair_files(args.dist, args.ref)
@@ -160,12 +161,12 @@ def _score(args) -> int:
         check_outputs(args.out, args.maps)
         runtime = Runtime(precision=args.precision, compile=args.compile, crop_chunk=args.crop_chunk,
                           threads=args.threads)
-        computes = runtime.start(device)
         scorer = Scorer(args.checkpoint, args.patch_size, _pretrained(args.vit_pretrained),
                         _pretrained(args.cnn_pretrained), args.crops, args.num_crops, args.seed, device,
                         args.batch_size, runtime, args.allow_random_backbones, args.weights)
-        score_to_file(scorer, pairs, args.out, job, args.resume, progress=True, maps=args.maps,
-                      heading=f"ahiq score: {len(pairs)} pairs; {computes}; {job.world} process(es)")
+        with applied(args.threads):
+            score_to_file(scorer, pairs, args.out, job, args.resume, progress=True, maps=args.maps,
+                          heading=f"ahiq score: {len(pairs)} pairs; {runtime.describe(device)}; {job.world} process(es)")
     except Stopped as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code

@@ -10,7 +10,7 @@ from typing import Callable
 from .messages import for_the_user
 from .options import OptionsError, load_options
 from .signals import Stopped
-from .threads import prepare_environment
+from .threads import applied, prepare_environment
 from .zoo import DownloadError, VerificationError
 
 TRAIN = "Train AHIQ: python train.py --opt options/pipal.yaml [key.path=value ...]"
@@ -63,7 +63,9 @@ def run(description: str, action: Callable[[dict], object], argv: list[str] | No
     if args.opt is None:
         args.opt, action = default
     try:
-        action(load_options(args.opt, args.overrides))
+        options = load_options(args.opt, args.overrides)
+        with applied(options["runtime"]["threads"]):
+            action(options)
     except expected_errors() as exc:
         if args.debug:
             raise

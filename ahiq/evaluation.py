@@ -171,14 +171,13 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
         raise ValueError(f"test.maps: {ONE_MODEL}")
     part = load_parts(opt["data"], roles=("test",))["test"]
     runtime = Runtime(**opt["runtime"])
-    computes = runtime.start(device)
     models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
                                                   **opt["model"]), device) for p in paths]
     crop = models[0].config["img_size"]
     check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
     if job.main:
-        print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {computes}; {job.world} "
-              f"process(es)", flush=True)
+        print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {runtime.describe(device)}; "
+              f"{job.world} process(es)", flush=True)
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
     if job.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,11 +200,13 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
     metrics = evaluate(pred, part.targets)
     if job.main:
         write_predictions(out_dir / "results.txt", names, pred)
+        random = {"num_crops": test_opt["num_crops"], "seed": test_opt["seed"]} if test_opt["crops"] == "random" else {}
         write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
-                      dataset=part.pairs.dataset, crops=test_opt["crops"], num_crops=test_opt["num_crops"])
+                      dataset=part.pairs.dataset, crops=test_opt["crops"], **random)
         scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
                      f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
         print(summary_line(metrics))
+        print(f"wrote results.txt (each pair's score), metrics.json and scatter.png to {out_dir}")
         if test_opt["maps"]:
             _extreme_maps(out_dir / "maps", models[0], part, pred, metrics.get("logistic"), test_opt["maps"], plan,
                           device, runtime)

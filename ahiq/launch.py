@@ -5,6 +5,9 @@ schedulers that stop jobs by a signal:
   raising SignalException (a traceback) and reports its workers' exit 143 as a failure (another); here the
   agent still passes the signal to its workers and waits for them (``--shutdown-timeout``), and then each
   worker has said where its work is kept and the agent says that its node stopped.
+* A node whose partner ended first (a failed worker there closes the rendezvous store) ends in one line too,
+  not in the store client's C++ warnings and a RendezvousConnectionError traceback: the agent's own C++ log
+  level is ERROR unless TORCH_CPP_LOG_LEVEL is set (its workers still get the user's environment).
 * The workers' CPU threads: torchrun gives each of several workers one thread (``OMP_NUM_THREADS=1``);
   here, unless OMP_NUM_THREADS is set, the CPUs this agent may use are shared out among them (ahiq.threads).
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import signal
 import sys
 
@@ -30,9 +34,15 @@ class _QuietStops(logging.Filter):
 
 
 def main(argv: list[str]) -> int:
+    quiet_cpp_log = "TORCH_CPP_LOG_LEVEL" not in os.environ
+    if quiet_cpp_log:  # read once, when torch loads
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import determine_local_world_size, get_args_parser, run
+    if quiet_cpp_log:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
 
     from .threads import prepare_environment, usable_cpus
 
@@ -45,7 +55,7 @@ def main(argv: list[str]) -> int:
     for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api",
                  "torch.distributed.elastic.agent.server.local_elastic_agent"):
         logging.getLogger(name).addFilter(quiet)
-    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    node = os.environ.get("SLURMD_NODENAME") or platform.node()
     try:
         run(args)
     except SignalException as exc:
@@ -60,5 +70,9 @@ def main(argv: list[str]) -> int:
             return codes[0]
         print(f"ahiq launch on {node}: {len(exc.failures)} worker(s) failed (exit status {', '.join(map(str, codes))}); "
               f"their errors are printed above", file=sys.stderr)
+        return 1
+    except RendezvousError as exc:
+        print(f"ahiq launch on {node}: lost the other nodes ({type(exc).__name__}): a node whose workers failed "
+              f"ended first; its lines above say why", file=sys.stderr)
         return 1
     return 0

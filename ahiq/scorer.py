@@ -19,7 +19,7 @@ from .distributed import Job
 from .evaluation import maps_of, predict, reference_shares
 from .messages import create_folder
 from .maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
-from .files import hold, release_and_remove
+from .files import release_and_remove, take_lock
 from .journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
                       read_journals, record_settings)
 from .model import AHIQ
@@ -145,6 +145,8 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
     the next reference with everything scored kept (Stopped). ``maps``: a folder that gets each pair's
     quality maps (``<name>.npz``, saved as the pair is scored) and, at the end, its panel (``<name>.png``).
     ``heading``: printed (rank 0, standard error) once everything is checked, as scoring begins."""
+    if maps is not None and len(scorer.models) > 1:  # before anything is scored
+        raise ValueError(ONE_MODEL)
     saver = _map_saver(scorer, pairs, maps)
 
     def announce():
@@ -173,7 +175,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
     check_writable(out)
     # Two runs on one output would take each other's journals for their own: the second is refused.
     lock_path = out.with_name(f".{out.name}.lock")
-    lock = hold(lock_path, f"--out {out}", "choose another --out") if job.main else None
+    lock = take_lock(lock_path, f"--out {out}", "choose another --out") if job.main else None
     try:
         _score_to_journals(scorer, pairs, out, job, resume, progress, maps, saver, announce)
     finally:

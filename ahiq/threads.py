@@ -1,34 +1,41 @@
 """How many CPU threads a process computes with, and how its OpenMP threads wait.
 
 Two torch jobs on one machine, each with torch's defaults, slow each other down far more than a fair share:
-OpenMP's threads spin while they wait for work, taking the CPU time the other job needs, and each job sizes
-its threads from the whole machine, not from the CPUs it was given. So the command lines (train.py, test.py,
-``python -m ahiq``, the scripts) set, unless the user did:
+libgomp's threads spin for about 3 ms (GOMP_SPINCOUNT 300000) each time they wait for work, taking the CPU
+time the other job needs, and each job sizes its threads from the whole machine, not from the CPUs it was
+given. So the command lines (train.py, test.py, ``python -m ahiq``, the scripts) set, unless the user did:
 
-* ``OMP_WAIT_POLICY=PASSIVE``: waiting threads sleep. It must be in the environment before torch is loaded
-  (OpenMP reads it once), so the entry points call ``prepare_environment`` first.
+* ``GOMP_SPINCOUNT=10000``: waiting threads spin about 0.1 ms, then sleep. Measured (scripts/sharing.py,
+  docs/performance.md): as fast as libgomp's default for one job alone, and two jobs side by side no longer
+  take each other's time. A wait policy the user set (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``) is kept. It
+  must be in the environment before torch is loaded (OpenMP reads it once), so the entry points call
+  ``prepare_environment`` first.
 * the intra-op threads: the CPUs this process may use (``usable_cpus``), shared with the other processes
   torchrun started on this node. ``OMP_NUM_THREADS``, or the option ``runtime.threads`` (``--threads``),
   overrides it.
 
-In a user's own process (the metric, the Scorer) nothing process-wide is changed: docs/performance.md says
-what to set there. This module does not import torch until ``apply_threads`` is called.
+In a user's own process (the metric, the Scorer, ``ahiq.training.train`` called from Python) nothing
+process-wide is changed: docs/performance.md says what to set there. This module does not import torch
+until ``applied`` is entered.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
-WAIT_POLICY = "PASSIVE"
+SPIN_COUNT = "10000"  # libgomp's spins before a waiting thread sleeps: about 0.1 ms (its default: 300000)
+_CHOSEN: dict = {}  # the threads ``applied`` set, and why
 
 
 def prepare_environment() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set a wait policy; only before torch is loaded (after,
+    """GOMP_SPINCOUNT=10000 unless the user chose how OpenMP waits; only before torch is loaded (after,
     OpenMP has read its settings and the variable would claim what is not in force)."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    if "torch" not in sys.modules and not ({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ)):
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
 def _cgroup_quota(root: Path) -> float | None:
@@ -111,11 +118,33 @@ def choose_threads(option: int | None = None, environ=os.environ) -> tuple[int, 
     return usable_cpus(environ)
 
 
-def apply_threads(option: int | None = None) -> str:
-    """Set torch's intra-op threads by choose_threads; returns the line that says what is in force."""
+@contextlib.contextmanager
+def applied(option: int | None = None) -> Iterator[None]:
+    """While entered, torch computes with the threads of choose_threads (a command line's run); the count it
+    had is restored at the end (a test or a user calling the command line's function in-process)."""
     import torch
 
+    before = torch.get_num_threads()
     threads, why = choose_threads(option)
     torch.set_num_threads(threads)
-    policy = os.environ.get("OMP_WAIT_POLICY")
-    return f"CPU threads: {threads} ({why}); OpenMP wait policy {policy or 'default (spinning)'}"
+    _CHOSEN.update(threads=threads, why=why)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _CHOSEN.clear()
+
+
+def describe() -> str:
+    """What is in force: the threads (and why, when ``applied`` chose them) and how OpenMP threads wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    why = f" ({_CHOSEN['why']})" if _CHOSEN.get("threads") == threads else ""
+    if "OMP_WAIT_POLICY" in os.environ:
+        waits = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    elif "GOMP_SPINCOUNT" in os.environ:
+        waits = f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}"
+    else:
+        waits = "OpenMP's default waits"
+    return f"CPU threads: {threads}{why}, {waits}"

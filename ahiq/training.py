@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import CropPlan, DatasetError, TrainPairs, check_images, load_parts
+from .data import CropPlan, DatasetError, TrainPairs, check_parts, load_parts
 from .distributed import Job, Weighted, destroy, init_distributed, rank_batches
 from .data.images import read_image
 from .evaluation import maps_of, predict_shared
@@ -159,12 +159,11 @@ class Trainer:
             raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of "
                              f"the {job.world} processes")
         self.runtime = Runtime(**opt["runtime"])
-        computes = self.runtime.start(device)
         seed_everything(train_opt["seed"])
         self.parts, self.train_set = self._data()
         log.info(f"{opt['name']}: {len(self.parts['train'].pairs)} training pairs, {len(self.parts['val'].pairs)} "
-                 f"validation pairs ({opt['data']['dataset']} at {opt['data']['root']}); {computes}; "
-                 f"{job.world} process(es)")
+                 f"validation pairs ({opt['data']['dataset']} at {opt['data']['root']}); "
+                 f"{self.runtime.describe(device)}; {job.world} process(es)")
         self.val_plan = CropPlan(opt["model"]["img_size"], train_opt["val_crops"])
         self.model = self.runtime.prepare(build_model(opt["model"]), device)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_opt)
@@ -190,11 +189,13 @@ class Trainer:
             raise DatasetError(f"train.drop_last is set and the {len(parts['train'].pairs)} training pairs are fewer "
                                f"than train.batch_size {train_opt['batch_size']}: no batch would be left")
         crop = self.opt["model"]["img_size"]
+        # every part's images at once, the test part's too: found now, not by test.py after days of training
+        checked = {"training": (parts["train"].pairs, False), "validation": (parts["val"].pairs, train_opt["val_crops"] == "whole")}
+        if parts["test"] is not parts["val"]:
+            checked["test"] = (parts["test"].pairs, self.opt["test"]["crops"] == "whole")
+        check_parts(checked, crop)
         train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"],
-                               crop_positions=data_opt["random_crop"])
-        check_images(parts["val"].pairs, crop, whole=train_opt["val_crops"] == "whole")
-        if parts["test"] is not parts["val"]:  # found now, not by test.py after days of training
-            check_images(parts["test"].pairs, crop, whole=self.opt["test"]["crops"] == "whole")
+                               check=False, crop_positions=data_opt["random_crop"])
         return parts, train_set
 
     def _resume(self, path: Path) -> None:

@@ -253,7 +253,7 @@ def test_two_nodes_with_fine_tuned_backbones_train_like_one_process(tmp_path):
         torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=1e-5, msg=key)
     assert all(state["step"] == 10 for state in one["optimizer"]["state"].values())  # 75 pairs: 10 steps taken
     first = (tmp_path / "checkpoints" / "two" / "train.log").read_text().splitlines()[0]
-    assert first.endswith("CPU threads: 1 (OMP_NUM_THREADS=1); OpenMP wait policy PASSIVE; 2 process(es)"), first
+    assert first.endswith("CPU threads: 1 (runtime.threads), GOMP_SPINCOUNT=10000; 2 process(es)"), first
 
 
 def test_the_launcher_passes_sigterm_on_and_ends_in_one_line_per_process(tmp_path):

@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import ahiq.files as files
 import ahiq.weights as weights
 from ahiq.data import CropPlan, load_parts
 from ahiq.evaluation import predict
@@ -69,7 +70,7 @@ def kill_and_resume(folder, fault):
             assert "model" in torch.load(experiment / name, weights_only=True)
     code, err = finish(train_process(folder, "killed"))
     assert code == 0, err
-    assert not list(experiment.glob(weights.TEMPORARY_PATTERN))  # a half-written file is cleaned up
+    assert not list(experiment.glob(files.TEMPORARY_PATTERN))  # a half-written file is cleaned up
     return experiment
 
 
@@ -185,7 +186,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     with pytest.raises(weights.CheckpointWriteError, match="No space left on device.*previous file is intact.*resume=auto"):
         train(tiny_options(tmp_path, "train.epochs=2", "train.resume=auto"), tmp_path / "ckpt")
     assert latest.read_bytes() == before  # untouched
-    assert not list(latest.parent.glob(weights.TEMPORARY_PATTERN))  # no temporary file left behind
+    assert not list(latest.parent.glob(files.TEMPORARY_PATTERN))  # no temporary file left behind
 
 
 def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
@@ -282,10 +283,14 @@ def scoring(tmp_path_factory):
     return folder, command
 
 
+# bf16 asked for on a CPU that emulates it warns (tested in test_runtime.py); here only the refusal counts.
+QUIET_BF16 = {**os.environ, "PYTHONWARNINGS": "ignore:runtime.precision=bf16 on a CPU without native bf16"}
+
+
 def score_process(command, out, fault=None, *extra):
     script = [str(ROOT / "tests" / "faults.py"), fault] if fault else ["-m", "ahiq"]
     return subprocess.run([sys.executable, *script, *command, "--out", str(out), *extra], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=QUIET_BF16)
 
 
 @pytest.mark.parametrize("fault,status", [("journal:2", SIGKILLED), ("journal:SIGTERM:2", 128 + signal.SIGTERM)],
@@ -302,9 +307,10 @@ def test_killed_scoring_resumes_to_the_same_csv(fault, status, scoring, tmp_path
         assert "Traceback" not in killed.stderr and "--resume" in killed.stderr.strip().splitlines()[-1]
     refused = score_process(command, out)  # without --resume the journal is not overwritten
     assert refused.returncode == 2 and "continue it with --resume" in refused.stderr
-    for change, named in ((["--checkpoint", str(folder / "other.pth")], "checkpoints ['model.pth sha256 "),
-                          (["--crops", "nine"], "crops [64, 'five', None, None] then, [64, 'nine', None, None] now"),
-                          (["--precision", "bf16"], "precision 'fp32' then, 'bf16' now")):
+    changes = ((["--checkpoint", str(folder / "other.pth")], "checkpoints ['model.pth sha256 "),
+               (["--crops", "nine"], "crops [64, 'five', None, None] then, [64, 'nine', None, None] now"),
+               (["--precision", "bf16"], "precision 'fp32' then, 'bf16' now"))
+    for change, named in changes if status == SIGKILLED else ():  # the journals are the same after either stop
         mixed = score_process([*command, *change], out, None, "--resume")  # the CSV would mix two configurations
         assert mixed.returncode == 2 and "were scored with other settings (" in mixed.stderr, mixed.stderr
         assert named in mixed.stderr and len(mixed.stderr.strip().splitlines()) == 1, mixed.stderr
@@ -321,11 +327,11 @@ def test_a_second_scoring_run_on_the_same_output_is_refused_at_once(scoring, tmp
     would; the second run is refused naming it, and runs once the lock is released."""
     import os
 
-    from ahiq.files import hold, release_and_remove
+    from ahiq.files import release_and_remove, take_lock
 
     folder, command = scoring
     out, lock_path = tmp_path / "scores.csv", tmp_path / ".scores.csv.lock"
-    lock = hold(lock_path, "the first run", "")
+    lock = take_lock(lock_path, "the first run", "")
     second = score_process(command, out)
     assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
     assert second.stderr.startswith(f"error: --out {out} is in use by process {os.getpid()} on host "), second.stderr

@@ -36,21 +36,32 @@ def test_the_option_then_omp_num_threads_override_the_sizing():
     assert choose_threads(None, {"OMP_NUM_THREADS": "junk"})[0] == usable_cpus({})[0]
 
 
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_wait_policy_is_passive_unless_the_user_chose_one(given, expected):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
+@pytest.mark.parametrize("given, expected", [({}, "GOMP_SPINCOUNT=10000"), ({"GOMP_SPINCOUNT": "5"}, "GOMP_SPINCOUNT=5"),
+                                             ({"OMP_WAIT_POLICY": "ACTIVE"}, "GOMP_SPINCOUNT=None")])
+def test_waiting_threads_spin_briefly_unless_the_user_chose_how(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = ("import os, sys; from ahiq.threads import prepare_environment; prepare_environment(); "
-            "assert 'torch' not in sys.modules; print(os.environ['OMP_WAIT_POLICY'])")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
+            "assert 'torch' not in sys.modules; print('GOMP_SPINCOUNT=' + str(os.environ.get('GOMP_SPINCOUNT')))")
+    done = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
     assert done.stdout.strip() == expected, done.stderr
 
 
-def test_with_torch_already_loaded_the_wait_policy_is_left_alone():
+def test_with_torch_already_loaded_the_environment_is_left_alone():
     """OpenMP has read its settings by then: setting the variable would only claim what is not in force."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = ("import os, torch; from ahiq.threads import prepare_environment; prepare_environment(); "
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.stdout.strip() == "None", done.stderr
+
+
+def test_a_command_lines_threads_last_as_long_as_its_run():
+    import torch
+
+    from ahiq.threads import applied, describe
+
+    before = torch.get_num_threads()
+    with applied(1):
+        assert torch.get_num_threads() == 1 and describe().startswith("CPU threads: 1 (runtime.threads), ")
+    assert torch.get_num_threads() == before and "(" not in describe().split(",")[0]
