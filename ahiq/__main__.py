@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     score.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
                        help="bf16: autocast (scores within about 0.01 of fp32); auto: bf16 where the device has it "
-                            "natively (GPUs with bf16, CPUs with AVX512-BF16 or AMX)")
+                            "natively and, on a CPU, a first-use measurement finds it faster (remembered per CPU)")
     score.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many pairs)")
     score.add_argument("--crop-chunk", type=_at_least(1), help="most crops in one forward pass (default: as many as "
                        "fit in a share of the free memory)")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 import platform
+import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,13 +20,13 @@ import torch
 class Runtime:
     """``precision``: "fp32", "bf16" (autocast: convolutions and matmuls in bf16, the deformable
     sampling positions and the final weighted mean in fp32), or "auto" (bf16 where the device computes it
-    natively: CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX; fp32 elsewhere). ``tf32``: let fp32 matmuls and convolutions
+    natively and, on a CPU, faster than fp32: ``auto_bf16``). ``tf32``: let fp32 matmuls and convolutions
     use TF32 on GPUs that have it (off: strict fp32). ``channels_last``: NHWC weights and inputs, what
     tensor cores want. ``compile``: torch.compile the model's entry points (True: the default inductor
     backend; a string: that backend). ``crop_chunk``: the most crops in one forward pass when evaluating
     (the memory budget); None sizes it from the memory the device has free (``crops_per_pass``).
-    ``threads``: the CPU intra-op threads the command lines set (``start``); None sizes them from the CPUs
-    this process may use (ahiq.threads)."""
+    ``threads``: the CPU intra-op threads the command lines set (ahiq.threads.applied); None sizes them from
+    the CPUs this process may use."""
 
     precision: str = "fp32"
     tf32: bool = False
@@ -39,13 +43,15 @@ class Runtime:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"runtime.threads must be at least 1, got {self.threads}")
 
-    def start(self, device: torch.device) -> str:
-        """What a command line (train.py, test.py, python -m ahiq score) does once, before its work: set the
-        process's CPU threads (ahiq.threads). Returns the line that says how the run computes."""
-        from .threads import apply_threads
+    def describe(self, device: torch.device) -> str:
+        """How a run computes, for its first line: the device, the precision (for ``auto``, why), the CPU
+        threads."""
+        from .threads import describe
 
-        threads = apply_threads(self.threads)
-        return f"device {device}, {'bf16' if self.bf16(device) else 'fp32'}; {threads}"
+        precision = "bf16" if self.bf16(device) else "fp32"
+        if self.precision == "auto":
+            precision += f" (auto: {auto_bf16(device)[1]})"
+        return f"device {device}, {precision}; {describe()}"
 
     def crops_per_pass(self, model: torch.nn.Module, device: torch.device) -> int:
         """``crop_chunk``, or when it is None the crops that fit in a share of the memory ``device`` has free
@@ -65,8 +71,8 @@ class Runtime:
         return int(max(1, min(MAX_CHUNK, budget // per_crop)))
 
     def bf16(self, device: torch.device) -> bool:
-        """Whether this runtime computes in bf16 on ``device``."""
-        return self.precision == "bf16" or (self.precision == "auto" and native_bf16(device))
+        """Whether this runtime computes in bf16 on ``device`` (``auto``: auto_bf16)."""
+        return self.precision == "bf16" or (self.precision == "auto" and auto_bf16(device)[0])
 
     def autocast(self, device: torch.device):
         if self.bf16(device):
@@ -142,6 +148,102 @@ def native_bf16(device: torch.device) -> bool:
         with torch.cuda.device(device):  # the device asked for, not the current one
             return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and cpu_bf16() != "emulated"
+
+
+def auto_bf16(device: torch.device) -> tuple[bool, str]:
+    """``precision: auto`` on ``device``: (bf16 or not, why). A GPU: bf16 where it is native. A CPU: where
+    it is native and measured faster than fp32 here (``auto_cpu_bf16``)."""
+    if device.type == "cpu":
+        return auto_cpu_bf16()
+    native = native_bf16(device)
+    return native, f"{'native' if native else 'no native'} bf16 on this GPU"
+
+
+@functools.cache
+def auto_cpu_bf16() -> tuple[bool, str]:
+    """``precision: auto`` on this CPU, decided once per process: bf16 where it is native and measured
+    faster than fp32. Native bf16 is not always faster: on an Intel Xeon with AVX512-BF16 and no AMX,
+    oneDNN's bf16 matmuls and convolutions measured slower than its fp32 ones (docs/performance.md). The measurement (one full-size crop pair, a few seconds) is
+    made once per CPU, torch version, thread count and instruction-set setting, and remembered in the cache
+    folder (``precision_cache``)."""
+    if cpu_bf16() == "emulated":
+        return False, "bf16 is emulated on this CPU"
+    seconds = measured_crop_seconds()
+    faster = seconds["bf16"] < 0.95 * seconds["fp32"]
+    return faster, (f"{cpu_bf16()}, and {seconds['measured']} takes {seconds['bf16']:.3g} s in bf16, "
+                    f"{seconds['fp32']:.3g} s in fp32 on this CPU")
+
+
+def cpu_key() -> str:
+    """What a CPU measurement holds for: the CPU, torch's version, the threads, the instruction-set settings."""
+    settings = [f"{name}={os.environ[name]}" for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if name in os.environ]
+    return "; ".join([cpu_name(), f"torch {torch.__version__}", f"{torch.get_num_threads()} threads", *settings])
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def precision_cache() -> Path:
+    from .zoo import hub_dir
+
+    return hub_dir() / "ahiq" / "precision.json"
+
+
+def measured_crop_seconds() -> dict:
+    """Seconds a full-size ViT-B/8 crop pair takes to score (reference features, then the distorted crop) in
+    fp32 ("fp32") and in bf16 ("bf16") on this CPU, random weights, after one untimed pass each (about 10 s
+    on a 2-core CPU), and what was measured ("measured"); read from precision_cache when measured before.
+    Where bf16 is converted rather than computed (a matmul more than twice as slow), the matmul's times."""
+    from .model import AHIQ
+
+    path, key = precision_cache(), cpu_key()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and {"fp32", "bf16", "measured"} <= set(known[key]):
+        return known[key]
+    seconds = {}
+    with torch.no_grad():
+        # A first look at one ViT-sized matmul: a bf16 far slower than fp32 (converted, not computed natively)
+        # is decided without the minutes the whole network would take.
+        x, w = torch.randn(1568, 768), torch.randn(3072, 768)
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = x.to(dtype), w.to(dtype)
+            torch.nn.functional.linear(a, b)
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            seconds[precision] = time.perf_counter() - start
+        if seconds["bf16"] > 2 * seconds["fp32"]:
+            return _remember_seconds(path, known, key, {**seconds, "measured": "a ViT-sized matmul"})
+        model = AHIQ(8, False, False).eval()
+        crops = torch.rand(2, 1, 3, 224, 224)
+        for precision in ("fp32", "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                model.score_with_reference(crops[0], model.reference_features(crops[1]))  # oneDNN makes its kernels
+                start = time.perf_counter()
+                model.score_with_reference(crops[0], model.reference_features(crops[1]))
+                seconds[precision] = time.perf_counter() - start
+    return _remember_seconds(path, known, key, {**seconds, "measured": "a full-size crop pair"})
+
+
+def _remember_seconds(path: Path, known: dict, key: str, seconds: dict) -> dict:
+    from .files import write_atomically
+
+    known[key] = seconds
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, (json.dumps(known, indent=1) + "\n").encode())
+    except OSError:
+        pass  # an unwritable cache means measuring again next time
+    return seconds
 
 
 @functools.cache

@@ -18,8 +18,9 @@ block, the fusion run once per image, torchvision's deformable convolution, fp32
 test loop: one forward per crop index over a batch of pairs; after each eval case a ``_metric`` row: the
 metric (ahiq.create_metric) on the same pairs as tensors, against ahiq's prediction from the files.
 ``--precision bf16`` or ``all`` runs ahiq under bf16 autocast too (rows ``<case>_bf16``, against the same
-official fp32 pattern); by default where the device computes bf16 natively (the header says whether the CPU
-does). Suite ``flops``: the operations per pair of both paths, counted (the same on any device): what the
+official fp32 pattern), and ``all`` also with ``runtime.precision=auto`` (rows ``<case>_auto``: what auto
+chooses here, said in the header); by default where the device computes bf16 natively (the header says
+whether the CPU does). Suite ``flops``: the operations per pair of both paths, counted (the same on any device): what the
 speed-ups can reach before precision and kernels come in. Suite ``chunk``: one pair's 20 crops with 20, 10,
 8 and 5 crops per forward pass (what the automatic ``runtime.crop_chunk`` rests on). Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d> [(against ahiq fp32 <e>)], peak memory ...
@@ -38,15 +39,41 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "chunk", "all"], default="all")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is a GPU, else cpu")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="model: timed calls per path (the fastest counts); train: timed steps per path")
+    parser.add_argument("--distortions", type=int, default=None,
+                        help="eval suite: distorted images per reference (default 16 on CUDA, 4 on the CPU)")
+    parser.add_argument("--crops", type=int, default=None, help="eval suite: random crops (default 20 on CUDA, 5 on the CPU)")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[20, 10, 8, 5, 2],
+                        help="chunk suite: the crops per forward pass to measure")
+    parser.add_argument("--channels-last", action="store_true", help="ahiq: the channels_last layout")
+    parser.add_argument("--compile", action="store_true", help="ahiq: torch.compile (compile time in the warm-up)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto", "all"], default=None,
+                        help="ahiq's precision(s); all: fp32, bf16 and auto (runtime.precision=auto: what it chooses "
+                             "here, and why). Default: all where the device has native bf16, else fp32")
+    return parser
+
+
+if __name__ == "__main__":
+    arguments().parse_args()  # --help and mistyped arguments answer before torch loads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ahiq.threads import prepare_environment  # noqa: E402
+
+prepare_environment()  # the command lines' OpenMP waits, before torch loads
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
 from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.official import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime, native_bf16, set_tf32  # noqa: E402
 from ahiq.training import make_optimizer, train_step  # noqa: E402
-from measure import PeakMemory, best_time, count_gflop, environment, timed  # noqa: E402
+from measure import PeakMemory, best_time, count_gflop, environment, machine, timed  # noqa: E402
 
 
 def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: dict,
@@ -347,30 +374,19 @@ def flops_suite(crops: int, per_reference: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "chunk", "all"], default="all")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="model: timed calls per path (the fastest counts); train: timed steps per path")
-    parser.add_argument("--distortions", type=int, default=None,
-                        help="eval suite: distorted images per reference (default 16 on CUDA, 4 on the CPU)")
-    parser.add_argument("--crops", type=int, default=None, help="eval suite: random crops (default 20 on CUDA, 5 on the CPU)")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[20, 10, 8, 5, 2],
-                        help="chunk suite: the crops per forward pass to measure")
-    parser.add_argument("--channels-last", action="store_true", help="ahiq: the channels_last layout")
-    parser.add_argument("--compile", action="store_true", help="ahiq: torch.compile (compile time in the warm-up)")
-    parser.add_argument("--precision", choices=["fp32", "bf16", "all"], default=None,
-                        help="ahiq's precision(s) (default: all where the device has native bf16, else fp32)")
-    args = parser.parse_args()
+    args = arguments().parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda":
         set_tf32(False)  # every suite in strict fp32, the model suite (which uses no Runtime) included
     env = environment(device)
-    print(f"# torch {env['torch']}, {device.type} ({env.get('gpu') or env['cpu']}), {env['threads']} CPU threads, "
-          f"bf16 {env['bf16']}", flush=True)
-    precisions = {"fp32": ("fp32",), "bf16": ("bf16",), "all": ("fp32", "bf16")}[
+    print(f"# {machine()}; {env['threads']} CPU threads" + (f"; {env['gpu']}, bf16 {env['bf16']}" if env.get("gpu") else ""),
+          flush=True)
+    precisions = {"fp32": ("fp32",), "bf16": ("bf16",), "auto": ("auto",), "all": ("fp32", "bf16", "auto")}[
         args.precision or ("all" if native_bf16(device) else "fp32")]
     runtimes = {p: Runtime(precision=p, channels_last=args.channels_last, compile=args.compile) for p in precisions}
+    if "auto" in runtimes:
+        print(f"# runtime.precision=auto here: {runtimes['auto'].describe(device).split(';')[0]}", flush=True)
     if args.suite in ("model", "all"):
         model_suite(device, args.repeats)
     if args.suite in ("eval", "all"):

@@ -2,11 +2,12 @@
 """The first GPU run, prepared: one command, one report, inside a time limit.
 
     python scripts/gpu_check.py                              # on one GPU: stops at 8 minutes (--minutes)
-    python scripts/gpu_check.py --device cpu --quick         # the dry run (CI): small model, seconds
+    python scripts/gpu_check.py --device cpu --quick         # the dry run (CI): small model, about a minute
 
 It writes ``<out>.md`` and ``<out>.json`` (default ``gpu_check.md``/``.json``) with
 - the device and the library versions;
-- the outcome of the GPU tests (``pytest tests/test_cuda.py tests/test_fusion.py``: passed, failed, skipped);
+- the outcome of the GPU tests (``pytest tests/test_cuda.py tests/test_fusion.py``; with ``--quick``
+  ``tests/test_cuda.py`` alone: passed, failed, skipped);
 - the evaluation and training rows of scripts/benchmark.py for ahiq in fp32, TF32, bf16, channels_last and
   compiled (torch.compile), each against the official compute pattern in the same run: pairs per second, the
   speed-up, peak memory, and the largest difference of the scores (or losses) from the official pattern's
@@ -25,6 +26,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--minutes", type=float, default=8.0, help="the time limit (default 8)")
+    parser.add_argument("--quick", action="store_true", help="the small model and two crops: a dry run of every step "
+                        "(about a minute on a 2-core CPU)")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check"), help="report path without suffix")
+    return parser
+
+
+if __name__ == "__main__":
+    arguments().parse_args()  # --help and mistyped arguments answer before torch loads
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -86,12 +102,7 @@ def write(report: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--minutes", type=float, default=8.0, help="the time limit (default 8)")
-    parser.add_argument("--quick", action="store_true", help="the small model and few crops: a dry run in seconds")
-    parser.add_argument("--out", type=Path, default=Path("gpu_check"), help="report path without suffix")
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; for a dry run use --device cpu --quick", file=sys.stderr)
         return 2

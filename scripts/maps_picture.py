@@ -15,19 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.data import CropPlan, load_parts  # noqa: E402
-from ahiq.evaluation import maps_of  # noqa: E402
-from ahiq.maps import panel  # noqa: E402
-from ahiq.data.images import read_image  # noqa: E402
-from ahiq.model import AHIQ  # noqa: E402
-from ahiq.options import load_options  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
@@ -39,6 +28,17 @@ def main() -> None:
     if not args.checkpoint.is_file():
         sys.exit(f"error: {args.checkpoint} does not exist: run the quick start first (python train.py --opt "
                  f"options/demo.yaml)")
+    import cv2
+    import numpy as np
+    import torch
+
+    from ahiq.data import CropPlan, load_parts
+    from ahiq.data.images import read_image
+    from ahiq.evaluation import maps_of
+    from ahiq.maps import panel
+    from ahiq.model import AHIQ
+    from ahiq.options import load_options
+
     opt = load_options(ROOT / "options" / "demo.yaml", [f"data.root={ROOT / 'data' / 'demo'}"])
     test = load_parts(opt["data"], roles=("test",))["test"]
     index = next(i for i, p in enumerate(test.pairs) if Path(p.dist).stem.endswith(args.distortion))

@@ -33,6 +33,24 @@ def environment(device: torch.device) -> dict:
     return found
 
 
+def machine() -> str:
+    """The CPU by name, the CPUs this process may use and the instructions the precisions depend on, and
+    torch's version: what a CPU measurement is worth only beside."""
+    from ahiq.runtime import cpu_name
+    from ahiq.threads import usable_cpus
+
+    model, flags = cpu_name(), set()
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if name in flags]
+    cpus, why = usable_cpus()
+    return (f"{model}, {cpus} CPUs ({why}); {' '.join(isa) or 'no AVX2'}{'' if 'amx_bf16' in flags else ', no AMX'}; "
+            f"torch {torch.__version__}, bf16 {cpu_bf16()}")
+
+
 def timed(fn, device: torch.device):
     """``fn()`` and the seconds it took, the device's queued work included."""
     synchronize(device)

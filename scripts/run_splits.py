@@ -18,9 +18,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.evaluation import run_test  # noqa: E402
-from ahiq.options import load_options  # noqa: E402
-from ahiq.training import train  # noqa: E402
 
 
 def summarise(rows: list[dict]) -> str:
@@ -43,6 +40,13 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints", help="folder of the experiment folders")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args(argv)
+    from ahiq.threads import prepare_environment
+
+    prepare_environment()  # before torch loads
+    from ahiq.evaluation import run_test
+    from ahiq.options import load_options
+    from ahiq.training import train
+
     base = load_options(args.opt, args.overrides)
     rows = []
     for n in range(args.splits):

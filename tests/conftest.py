@@ -1,11 +1,18 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the CPUs, one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ahiq.threads import prepare_environment  # noqa: E402
+
+prepare_environment()  # the command lines' OpenMP waits for the tests too, before torch loads
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from ahiq.options import load_options  # noqa: E402
 from ahiq.runtime import set_tf32  # noqa: E402
@@ -60,3 +67,14 @@ def tiny_options(tmp_path, *overrides):
     return load_options(ROOT / "options" / "demo.yaml", [
         f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=2",
         "train.batch_size=8", "train.save_interval=2", "train.resume=null", *size, *overrides])
+
+
+# The slowest files first: pytest -n N hands whole files to its workers in this order, and a long file
+# handed out last would keep one worker busy while the others idle.
+SLOWEST_FIRST = ["test_reliability.py", "test_slurm.py", "test_distributed.py", "test_zoo.py", "test_gpu_check.py",
+                 "test_known_answers.py", "test_runtime.py", "test_model.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order

@@ -2,10 +2,13 @@
 temporary folder, gives the `ahiq` command and the package from outside the checkout. The environment
 reuses this one's dependencies (torch and the rest) instead of downloading them."""
 import importlib.util
+import os
 import site
 import subprocess
 import sys
 import zipfile
+
+import pytest
 
 from conftest import ROOT
 
@@ -33,3 +36,50 @@ def test_a_built_wheel_installs_the_package_and_the_command(tmp_path):
     assert "usage: ahiq [-h] {score,download,launch,zoo}" in _run([str(env / "bin" / "ahiq"), "--help"], tmp_path)
     where = _run([str(python), "-c", "import ahiq, ahiq.zoo; print(ahiq.__file__)"], tmp_path).strip()
     assert where.startswith(str(env)), where  # the installed copy, not the checkout
+
+
+POSIX_ONLY = ("fcntl", "termios", "pwd", "grp", "resource")
+
+
+def test_without_posix_modules_ahiq_imports_and_scores(tiny_checkpoint, tmp_path):
+    """As on Windows (no fcntl, termios, pwd, grp, resource) or macOS (no os.sched_getaffinity): import ahiq,
+    score a pair with the Scorer and the metric, and size the threads. The libraries ahiq uses import fcntl
+    where it is there (and run without it where it is not): they load first, and ahiq's own imports are
+    the ones refused."""
+    import cv2
+    import numpy as np
+
+    image = np.random.default_rng(0).integers(0, 256, (72, 72, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / "ref.png"), image)
+    cv2.imwrite(str(tmp_path / "dist.png"), cv2.GaussianBlur(image, (5, 5), 2))
+    code = f"""
+import os, sys, cv2, numpy, scipy.stats, timm, torch, torchvision, tqdm, yaml
+for name in {POSIX_ONLY!r}:
+    sys.modules.pop(name, None)
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name in {POSIX_ONLY!r}:
+            raise ImportError(f"No module named {{name!r}} (refused by the test)")
+sys.meta_path.insert(0, Refuse())
+del os.sched_getaffinity
+import ahiq, ahiq.files, ahiq.threads
+assert ahiq.files.fcntl is None
+scorer = ahiq.Scorer({str(tiny_checkpoint)!r}, vit_pretrained=False, cnn_pretrained=False, crops="five")
+a = scorer.score({str(tmp_path / 'dist.png')!r}, {str(tmp_path / 'ref.png')!r})
+metric = ahiq.create_metric({str(tiny_checkpoint)!r}, vit_pretrained=False, cnn_pretrained=False, crops="five")
+b = float(metric({str(tmp_path / 'dist.png')!r}, {str(tmp_path / 'ref.png')!r})[0])
+print(a, b, ahiq.threads.usable_cpus()[0])
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b, cpus = done.stdout.split()
+    assert float(a) == pytest.approx(float(b), abs=1e-6) and int(cpus) == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("script", ["benchmark.py", "gpu_check.py", "run_splits.py", "maps_picture.py", "sharing.py"])
+def test_a_scripts_help_answers_without_loading_torch(script):
+    code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
+            f"try:\n    runpy.run_path({str(ROOT / 'scripts' / script)!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("False") and "usage:" in done.stdout, done.stdout + done.stderr

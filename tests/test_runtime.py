@@ -2,7 +2,11 @@
 and crop chunking. bf16 runs on the CPU here (emulated, slow: the tiny model only)."""
 import copy
 import io
+import json
+import os
 import platform
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -13,10 +17,10 @@ from ahiq.data import CropPlan, load_parts
 from ahiq.evaluation import predict
 from ahiq.options import DEFAULTS
 from ahiq.official import random_official_setup
-from ahiq.runtime import Runtime, cpu_bf16, native_bf16, set_tf32
+from ahiq.runtime import Runtime, auto_cpu_bf16, cpu_bf16, native_bf16, set_tf32
 from ahiq.distributed import Job
 from ahiq.training import make_optimizer, make_stepper, train_step
-from conftest import TINY, layouts_on_the_way, tiny_options
+from conftest import ROOT, TINY, layouts_on_the_way, tiny_options
 
 CPU = torch.device("cpu")
 
@@ -224,19 +228,31 @@ def test_cpu_bf16_agrees_with_the_cpu_flags():
     assert native_bf16(CPU) is (expected != "emulated")
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_only_where_it_is_native(native, monkeypatch):
-    """A CPU with and without AVX512-BF16 (simulated): auto picks bf16 only with it, and an explicit bf16
-    warns only without it."""
+@pytest.mark.parametrize("native, seconds, chosen", [(True, {"fp32": 2.0, "bf16": 1.0}, True),
+                                                     (True, {"fp32": 1.0, "bf16": 1.5}, False),
+                                                     (False, None, False)])
+def test_auto_precision_is_bf16_only_where_it_is_native_and_faster(native, seconds, chosen, monkeypatch):
+    """A CPU with and without AVX512-BF16 (simulated), bf16 measured faster or slower there (the measurement
+    given): auto picks bf16 only where it is native and faster, and says why; an explicit bf16 warns only
+    where it is not native."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    measured = []
+    monkeypatch.setattr("ahiq.runtime.measured_crop_seconds",
+                        lambda: measured.append(1) or {**seconds, "measured": "a full-size crop pair"})
     cpu_bf16.cache_clear()
+    auto_cpu_bf16.cache_clear()
     try:
         assert cpu_bf16() == ("AVX512-BF16" if native else "emulated")
-        assert Runtime(precision="auto").bf16(CPU) is native
+        assert Runtime(precision="auto").bf16(CPU) is chosen and len(measured) == (1 if native else 0)
         assert Runtime(precision="fp32").bf16(CPU) is False and Runtime(precision="bf16").bf16(CPU) is True
         with Runtime(precision="auto").autocast(CPU):
-            assert torch.is_autocast_enabled("cpu") is native
+            assert torch.is_autocast_enabled("cpu") is chosen
+        why = Runtime(precision="auto").describe(CPU).split(";")[0]
+        assert why == ("device cpu, " + ("bf16" if chosen else "fp32") + " (auto: " + (
+            f"AVX512-BF16, and a full-size crop pair takes {seconds['bf16']:.3g} s in bf16, {seconds['fp32']:.3g} s "
+            f"in fp32 on this CPU)" if native else "bf16 is emulated on this CPU)"))
+        assert len(measured) <= 1  # decided once per process
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             Runtime(precision="bf16").prepare(torch.nn.Linear(2, 2), CPU)
@@ -245,6 +261,30 @@ def test_auto_precision_is_bf16_only_where_it_is_native(native, monkeypatch):
                                                           ["runtime.precision=bf16 on a CPU without native bf16"])
     finally:
         cpu_bf16.cache_clear()
+        auto_cpu_bf16.cache_clear()
+
+
+def test_auto_precision_on_this_cpu_is_the_faster_of_the_two_and_is_remembered(tmp_path):
+    """The real measurement on this machine, in a process of its own with an empty cache folder: auto takes
+    bf16 exactly where it measured faster; a second process reads the remembered times, measuring nothing."""
+    code = ("import json, time, torch; from ahiq import runtime; start = time.perf_counter(); "
+            "chosen, why = runtime.auto_bf16(torch.device('cpu')); seconds = time.perf_counter() - start; "
+            "print(json.dumps([chosen, why, seconds, runtime.native_bf16(torch.device('cpu'))]))")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path)}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    (chosen, why, _, native), (again, why_again, seconds, _) = runs
+    if not native:
+        assert chosen is False and why.startswith("bf16 is ")
+        return
+    remembered = json.loads((tmp_path / "hub" / "ahiq" / "precision.json").read_text())
+    times, = remembered.values()
+    assert chosen is (times["bf16"] < 0.95 * times["fp32"]) and f"{times['bf16']:.3g} s in bf16" in why
+    assert (again, why_again) == (chosen, why) and seconds < 1.0  # read back: no network built, nothing timed
 
 
 def test_auto_precision_on_a_gpu_follows_its_native_bf16(monkeypatch):

@@ -34,8 +34,10 @@ def test_training_writes_the_experiment_folder_and_test_scores_it(tmp_path, caps
     assert "epoch 2 loss" in (folder / "train.log").read_text()
 
     metrics = run_test(opt, tmp_path / "ckpt")
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"SROCC {metrics['srocc']:.4f} PLCC ") and line.endswith("(25 pairs)")
+    summary, wrote = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert summary.startswith(f"SROCC {metrics['srocc']:.4f} PLCC ") and summary.endswith("(25 pairs)")
+    assert wrote == f"wrote results.txt (each pair's score), metrics.json and scatter.png to {folder / 'test'}"
+    assert "num_crops" not in json.loads((folder / "test" / "metrics.json").read_text())  # five crops: no count
     results = (folder / "test" / "results.txt").read_text().splitlines()
     assert len(results) == 25 and all(len(r.split(",")) == 2 for r in results)
     assert json.loads((folder / "test" / "metrics.json").read_text())["n"] == 25

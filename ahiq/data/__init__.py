@@ -1,5 +1,5 @@
 """Full-reference IQA datasets as distributed: labels, reference-disjoint splits, paired crops."""
-from .datasets import EvalPairs, TargetScale, TrainPairs, check_images
+from .datasets import EvalPairs, TargetScale, TrainPairs, check_images, check_parts
 from .images import ImageError, image_size, read_image
 from .labels import DatasetError, Pair, Pairs
 from .parts import Part, load_parts
@@ -8,5 +8,5 @@ from .splits import load_split, save_split, split_by_reference
 from .transforms import EVAL_CROPS, CropPlan, eval_crop_positions
 
 __all__ = ["read_labels", "split_by_reference", "save_split", "load_split", "Pair", "Pairs", "DatasetError",
-           "READERS", "TargetScale", "TrainPairs", "EvalPairs", "check_images", "ImageError", "image_size",
+           "READERS", "TargetScale", "TrainPairs", "EvalPairs", "check_images", "check_parts", "ImageError", "image_size",
            "read_image", "EVAL_CROPS", "CropPlan", "eval_crop_positions", "Part", "load_parts"]

@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""Where evaluation's time goes, operator by operator, in fp32 and in bf16: the PIPAL-shaped case of
+scripts/benchmark.py (ViT-B/8, random weights, 2 references x ``--distortions`` distorted 288x288 images,
+``--crops`` random crops) through ahiq.evaluation.predict, under torch.profiler.
+
+    python scripts/profile_ops.py [--precisions fp32 bf16] [--top 15]
+
+Prints, for each precision, the wall time and the operators with the most self CPU time (their share, the
+calls). ``ONEDNN_VERBOSE=1`` in the environment adds oneDNN's own line for every kernel it runs (which
+implementation it chose: ``avx512_core_bf16``, ``avx512_core_amx``, ``jit:avx2`` ...).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--distortions", type=int, default=2)
+    parser.add_argument("--crops", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15, help="operators shown per precision")
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from ahiq.threads import prepare_environment
+
+    prepare_environment()
+    import time
+
+    import cv2
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ahiq.data import CropPlan, Pair, Pairs, Part
+    from ahiq.evaluation import predict
+    from ahiq.official import random_official_setup
+    from ahiq.runtime import Runtime
+    from measure import machine
+
+    print(f"# {machine()}; {torch.get_num_threads()} threads", flush=True)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, model, _ = random_official_setup(8, tmp)
+        rng = np.random.default_rng(0)
+        pairs = []
+        for r in range(2):
+            ref = cv2.GaussianBlur(rng.integers(0, 256, (288, 288, 3)).astype(np.uint8), (0, 0), 2)
+            cv2.imwrite(f"{tmp}/R{r}.png", ref)
+            for d in range(args.distortions):
+                noisy = np.clip(ref + rng.normal(0, 4 + 3 * d, ref.shape), 0, 255).astype(np.uint8)
+                cv2.imwrite(f"{tmp}/R{r}_{d}.png", noisy)
+                pairs.append(Pair(f"{tmp}/R{r}.png", f"{tmp}/R{r}_{d}.png", float("nan"), f"{r}_{d}"))
+        part, plan = Part(Pairs(pairs), None), CropPlan(224, "random", args.crops)
+        for precision in args.precisions:
+            runtime = Runtime(precision=precision)
+            run = lambda: predict([model], part, plan, batch_size=args.distortions, runtime=runtime)  # noqa: E731
+            run()  # warm-up: oneDNN creates its kernels on first use
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                run()
+                seconds = time.perf_counter() - start
+            events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            total = sum(e.self_cpu_time_total for e in events)
+            print(f"\n## {precision}: {seconds:.2f} s for {len(pairs)} pairs ({len(pairs) / seconds:.3f} pairs/s)")
+            print("| operator | self CPU s | share | calls |\n|---|---|---|---|")
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+                print(f"| `{e.key}` | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total:.0%} | {e.count} |")
+
+
+if __name__ == "__main__":
+    main()
