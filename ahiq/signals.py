@@ -70,17 +70,29 @@ def ignore_in_workers(worker_id: int = 0) -> None:
     Ctrl-C reaches the whole process group). A worker killed by the signal would make PyTorch raise its
     loss in the main process at any moment (from its SIGCHLD handler), possibly in the middle of an
     optimiser step; ignoring the signals, the workers keep serving until the main process stops at a step
-    boundary. They must then be shut down explicitly: see ``batches``."""
+    boundary. They must then be shut down explicitly: see ``batches``, which also blocks the signals while
+    the workers start, so that one arriving before this function runs stays pending and is dropped here."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 @contextlib.contextmanager
 def batches(loader) -> Iterator:
     """Iterate ``loader``; its worker processes are shut down when the block ends, by an exception too.
     Left to garbage collection, which an exception's reference cycles delay until the interpreter exits,
-    workers that ignore SIGTERM would hang that exit (multiprocessing stops leftover workers with it)."""
-    iterator = iter(loader)
+    workers that ignore SIGTERM would hang that exit (multiprocessing stops leftover workers with it).
+    The workers are forked with SIGTERM and SIGINT blocked (POSIX): a signal in the moment before their
+    ``ignore_in_workers`` would otherwise kill one; the main process gets it when they have started."""
+    masked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if masked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        iterator = iter(loader)
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     try:
         yield iterator
     finally:

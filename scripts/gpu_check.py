@@ -106,6 +106,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device here; for a dry run use --device cpu --quick", file=sys.stderr)
         return 2
+    try:  # the report's folder before the minutes of work, not after them
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").touch()
+    except OSError as exc:
+        print(f"error: --out {args.out}: cannot write the report there ({exc.strerror}); choose another path",
+              file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda":
         set_tf32(False)  # the reference rows in strict fp32; the tf32 row turns it on for itself

@@ -10,9 +10,12 @@ RUNTIMES = ("fp32", "tf32", "bf16", "channels_last", "compiled")
 
 
 def test_the_cpu_dry_run_writes_every_row_of_the_report(tmp_path):
+    """Into a folder that does not exist yet (made before the work, not after it)."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick",
-                           "--out", str(tmp_path / "report")], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                           "--out", str(tmp_path / "new" / "report")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    tmp_path = tmp_path / "new"
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["complete"] and report["environment"]["torch"] and report["environment"]["device"] == "cpu"
     assert report["tests"]["exit"] == 0 and "skipped" in report["tests"]["outcome"]  # no GPU: the CUDA tests skip
