@@ -72,6 +72,8 @@ def test_full_size_scores_equal_the_official_code(known, patch_size, tmp_path):
     with torch.no_grad():
         scores = model(as_batch([d for _, d in pairs]), as_batch([r for r, _ in pairs]))
     official = torch.tensor(expected["scores"][f"patch{patch_size}"])
+    # fp32 rounding on two machines' kernels: measured up to 3.5e-7 across attention paths, instruction sets
+    # and threads (scripts/fidelity.py); a wrong layer or weight moves scores by 1e-3 and more.
     torch.testing.assert_close(scores, official, rtol=0, atol=1e-5)
 
 
@@ -88,12 +90,15 @@ def test_three_training_steps_equal_the_official_losses(known, tmp_path):
         target = torch.tensor([0.3 + 0.2 * i, 0.8 - 0.1 * i])
         losses.append(train_step(model, optimizer, scheduler, as_batch([d for _, d in batch]),
                                  as_batch([r for r, _ in batch]), target))
-    # Step 1 is the forward pass and one loss: exact up to fp32 rounding. Later losses inherit Adam's first
-    # step, which moves every weight by +-lr whatever the size of its gradient, so a gradient whose sign
-    # fp32 rounding decides moves a weight by 2 lr either way: 919 of the 27 million first-step gradients
-    # change sign between fp32 and float64 here (up to 2.9e-5 in head.smooth.0). The official compute
-    # pattern itself (ahiq/official.py, torchvision's kernel, unfused attention) run in float64 misses the
-    # official losses of steps 2 and 3 by 6.9e-6 and 3.0e-4 relative; in fp32 by 9.2e-6 and 3.9e-4.
-    # Step 3's tolerance says that; a wrong recipe (learning rate, loss, schedule) is off by far more.
+    # The official numbers carry the official machine's fp32 rounding, ours this machine's, and their kernels
+    # differ (attention path, instruction set, threads): |ours - official| <= |ours - exact| + |official -
+    # exact|, with exact the float64 value. Measured (scripts/fidelity.py; docs/performance.md): the official
+    # losses are 1.8e-7, 6.9e-6 and 3.0e-4 relative from float64 ahiq. Ours from float64 on an AVX2 CPU
+    # (TIMM_FUSED_ATTN 0 and 1, ATEN_CPU_CAPABILITY default and avx2, 1 and 2 threads): up to 8.1e-7, 2.5e-6
+    # and 1.7e-4; on an AVX-512 Xeon ours was 1.14e-5 from the official second loss (4.5e-6 from exact), and
+    # the official pattern in fp32 3.9e-4 from the official third.
+    # Later losses grow so because Adam's first step moves every weight by +-lr whatever the size of its
+    # gradient: a gradient whose sign rounding decides moves a weight by 2 lr. Each tolerance is about twice
+    # the sum of the two bounds; a wrong recipe (learning rate, loss, schedule) is off by far more.
     relative = [abs(ours - official) / official for ours, official in zip(losses, recipe["losses"])]
-    assert relative[0] < 1e-6 and relative[1] < 1e-5 and relative[2] < 1e-3, relative
+    assert relative[0] < 3e-6 and relative[1] < 3e-5 and relative[2] < 1.5e-3, relative

@@ -28,7 +28,9 @@ def test_full_size_model_matches_official_compute_pattern(tmp_path, patch_size):
         expected = reference(dist, ref)
         got = model(dist, ref)
     assert got.shape == (2,)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # The tight check: the official pattern in the same process sees the same kernels; measured up to 1.2e-7
+    # across attention paths, instruction sets and threads (scripts/fidelity.py).
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert (got[0] - got[1]).abs() > 1e-2, got  # the scores depend on the images: the match is not trivial
 
 
