@@ -200,8 +200,7 @@ def locate(files: Sequence[WeightFile], weights: str | os.PathLike | None = None
     folder = weights_folder(weights)
     found = {file: find(file, folder) for file in files}
     if folder is None:
-        return _complete(files, found, cache_dir(), f"in {', '.join(map(str, cache_dirs()))} and Hugging Face's "
-                                                    f"cache", progress)
+        return _complete(files, found, cache_dir(), _looked_in(cache_dirs()), progress)
     return _complete(files, found, None, f"in the weights folder {folder} ({ENVIRONMENT} or --weights: nothing is "
                                          f"downloaded with one)", progress, put_in=folder)
 
@@ -230,8 +229,11 @@ def _download_into(files: list[WeightFile], target: Path, progress: bool) -> lis
         elif source is not None:
             found[file] = _copy(source, target / (source.name if source.name in file.names() else file.name))
     places = cache_dirs() if target == cache_dir() else [target, *cache_dirs()]
-    return _complete(files, found, target, f"in {', '.join(map(str, places))} and Hugging Face's cache", progress,
-                     put_in=target)
+    return _complete(files, found, target, _looked_in(places), progress, put_in=target)
+
+
+def _looked_in(folders: list[Path]) -> str:
+    return f"in {', '.join(map(str, folders))} and Hugging Face's cache"
 
 
 def _complete(files: Sequence[WeightFile], found: dict, into: Path | None, looked: str, progress: bool,
@@ -248,7 +250,7 @@ def _complete(files: Sequence[WeightFile], found: dict, into: Path | None, looke
         create_folder(into, "weights folder")
         # One process per machine downloads (torchrun starts one per GPU); the others wait, then find its files.
         with waiting_for_lock(into / DOWNLOAD_LOCK, f"waiting for another process's download into {into}"):
-            arrived = {file: into / file.name for file in missing if (into / file.name).is_file()}
+            arrived = {file: path for file in missing if (path := find(file, into)) is not None}
             for file, path in arrived.items():
                 verify(file, path)
             found.update(arrived)

@@ -73,7 +73,7 @@ from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.official import random_official_setup  # noqa: E402
 from ahiq.runtime import Runtime, native_bf16, set_tf32  # noqa: E402
 from ahiq.training import make_optimizer, train_step  # noqa: E402
-from measure import PeakMemory, best_time, count_gflop, environment, machine, timed  # noqa: E402
+from measure import PeakMemory, best_time, count_gflop, environment, machine, timed, write_noisy_pairs  # noqa: E402
 
 
 def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: dict,
@@ -111,7 +111,6 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                sizes: dict | None = None, rows: list | None = None) -> list[dict]:
     """Crop-ensemble evaluation: the official per-crop loop against ahiq's grouped prediction. ``sizes``:
     AHIQ's size arguments (the paper's by default); the images keep their shapes relative to the crop."""
-    import cv2
     from scipy.stats import spearmanr
 
     from ahiq.data import CropPlan, EvalPairs, Pair, Pairs
@@ -133,15 +132,10 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
         cases = {f"pipal_{scaled(288)}_{crops}crop": (scaled(288), scaled(288), 2, distortions),
                  f"live_{scaled(768)}x{scaled(512)}_{crops}crop": (scaled(512), scaled(768), 1, 1)}
         for case, (h, w, n_refs, per_ref) in cases.items():
-            pairs, psnr = [], []
-            for r in range(n_refs):  # smooth random images: compression and decoding behave as for photos
-                ref = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3)).astype(np.uint8), (0, 0), 2)
-                cv2.imwrite(f"{tmp}/{case}_R{r}.png", ref)
-                for d in range(per_ref):
-                    noisy = np.clip(ref + rng.normal(0, 4 + 3 * d, ref.shape), 0, 255).astype(np.uint8)
-                    cv2.imwrite(f"{tmp}/{case}_R{r}_{d}.png", noisy)
-                    pairs.append(Pair(f"{tmp}/{case}_R{r}.png", f"{tmp}/{case}_R{r}_{d}.png", float("nan"), f"{r}_{d}"))
-                    psnr.append(cv2.PSNR(ref, noisy))
+            written = write_noisy_pairs(Path(tmp), f"{case}_", h, w, n_refs, per_ref, rng)
+            pairs = [Pair(str(ref), str(dist), float("nan"), f"{i // per_ref}_{i % per_ref}")
+                     for i, (ref, dist, _) in enumerate(written)]
+            psnr = [value for _, _, value in written]
             part = Part(Pairs(pairs), None)
             plan = CropPlan(size, "random", crops)
             decoded = EvalPairs(part.pairs, plan, check=False)

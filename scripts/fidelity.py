@@ -29,8 +29,11 @@ ISAS = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}  # ATen's c
 
 def environments(quick: bool) -> list[dict]:
     """Each attention path under each instruction set this CPU has (the best one last), then the threads."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isas = [aten for aten in ISAS if aten == "default" or f" {aten}" in flags.replace("avx512f", "avx512")]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from measure import cpu_flags
+
+    flags = cpu_flags()
+    isas = [aten for aten in ISAS if aten == "default" or {"avx2": "avx2", "avx512": "avx512f"}[aten] in flags]
     found = [{"TIMM_FUSED_ATTN": fused, "ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": ISAS[aten],
               "OMP_NUM_THREADS": "2"} for fused in ("1", "0") for aten in isas]
     found += [{**found[-1], "OMP_NUM_THREADS": threads} for threads in ("1", "4")]

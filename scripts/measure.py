@@ -33,18 +33,43 @@ def environment(device: torch.device) -> dict:
     return found
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags as Linux lists them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def write_noisy_pairs(folder: Path, prefix: str, height: int, width: int, references: int, per_reference: int,
+                      rng) -> list[tuple[Path, Path, float]]:
+    """Smooth random references (compression and decoding behave as for photos) and ``per_reference``
+    noisier copies of each (noise sd 4 + 3 d), written as PNG files ``<prefix>R<r>.png`` and
+    ``<prefix>R<r>_<d>.png`` in ``folder``: (reference, distorted, PSNR) per pair, references in order."""
+    import cv2
+    import numpy as np
+
+    pairs = []
+    for r in range(references):
+        ref = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3)).astype(np.uint8), (0, 0), 2)
+        ref_path = Path(folder) / f"{prefix}R{r}.png"
+        cv2.imwrite(str(ref_path), ref)
+        for d in range(per_reference):
+            noisy = np.clip(ref + rng.normal(0, 4 + 3 * d, ref.shape), 0, 255).astype(np.uint8)
+            dist_path = Path(folder) / f"{prefix}R{r}_{d}.png"
+            cv2.imwrite(str(dist_path), noisy)
+            pairs.append((ref_path, dist_path, cv2.PSNR(ref, noisy)))
+    return pairs
+
+
 def machine() -> str:
     """The CPU by name, the CPUs this process may use and the instructions the precisions depend on, and
     torch's version: what a CPU measurement is worth only beside."""
     from ahiq.runtime import cpu_name
     from ahiq.threads import usable_cpus
 
-    model, flags = cpu_name(), set()
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
+    model, flags = cpu_name(), cpu_flags()
     isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if name in flags]
     cpus, why = usable_cpus()
     return (f"{model}, {cpus} CPUs ({why}); {' '.join(isa) or 'no AVX2'}{'' if 'amx_bf16' in flags else ', no AMX'}; "

@@ -37,7 +37,6 @@ def main() -> None:
     prepare_environment()
     import time
 
-    import cv2
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -46,21 +45,15 @@ def main() -> None:
     from ahiq.evaluation import predict
     from ahiq.official import random_official_setup
     from ahiq.runtime import Runtime
-    from measure import machine
+    from measure import machine, write_noisy_pairs
 
     print(f"# {machine()}; {torch.get_num_threads()} threads", flush=True)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         _, model, _ = random_official_setup(8, tmp)
-        rng = np.random.default_rng(0)
-        pairs = []
-        for r in range(2):
-            ref = cv2.GaussianBlur(rng.integers(0, 256, (288, 288, 3)).astype(np.uint8), (0, 0), 2)
-            cv2.imwrite(f"{tmp}/R{r}.png", ref)
-            for d in range(args.distortions):
-                noisy = np.clip(ref + rng.normal(0, 4 + 3 * d, ref.shape), 0, 255).astype(np.uint8)
-                cv2.imwrite(f"{tmp}/R{r}_{d}.png", noisy)
-                pairs.append(Pair(f"{tmp}/R{r}.png", f"{tmp}/R{r}_{d}.png", float("nan"), f"{r}_{d}"))
+        written = write_noisy_pairs(Path(tmp), "", 288, 288, 2, args.distortions, np.random.default_rng(0))
+        pairs = [Pair(str(ref), str(dist), float("nan"), f"{i // args.distortions}_{i % args.distortions}")
+                 for i, (ref, dist, _) in enumerate(written)]
         part, plan = Part(Pairs(pairs), None), CropPlan(224, "random", args.crops)
         for precision in args.precisions:
             runtime = Runtime(precision=precision)

@@ -87,23 +87,16 @@ def prepare(case: str, folder: Path) -> None:
     if case == "demo":
         run(case, ["policy"], folder, "warmup")
         return
-    import cv2
     import numpy as np
     import torch
 
     from ahiq.official import random_official_setup
+    from measure import write_noisy_pairs
 
     torch.manual_seed(0)
     random_official_setup(8, folder)
-    rng = np.random.default_rng(0)
-    rows = []
-    for r in range(2):
-        ref = cv2.GaussianBlur(rng.integers(0, 256, (288, 288, 3)).astype(np.uint8), (0, 0), 2)
-        cv2.imwrite(str(folder / f"R{r}.png"), ref)
-        for d in range(2):
-            cv2.imwrite(str(folder / f"R{r}_{d}.png"), np.clip(ref + rng.normal(0, 4 + 3 * d, ref.shape), 0, 255)
-                        .astype(np.uint8))
-            rows.append(f"R{r}_{d}.png,R{r}.png")
+    rows = [f"{dist.name},{ref.name}" for ref, dist, _ in write_noisy_pairs(folder, "", 288, 288, 2, 2,
+                                                                           np.random.default_rng(0))]
     (folder / "pairs.csv").write_text("dist,ref\n" + "\n".join(rows) + "\n")
 
 
