@@ -1,18 +1,14 @@
-"""AHIQ: Attention-based Hybrid Image Quality Assessment (Lao, Gong et al., CVPRW 2022)."""
-import importlib
+"""AHIQ: Attention-based Hybrid Image Quality Assessment (Lao, Gong et al., CVPRW 2022).
+
+The package in layers, each importing only those below it: ``files``, ``messages``, ``options`` and ``lazy``
+(shared, no torch); ``data`` (datasets, images, crops) and ``nn`` (the network and its weight files), which
+do not import each other; ``runtime`` (devices, threads, signals, torchrun); ``scoring`` (the crop ensemble,
+the scorer, the metric, maps); ``engine`` (training, test.py, the experiment folder, results); ``cli``.
+"""
+from ahiq.lazy import exports
 
 __version__ = "0.2.0"
 __all__ = ["AHIQ", "AHIQMetric", "Scorer", "create_metric", "list_models"]
-_HOMES = {"AHIQ": "model", "AHIQMetric": "metric", "Scorer": "scorer", "create_metric": "metric", "list_models": "metric"}
-
-
-def __getattr__(name: str):
-    """The public names, imported on first use: torch loads only when one is used, so that ``python -m ahiq
-    --help`` and ``python -m ahiq zoo`` answer at once."""
-    if name in _HOMES:
-        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module 'ahiq' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = exports(__name__, {"AHIQ": "ahiq.nn.model", "AHIQMetric": "ahiq.scoring.metric",
+                                          "Scorer": "ahiq.scoring.scorer", "create_metric": "ahiq.scoring.metric",
+                                          "list_models": "ahiq.scoring.metric"})

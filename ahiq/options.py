@@ -1,7 +1,9 @@
-"""Experiment options: YAML files (``base:`` names a file to extend), ``key.path=value`` overrides from the
-command line, and a schema that rejects unknown keys (suggesting the nearest) and wrong types.
+"""Experiment options: one declaration per option (default, type, domain, meaning), YAML files (``base:``
+names a file to extend), ``key.path=value`` overrides from the command line, and checks that reject unknown
+keys (suggesting the nearest), wrong types and values out of their domain before anything runs.
 
-DEFAULTS below is the schema: every option, its default and (in the README) its meaning.
+OPTIONS is the schema. DEFAULTS, the checks, ``python train.py --help`` and the options table of
+docs/training.md (``markdown_table``) are all made from it.
 """
 from __future__ import annotations
 
@@ -9,89 +11,195 @@ import copy
 import difflib
 import math
 import os
+import re
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-SOURCE = {"dataset": None, "root": None, "options": {}}  # one labelled or unlabelled set of pairs
+SOURCE = ("dataset", "root", "options")  # the keys of one labelled or unlabelled set of pairs (data.val, data.test)
+CROPS = ("five", "nine", "random", "centre", "whole")
+NULL = type(None)
 
-DEFAULTS: dict[str, Any] = {
-    "name": None,
-    "model": {
-        "patch_size": 8, "vit_pretrained": True, "cnn_pretrained": True, "weights": None, "freeze_backbones": True,
-        "deform_impl": "bilinear", "img_size": 224, "vit_dim": 768, "vit_heads": 12, "cnn_width": 64,
-        "fusion_hidden": 512, "head_dim": 256, "head_hidden": 1024,
-    },
-    "data": {
-        **SOURCE,
-        "split": {"ratios": [0.6, 0.2, 0.2], "seed": 0, "file": None},
-        "val": None, "test": None,
-        "flip": "width", "random_crop": "all", "targets": "dataset", "num_workers": 2,
-    },
-    "train": {
-        "epochs": 200, "batch_size": 4, "lr": 1e-4, "weight_decay": 1e-5, "t_max": 50, "eta_min": 0.0,
-        "seed": 1919, "val_crops": "five", "val_every": 1, "save_interval": 5, "resume": None,
-        "device": "auto", "log_every": 20, "nonfinite_loss": "stop", "drop_last": False, "best": "main",
-    },
-    "runtime": {"precision": "fp32", "tf32": False, "channels_last": False, "compile": False, "crop_chunk": None,
-                "threads": None},
-    "test": {
-        "checkpoint": "best", "crops": "random", "num_crops": 20, "seed": 0, "batch_size": 2, "output": None,
-        "allow_random_backbones": False, "maps": 0,
-        "submission": {"runtime": None, "gpu": None, "extra_data": False,
-                       "description": "AHIQ (Lao, Gong et al., CVPRW 2022), ahiq reference implementation."},
-    },
-}
 
-# Options whose type is not that of their default; "source" is a SOURCE dict or null.
-TYPES: dict[str, tuple] = {
-    "name": (str,), "model.vit_pretrained": (bool, str), "model.cnn_pretrained": (bool, str),
-    "model.weights": (str, type(None)),
-    "data.dataset": (str,), "data.root": (str,), "data.options": (dict,), "data.split.file": (str, type(None)),
-    "data.val": ("source",), "data.test": ("source",), "data.flip": (str, type(None)),
-    "train.resume": (str, type(None)), "test.checkpoint": (str, list), "test.output": (str, type(None)),
-    "test.submission.runtime": (float, type(None)), "test.submission.gpu": (bool, type(None)),
-    "runtime.compile": (bool, str), "runtime.crop_chunk": (int, type(None)),
-    "runtime.threads": (int, type(None)),
-}
-CHOICES = {
-    "model.patch_size": (8, 16), "model.deform_impl": ("bilinear", "torchvision"),
-    "data.flip": ("width", "height", None), "train.val_crops": ("five", "nine", "random", "centre", "whole"),
-    "test.crops": ("five", "nine", "random", "centre", "whole"), "train.nonfinite_loss": ("stop", "skip"),
-    "runtime.precision": ("fp32", "bf16", "auto"), "data.random_crop": ("all", "official"), "data.targets": ("dataset", "part"),
-    "train.best": ("main", "official"),
-}
+@dataclass(frozen=True)
+class Option:
+    key: str
+    default: Any
+    meaning: str                    # one line, Markdown (docs/training.md's table; plain text in --help)
+    types: tuple = ()               # allowed types when not just the default's; "source": a data set or null
+    choices: tuple = ()
+    at_least: float | None = None   # numbers: the lowest value (every number must also be finite)
+    above: bool = False             # ... and the lowest itself not allowed
+    shown: str | None = None        # the default as the table shows it, when not the value itself
 
-# The domain of every numeric option: (lowest value, whether the lowest itself is allowed). Every number must
-# also be finite. Where 0 is allowed it means: data.num_workers 0 loads in the main process;
-# train.weight_decay 0 and train.eta_min 0 are none; data.split.seed, train.seed, test.seed 0 are seeds.
-RANGES: dict[str, tuple[float, bool]] = {
-    "model.img_size": (16, True), "model.vit_dim": (1, True), "model.vit_heads": (1, True),
-    "model.cnn_width": (1, True), "model.fusion_hidden": (1, True), "model.head_dim": (1, True),
-    "model.head_hidden": (1, True), "data.split.seed": (0, True), "data.num_workers": (0, True),
-    "train.epochs": (1, True), "train.batch_size": (1, True), "train.lr": (0, False), "train.weight_decay": (0, True),
-    "train.t_max": (1, True), "train.eta_min": (0, True), "train.seed": (0, True), "train.val_every": (1, True),
-    "train.save_interval": (1, True), "train.log_every": (1, True), "runtime.crop_chunk": (1, True), "runtime.threads": (1, True),
-    "test.num_crops": (1, True), "test.maps": (0, True), "test.seed": (0, True), "test.batch_size": (1, True),
-    "test.submission.runtime": (0, True),
-}
+    def allowed(self) -> tuple:
+        if not self.types:
+            return (float, int) if isinstance(self.default, float) else (type(self.default),)
+        return (*self.types, int) if float in self.types else self.types
+
+
+def _pretrained(part: str) -> str:
+    return (f"the {part}'s weights: true: the released backbone weights, found as [weights.md](weights.md) says; "
+            f"false: random; a path: a local weight file")
+
+
+def _size(what: str) -> str:
+    return f"{what}; change the sizes only for small experiments such as the demo"
+
+
+OPTIONS = [
+    Option("name", None, "experiment name: the folder `checkpoints/<name>/`", (str,), shown="(required)"),
+    Option("model.patch_size", 8, "8 (ViT-B/8) or 16 (ViT-B/16)", choices=(8, 16)),
+    Option("model.vit_pretrained", True, _pretrained("ViT"), (bool, str)),
+    Option("model.cnn_pretrained", True, _pretrained("ResNet50"), (bool, str)),
+    Option("model.weights", None, "a weights folder (`python -m ahiq download --dir`): every weight file from there "
+           "and no download; null: `$AHIQ_WEIGHTS`, else torch's hub cache ([weights.md](weights.md)); also "
+           "`--weights DIR`", (str, NULL)),
+    Option("model.freeze_backbones", True, "false fine-tunes the backbones too"),
+    Option("model.deform_impl", "bilinear", "`bilinear` (fast, exact) or `torchvision` (the reference kernel)",
+           choices=("bilinear", "torchvision")),
+    Option("model.img_size", 224, _size("the input crop size, a multiple of the patch size"), at_least=16),
+    Option("model.vit_dim", 768, _size("the ViT's width, a multiple of its heads"), at_least=1),
+    Option("model.vit_heads", 12, _size("the ViT's attention heads"), at_least=1),
+    Option("model.cnn_width", 64, _size("the ResNet's base width (its layer1 gives 12 times as many channels)"),
+           at_least=1),
+    Option("model.fusion_hidden", 512, _size("the fusion's hidden channels"), at_least=1),
+    Option("model.head_dim", 256, _size("the head's channels per image after its 1x1 reduction"), at_least=1),
+    Option("model.head_hidden", 1024, _size("the head's hidden channels"), at_least=1),
+    Option("data.dataset", None, "`pipal`, `live`, `csiq`, `tid2013`, `tid2008`, `kadid10k`, `csv`, `synthetic`",
+           (str,), shown="(required)"),
+    Option("data.root", None, "the folder the dataset was unpacked in", (str,), shown="(required)"),
+    Option("data.options", {}, "the reader's keyword arguments (label file, folders, direction; see "
+           "[datasets.md](datasets.md))", (dict,)),
+    Option("data.split.ratios", [0.6, 0.2, 0.2], "train/val/test shares of the *references* (two numbers: "
+           "train/test, validation on the test part)"),
+    Option("data.split.seed", 0, "split n of K is seed n", at_least=0),
+    Option("data.split.file", None, "read the split from a file written by `save_split` (every run writes its own "
+           "`split.json`)", (str, NULL)),
+    Option("data.val", None, "a separate labelled set for validation `{dataset, root, options}` (PIPAL: NTIRE 2021 "
+           "validation); then all of `data` trains", ("source",)),
+    Option("data.test", None, "a separate set for test.py `{dataset, root, options}`; unlabelled gives an NTIRE "
+           "submission", ("source",)),
+    Option("data.flip", "width", "paired horizontal flip; `height` is the official code's (upside-down) flip; null "
+           "for none", (str, NULL), choices=("width", "height", None)),
+    Option("data.random_crop", "all", "training crops at every position, the last row and column included; "
+           "`official`: as the official `np.random.randint(0, size - 224)`, which never reaches them",
+           choices=("all", "official")),
+    Option("data.targets", "dataset", "targets normalised over the whole labelled source before splitting; `part`: "
+           "each part (train, val, test) over its own pairs, as the official code normalises each of its list files",
+           choices=("dataset", "part")),
+    Option("data.num_workers", 2, "DataLoader worker processes (0: load in the main process)", at_least=0),
+    Option("train.epochs", 200, "epochs", at_least=1),
+    Option("train.batch_size", 4, "pairs per step (and pairs per validation batch); under torchrun the global "
+           "batch", at_least=1),
+    Option("train.lr", 1e-4, "Adam's learning rate", at_least=0, above=True),
+    Option("train.weight_decay", 1e-5, "Adam's weight decay (0: none)", at_least=0),
+    Option("train.t_max", 50, "CosineAnnealingLR's T_max, stepped every iteration", at_least=1),
+    Option("train.eta_min", 0.0, "CosineAnnealingLR's eta_min", at_least=0),
+    Option("train.seed", 1919, "seeds the initialisation, the epoch order and the crops", at_least=0),
+    Option("train.val_crops", "five", "validation crops (see [datasets.md](datasets.md#evaluation-crops))",
+           choices=CROPS),
+    Option("train.val_every", 1, "validate every N epochs (and after the last)", at_least=1),
+    Option("train.save_interval", 5, "write `epoch_<N>.pth` every N epochs", at_least=1),
+    Option("train.resume", None, "null: a new run; `auto`: continue from `latest.pth` if there is one; a path",
+           (str, NULL)),
+    Option("train.device", "auto", "`auto` (CUDA if available), `cpu`, `cuda`, `cuda:1` ..."),
+    Option("train.log_every", 20, "TensorBoard loss/learning-rate interval in steps", at_least=1),
+    Option("train.nonfinite_loss", "stop", "a NaN/inf loss: `stop` the run, or `skip` the batch (logged); the "
+           "weights are never updated by such a batch", choices=("stop", "skip")),
+    Option("train.drop_last", False, "`true`: leave out the last incomplete batch of every epoch (the official "
+           "loader's `drop_last=True`)"),
+    Option("train.best", "main", "`best.pth` when the validation main score (abs(PLCC) + abs(SROCC)) improves; "
+           "`official`: when SROCC or PLCC alone improves, as the official train.py", choices=("main", "official")),
+    Option("runtime.precision", "fp32", "`bf16`: autocast for training and evaluation (convolutions and matmuls in "
+           "bf16; deformable sampling positions and the final weighted mean in fp32); `auto`: bf16 where the device "
+           "has it natively (GPUs with bf16; CPUs with AVX512-BF16 or AMX where a first-use measurement finds bf16 "
+           "faster), fp32 elsewhere. See [performance.md](performance.md#runtime-settings) for when to choose what",
+           choices=("fp32", "bf16", "auto")),
+    Option("runtime.tf32", False, "let fp32 matmuls and convolutions use TF32 on GPUs that have it (false: strict "
+           "fp32, the reference numbers)"),
+    Option("runtime.channels_last", False, "NHWC weights and inputs for the convolutions (what tensor cores want)"),
+    Option("runtime.compile", False, "`true`: `torch.compile` the model (inductor); or a backend name. Compiling "
+           "takes minutes; it pays off on long runs", (bool, str)),
+    Option("runtime.crop_chunk", None, "the most crops in one forward pass when evaluating; null: as many as fit in "
+           "a quarter of the CPU's available memory (at most 128 MiB: one full-size crop) or half a GPU's free "
+           "memory, at most 64; set a number when out of memory", (int, NULL), at_least=1),
+    Option("runtime.threads", None, "CPU threads of the command lines' runs (train.py, test.py); null: "
+           "`OMP_NUM_THREADS` when set, else the CPUs this process may use (affinity, cgroup quota, Slurm's "
+           "allocation), shared among torchrun's processes on the node. The demo sets 1 "
+           "([performance.md](performance.md#several-jobs-on-one-machine))", (int, NULL), at_least=1),
+    Option("test.checkpoint", "best", "`best`, `latest`, a path, a released model's name (`pipal`, see "
+           "[scoring.md](scoring.md#released-models)), or a list of them (an ensemble)", (str, list)),
+    Option("test.crops", "random", "evaluation crops (see [datasets.md](datasets.md#evaluation-crops))",
+           choices=CROPS),
+    Option("test.num_crops", 20, "random crops per pair (`test.crops=random`)", at_least=1),
+    Option("test.seed", 0, "seeds the random crops, with the reference image's name", at_least=0),
+    Option("test.batch_size", 2, "pairs per batch (each with all its crops)", at_least=1),
+    Option("test.output", None, "output folder; null: `checkpoints/<name>/test/`", (str, NULL)),
+    Option("test.allow_random_backbones", False, "test.py refuses a checkpoint that holds only the head when the "
+           "backbones would be random (`vit_pretrained`/`cnn_pretrained: false`); `true` tests it anyway (the "
+           "scores mean nothing)"),
+    Option("test.maps", 0, "N > 0: quality-map panels and arrays of the N pairs predicted worst and the N best in "
+           "`test/maps/` (see [scoring.md](scoring.md#quality-maps))", at_least=0),
+    Option("test.submission.runtime", None, "seconds per image for readme.txt; null: measured", (float, NULL),
+           at_least=0),
+    Option("test.submission.gpu", None, "readme.txt's CPU/GPU line; null: from the device used", (bool, NULL)),
+    Option("test.submission.extra_data", False, "readme.txt's extra-data line"),
+    Option("test.submission.description", "AHIQ (Lao, Gong et al., CVPRW 2022), ahiq reference implementation.",
+           "readme.txt's description"),
+]
+SCHEMA = {option.key: option for option in OPTIONS}
+
+
+def _nested(options: list[Option]) -> dict:
+    tree: dict = {}
+    for option in options:
+        *groups, leaf = option.key.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = copy.deepcopy(option.default)
+    return tree
+
+
+DEFAULTS: dict[str, Any] = _nested(OPTIONS)
+GROUPS = sorted({key.rsplit(".", i)[0] for key in SCHEMA for i in range(1, key.count(".") + 1)})
+ALL_KEYS = [*SCHEMA, *GROUPS, *(f"data.{s}.{k}" for s in ("val", "test") for k in SOURCE)]
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, float) and value and abs(value) < 1e-3:
+        return f"{value:.0e}".replace("e-0", "e-")  # 1e-4, as the option files write it
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def markdown_table() -> str:
+    """docs/training.md's options table: one row per option."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for o in OPTIONS:
+        rows.append(f"| `{o.key}` | {o.shown or _yaml(o.default)} | {o.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+LINK = re.compile(r"\[([^\]]+)\]\(([^)#]+)[^)]*\)")  # a Markdown link within docs/
+
+
+def plain_text(width: int = 100) -> str:
+    """Every option, its default and its meaning as text (train.py's and test.py's --help)."""
+    lines = []
+    for o in OPTIONS:
+        meaning = LINK.sub(lambda m: f"docs/{m[2]}" if m[1] == m[2] else f"{m[1]} (docs/{m[2]})", o.meaning)
+        meaning = meaning.replace("`", "")
+        lines.append(f"  {o.key} = {o.shown or _yaml(o.default)}")
+        lines += textwrap.wrap(meaning, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 class OptionsError(ValueError):
     """An option file or override that cannot be used: the message names the file and key."""
-
-
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in tree.items():
-        keys.append(prefix + key)
-        if isinstance(value, dict) and value and (prefix + key) not in TYPES:
-            keys.extend(_flat_keys(value, prefix + key + "."))
-    return keys
-
-
-ALL_KEYS = _flat_keys(DEFAULTS) + [f"data.{s}.{k}" for s in ("val", "test") for k in SOURCE]
 
 
 def _unknown(key: str, where: str) -> OptionsError:
@@ -100,9 +208,9 @@ def _unknown(key: str, where: str) -> OptionsError:
     return OptionsError(f"{where}: unknown option '{key}'{hint}")
 
 
-def _coerce_number(key: str, value: Any, default: Any) -> Any:
+def _coerce_number(option: Option, value: Any) -> Any:
     """YAML 1.1 reads 1e-4 (no dot) as a string: accept such numbers where a float is expected."""
-    if isinstance(value, str) and (isinstance(default, float) or float in TYPES.get(key, ())):
+    if isinstance(value, str) and float in option.allowed():
         try:
             return float(value)
         except ValueError:
@@ -110,12 +218,8 @@ def _coerce_number(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _check_type(key: str, value: Any, default: Any, where: str) -> None:
-    allowed = TYPES.get(key)
-    if allowed is None:
-        allowed = (float, int) if isinstance(default, float) else (type(default),)
-    elif float in allowed:
-        allowed = (*allowed, int)
+def _check_value(option: Option, value: Any, where: str) -> None:
+    key, allowed = option.key, option.allowed()
     if "source" in allowed:
         if value is None:
             return
@@ -127,16 +231,17 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> None:
         return
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:
-        names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        names = " or ".join("null" if t is NULL else t.__name__ for t in allowed)
         raise OptionsError(f"{where}: option '{key}' must be {names}, got {value!r} ({type(value).__name__})")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise OptionsError(f"{where}: option '{key}' must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
-    if key in RANGES and value is not None:
-        low, inclusive = RANGES[key]
+    if option.choices and value not in option.choices:
+        raise OptionsError(f"{where}: option '{key}' must be one of {', '.join(map(str, option.choices))}, got "
+                           f"{value!r}")
+    if option.at_least is not None and value is not None:
+        low = option.at_least
         if not math.isfinite(value):
             raise OptionsError(f"{where}: option '{key}' must be a finite number, got {value!r}")
-        if value < low or (value == low and not inclusive):
-            bound = f"at least {low}" if inclusive else f"greater than {low}"
+        if value < low or (value == low and option.above):
+            bound = f"greater than {low}" if option.above else f"at least {low}"
             raise OptionsError(f"{where}: option '{key}' must be {bound}, got {value!r}")
     if key == "name" and value is not None and not _plain_folder_name(value):
         raise OptionsError(f"{where}: option 'name' must be a plain folder name (it becomes checkpoints/<name>/: "
@@ -164,20 +269,21 @@ def _check_relations(options: dict, where: str) -> None:
                            f"numbers with a positive sum, got {ratios!r}")
 
 
-def _merge(base: dict, update: dict, schema: dict, where: str, prefix: str = "") -> dict:
+def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
         full = prefix + key
-        if key not in schema:
+        option = SCHEMA.get(full)
+        if option is None and full not in GROUPS:
             raise _unknown(full, where)
-        default = schema[key]
-        if isinstance(default, dict) and full not in TYPES and isinstance(value, dict):
-            out[key] = _merge(out.get(key) or {}, value, default, where, full + ".")
-        elif isinstance(default, dict) and full not in TYPES:
-            raise OptionsError(f"{where}: option '{full}' is a group ({', '.join(default)}), got {value!r}")
+        if option is None and isinstance(value, dict):
+            out[key] = _merge(out.get(key) or {}, value, where, full + ".")
+        elif option is None:
+            members = dict.fromkeys(k[len(full) + 1:].split(".")[0] for k in SCHEMA if k.startswith(full + "."))
+            raise OptionsError(f"{where}: option '{full}' is a group ({', '.join(members)}), got {value!r}")
         else:
-            value = _coerce_number(full, value, default)
-            _check_type(full, value, default, where)
+            value = _coerce_number(option, value)
+            _check_value(option, value, where)
             out[key] = copy.deepcopy(value)
     return out
 
@@ -218,13 +324,13 @@ def load_options(path: str | os.PathLike | None, overrides: list[str] = ()) -> d
     if path is not None:
         layers, _ = _read_yaml(Path(path))
         for file, content in layers:
-            options = _merge(options, content, DEFAULTS, str(file))
+            options = _merge(options, content, str(file))
     for text in overrides:
         key, value = parse_override(text)
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        options = _merge(options, nested, DEFAULTS, f"override '{text}'")
+        options = _merge(options, nested, f"override '{text}'")
     if not options["name"]:
         raise OptionsError(f"{path or 'options'}: option 'name' (the experiment folder checkpoints/<name>/) is not set")
     _check_relations(options, f"{path or 'options'}{' with the command-line overrides' if overrides else ''}")

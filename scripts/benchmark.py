@@ -8,12 +8,12 @@
 Suite ``model``: one 224x224 pair through the whole network, ViT-B/8 and ViT-B/16, random weights (speed and
 agreement do not depend on trained values). Suite ``eval``: crop-ensemble evaluation, ViT-B/8, of a
 PIPAL-shaped set (288x288 images, ``--distortions`` distorted images for each of 2 references) and of single
-768x512 pairs (LIVE's size), ``--crops`` random 224 crops per pair; ahiq runs ``ahiq.evaluation.predict`` end
+768x512 pairs (LIVE's size), ``--crops`` random 224 crops per pair; ahiq runs ``ahiq.scoring.inference.predict`` end
 to end from image files (decoding included), the reference gets the same crops as in-memory tensors.
 Suite ``train``: training steps of ViT-B/8 on random 224 crops at the paper's batch (4) and, on CUDA, at the
-largest batch each path fits; ahiq runs ``ahiq.training.train_step`` (frozen backbones without gradients), the
+largest batch each path fits; ahiq runs ``ahiq.engine.training.train_step`` (frozen backbones without gradients), the
 reference the official step (backbones in eval mode but inside autograd, as the official train.py runs
-them). The reference is ahiq.official.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
+them). The reference is ahiq.nn.official.OfficialAHIQ: full ViT and ResNet50 forwards with hooks on every
 block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
 test loop: one forward per crop index over a batch of pairs; after each eval case a ``_metric`` row: the
 metric (ahiq.create_metric) on the same pairs as tensors, against ahiq's prediction from the files.
@@ -63,16 +63,16 @@ if __name__ == "__main__":
     arguments().parse_args()  # --help and mistyped arguments answer before torch loads
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.threads import prepare_environment  # noqa: E402
+from ahiq.runtime.threads import prepare_environment  # noqa: E402
 
 prepare_environment()  # the command lines' OpenMP waits, before torch loads
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ahiq.options import DEFAULTS  # noqa: E402
-from ahiq.official import random_official_setup  # noqa: E402
-from ahiq.runtime import Runtime, native_bf16, set_tf32  # noqa: E402
-from ahiq.training import make_optimizer, train_step  # noqa: E402
+from ahiq.nn.official import random_official_setup  # noqa: E402
+from ahiq.runtime.device import Runtime, native_bf16, set_tf32  # noqa: E402
+from ahiq.engine.training import make_optimizer, train_step  # noqa: E402
 from measure import PeakMemory, best_time, count_gflop, environment, machine, timed, write_noisy_pairs  # noqa: E402
 
 
@@ -113,9 +113,8 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
     AHIQ's size arguments (the paper's by default); the images keep their shapes relative to the crop."""
     from scipy.stats import spearmanr
 
-    from ahiq.data import CropPlan, EvalPairs, Pair, Pairs
-    from ahiq.data import Part
-    from ahiq.evaluation import predict
+    from ahiq.data import CropPlan, EvalPairs, Pair, Pairs, Part
+    from ahiq.scoring.inference import predict
 
     sizes = sizes or {}
     size = sizes.get("img_size", 224)
@@ -205,7 +204,7 @@ def metric_rows(case: str, checkpoint: Path, runtimes: dict, part, plan, device:
     files that the scorer and test.py make: the same scores from the same core, and its speed (no decoding)."""
     from ahiq.data import read_image
     from ahiq.data.datasets import to_tensor
-    from ahiq.metric import create_metric
+    from ahiq.scoring.metric import create_metric
 
     rows = []
     for name, runtime in runtimes.items():
@@ -238,7 +237,7 @@ def chunk_suite(device: torch.device, sizes: list[int]) -> None:
         _, model, _ = random_official_setup(8, tmp)
     model = model.to(device).eval()
     from ahiq.data import CropPlan
-    from ahiq.scoring import score_group
+    from ahiq.scoring.ensemble import score_group
 
     ref, dist = torch.rand(2, 3, 288, 288)
     plan = CropPlan(224, "random", 20)
@@ -276,7 +275,7 @@ def official_stepper(reference: torch.nn.Module, device: torch.device):
 
 
 def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device):
-    """ahiq.training.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
+    """ahiq.engine.training.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
     net = runtime.prepare(copy.deepcopy(model), device).train()
     optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
     stepper = runtime.compiled(net)
@@ -286,7 +285,7 @@ def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device)
 
 def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime], sizes: dict | None = None,
                 largest: bool = True, rows: list | None = None) -> list[dict]:
-    """Training steps of ViT-B/8: the official step against ahiq.training.train_step, from the same weights
+    """Training steps of ViT-B/8: the official step against ahiq.engine.training.train_step, from the same weights
     (``sizes``: AHIQ's size arguments; ``largest``: on CUDA also the largest batch each path fits)."""
     sizes = sizes or {}
     size = sizes.get("img_size", 224)

@@ -2,7 +2,7 @@
 """How far fp32 moves the fidelity numbers, across what one machine can vary: the known answers of
 tests/test_known_answers.py (the official code's scores for the full-size model, patch 8 and 16, and its
 three training-step losses, on generated weights and images) computed by ahiq and by the official compute
-pattern (ahiq/official.py) in one process, under each environment: timm's attention (TIMM_FUSED_ATTN 0, 1),
+pattern (ahiq/nn/official.py) in one process, under each environment: timm's attention (TIMM_FUSED_ATTN 0, 1),
 ATen's vector instructions (ATEN_CPU_CAPABILITY) with oneDNN's (ONEDNN_MAX_CPU_ISA), and the threads.
 
     python scripts/fidelity.py [--quick]
@@ -50,9 +50,9 @@ def measure(dtype: str) -> dict:
 
     import known_answers
     from ahiq import AHIQ
-    from ahiq.official import OfficialAHIQ, OfficialFusion, OfficialHead
+    from ahiq.engine.training import make_optimizer, train_step
+    from ahiq.nn.official import OfficialAHIQ, OfficialFusion, OfficialHead
     from ahiq.options import DEFAULTS
-    from ahiq.training import make_optimizer, train_step
     from benchmark import official_stepper
 
     expected = json.loads((ROOT / "tests" / "data" / "official_known_answers.json").read_text())

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 import benchmark  # noqa: E402
-from ahiq.runtime import Runtime, set_tf32  # noqa: E402
+from ahiq.runtime.device import Runtime, set_tf32  # noqa: E402
 from measure import environment  # noqa: E402
 
 QUICK_SIZES = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)

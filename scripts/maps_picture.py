@@ -34,10 +34,10 @@ def main() -> None:
 
     from ahiq.data import CropPlan, load_parts
     from ahiq.data.images import read_image
-    from ahiq.evaluation import maps_of
-    from ahiq.maps import panel
-    from ahiq.model import AHIQ
+    from ahiq.nn.model import AHIQ
     from ahiq.options import load_options
+    from ahiq.scoring.inference import maps_of
+    from ahiq.scoring.maps import panel
 
     opt = load_options(ROOT / "options" / "demo.yaml", [f"data.root={ROOT / 'data' / 'demo'}"])
     test = load_parts(opt["data"], roles=("test",))["test"]

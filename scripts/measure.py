@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ahiq.runtime import cpu_bf16, native_bf16
+from ahiq.runtime.device import cpu_bf16, native_bf16
 
 
 def environment(device: torch.device) -> dict:
@@ -66,8 +66,8 @@ def write_noisy_pairs(folder: Path, prefix: str, height: int, width: int, refere
 def machine() -> str:
     """The CPU by name, the CPUs this process may use and the instructions the precisions depend on, and
     torch's version: what a CPU measurement is worth only beside."""
-    from ahiq.runtime import cpu_name
-    from ahiq.threads import usable_cpus
+    from ahiq.runtime.device import cpu_name
+    from ahiq.runtime.threads import usable_cpus
 
     model, flags = cpu_name(), cpu_flags()
     isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if name in flags]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where evaluation's time goes, operator by operator, in fp32 and in bf16: the PIPAL-shaped case of
 scripts/benchmark.py (ViT-B/8, random weights, 2 references x ``--distortions`` distorted 288x288 images,
-``--crops`` random crops) through ahiq.evaluation.predict, under torch.profiler.
+``--crops`` random crops) through ahiq.scoring.inference.predict, under torch.profiler.
 
     python scripts/profile_ops.py [--precisions fp32 bf16] [--top 15]
 
@@ -32,7 +32,7 @@ def main() -> None:
     args = arguments().parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "scripts"))
-    from ahiq.threads import prepare_environment
+    from ahiq.runtime.threads import prepare_environment
 
     prepare_environment()
     import time
@@ -42,9 +42,9 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from ahiq.data import CropPlan, Pair, Pairs, Part
-    from ahiq.evaluation import predict
-    from ahiq.official import random_official_setup
-    from ahiq.runtime import Runtime
+    from ahiq.nn.official import random_official_setup
+    from ahiq.runtime.device import Runtime
+    from ahiq.scoring.inference import predict
     from measure import machine, write_noisy_pairs
 
     print(f"# {machine()}; {torch.get_num_threads()} threads", flush=True)

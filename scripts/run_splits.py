@@ -40,12 +40,12 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints", help="folder of the experiment folders")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value")
     args = parser.parse_args(argv)
-    from ahiq.threads import prepare_environment
+    from ahiq.runtime.threads import prepare_environment
 
     prepare_environment()  # before torch loads
-    from ahiq.evaluation import run_test
+    from ahiq.engine.testing import run_test
+    from ahiq.engine.training import train
     from ahiq.options import load_options
-    from ahiq.training import train
 
     base = load_options(args.opt, args.overrides)
     rows = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Two jobs on one machine: one job alone against two of the same side by side, with the command lines'
-threading policy (ahiq.threads: waiting OpenMP threads spin about 0.1 ms, then sleep; threads sized from the
+threading policy (ahiq.runtime.threads: waiting OpenMP threads spin about 0.1 ms, then sleep; threads sized from the
 CPUs a process may use, or the options' runtime.threads) and with torch's defaults (torch loaded before
 ahiq sets anything: libgomp's default waits, about 3 ms of spinning, and torch's own thread count).
 
@@ -90,7 +90,7 @@ def prepare(case: str, folder: Path) -> None:
     import numpy as np
     import torch
 
-    from ahiq.official import random_official_setup
+    from ahiq.nn.official import random_official_setup
     from measure import write_noisy_pairs
 
     torch.manual_seed(0)

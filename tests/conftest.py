@@ -5,7 +5,7 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the workers share the CPUs, one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ahiq.threads import prepare_environment  # noqa: E402
+from ahiq.runtime.threads import prepare_environment  # noqa: E402
 
 prepare_environment()  # the command lines' OpenMP waits for the tests too, before torch loads
 
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from ahiq.options import load_options  # noqa: E402
-from ahiq.runtime import set_tf32  # noqa: E402
+from ahiq.runtime.device import set_tf32  # noqa: E402
 
 # A reduced AHIQ for fast tests: same structure as the paper's, far fewer channels and a 64-pixel input.
 TINY = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
@@ -36,7 +36,7 @@ def _seed():
 def tiny_checkpoint(tmp_path_factory):
     """A tiny AHIQ checkpoint (this project's format) that holds its backbones: it scores without any
     pretrained weights (--vit-pretrained false --cnn-pretrained false)."""
-    from ahiq.model import AHIQ
+    from ahiq.nn.model import AHIQ
 
     path = tmp_path_factory.mktemp("tiny") / "model.pth"
     torch.manual_seed(0)

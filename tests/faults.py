@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ahiq import evaluation, training  # noqa: E402
+from ahiq.engine import training  # noqa: E402
+from ahiq.scoring import inference  # noqa: E402
 from ahiq.cli import run  # noqa: E402
-from ahiq.model import AHIQ  # noqa: E402
+from ahiq.nn.model import AHIQ  # noqa: E402
 
 
 def die() -> None:
@@ -59,7 +60,7 @@ def signal_at_step(name: str, n: int) -> None:
 
 
 def after_journal_write(n: int, action) -> None:
-    from ahiq import journal
+    from ahiq.scoring import journal
 
     journal.Journal.add = after_call(n, journal.Journal.add, action)
 
@@ -85,7 +86,7 @@ def kill_in_validation(n: int) -> None:
     def arm(*args, **kwargs):  # the second scoring batch of this validation dies
         AHIQ.maps_with_reference = on_call(2, real_score, lambda *a, **k: die())
 
-    evaluation.predict = on_call(n, evaluation.predict, arm)
+    inference.predict = on_call(n, inference.predict, arm)
 
 
 def kill_while_saving(name: str, n: int) -> None:
@@ -112,7 +113,7 @@ def kill_while_saving(name: str, n: int) -> None:
 if __name__ == "__main__":
     kind, _, where = sys.argv[1].partition(":")
     if kind == "journal":
-        from ahiq.__main__ import main
+        from ahiq.cli import main
 
         signal_name, _, count = where.rpartition(":")
         after_journal_write(int(count), (lambda: os.kill(os.getpid(), getattr(signal, signal_name))) if signal_name

@@ -29,7 +29,7 @@ for name, module in list(sys.modules.items()):
 torch._C._cuda_init = touched
 
 from ahiq.cli import run  # noqa: E402
-from ahiq.training import train  # noqa: E402
+from ahiq.engine.training import train  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run("train.py on a simulated GPU host", train, sys.argv[1:] + ["--debug"]))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ahiq import training
 from ahiq.cli import run
 from ahiq.data import load_parts
-from ahiq.evaluation import run_test
-from ahiq.official import random_official_setup
-from ahiq.training import train
+from ahiq.engine import training
+from ahiq.engine.testing import run_test
+from ahiq.engine.training import train
+from ahiq.nn.official import random_official_setup
 from conftest import ROOT, TINY
 
 def write_image(path, height=72, width=72, seed=0):
@@ -218,7 +218,7 @@ def test_options_outside_their_domain_are_refused_before_anything_runs(override,
 
 def score_cli(args, capsys):
     """(exit status, stderr) of python -m ahiq, in this process."""
-    from ahiq.__main__ import main
+    from ahiq.cli import main
 
     try:
         code = main(args)
@@ -230,7 +230,7 @@ def score_cli(args, capsys):
 @pytest.fixture
 def scoring_files(tmp_path):
     """A checkpoint holding its backbones, an official one holding none, and one 72x72 pair."""
-    from ahiq.model import AHIQ
+    from ahiq.nn.model import AHIQ
 
     AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(tmp_path / "whole.pth")
     _, _, official = random_official_setup(8, tmp_path / "official", **TINY)
@@ -267,7 +267,7 @@ def test_an_unwritable_output_is_refused_before_the_first_pair(out, message, sco
     def no_scoring(*args, **kwargs):
         raise AssertionError("a pair was scored before the output was checked")
 
-    monkeypatch.setattr("ahiq.scorer.predict", no_scoring)
+    monkeypatch.setattr("ahiq.scoring.scorer.predict", no_scoring)
     code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "whole.pth"), "--out", str(folder / out)],
                           capsys)
     assert code == 2 and err.startswith("error: ") and message.format(folder) in err, err
@@ -312,7 +312,7 @@ def test_a_decode_failure_in_a_loader_worker_is_one_line_naming_the_file(tmp_pat
 def test_random_backbones_are_refused_unless_allowed(scoring_files, capsys, tmp_path, monkeypatch):
     """An official checkpoint holds no backbone weights: with the hub switched off the scores would come
     from random backbones and change from run to run."""
-    from ahiq.model import AHIQ
+    from ahiq.nn.model import AHIQ
 
     folder, official, pair = scoring_files
     AHIQ(8, False, False, **TINY).save_checkpoint(folder / "head_only.pth")  # frozen backbones are not saved

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from ahiq.fusion import deform_conv2d_bilinear
+from ahiq.nn.fusion import deform_conv2d_bilinear
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -28,9 +28,9 @@ def test_a_checkpoint_of_0_2_0_scores_as_it_did(tmp_path):
 
 
 def test_an_experiment_folder_of_0_2_0_resumes(tmp_path):
+    from ahiq.engine.training import train
+    from ahiq.nn.weights import read_weight_file
     from ahiq.options import load_options
-    from ahiq.training import train
-    from ahiq.weights import read_weight_file
 
     folder = tmp_path / "checkpoints" / "frozen"
     shutil.copytree(FROZEN, folder)

@@ -3,13 +3,13 @@ import warnings
 import numpy as np
 import pytest
 
-from ahiq.correlations import evaluate, fit_logistic, logistic4, summary_line
+from ahiq.engine.correlations import correlate, fit_logistic, logistic4, summary_line
 
 
 def test_metrics_by_hand_with_ties():
     """pred has a tie (2, 2); worked out by hand, not by the scipy calls the code makes."""
     pred, mos = [1.0, 2.0, 2.0, 3.0], [1.0, 3.0, 2.0, 4.0]
-    m = evaluate(pred, mos)
+    m = correlate(pred, mos)
     # PLCC: deviations (-1, 0, 0, 1) and (-1.5, .5, -.5, 1.5): 3 / sqrt(2 * 5)
     assert m["plcc"] == pytest.approx(3 / np.sqrt(10), abs=1e-12)
     # SROCC with average ranks: pred ranks (1, 2.5, 2.5, 4), mos ranks (1, 3, 2, 4): 4.5 / sqrt(4.5 * 5).
@@ -27,26 +27,26 @@ def test_logistic_fit_recovers_a_nonlinear_mapping():
     mos = logistic4(pred, 5.0, 1.0, 0.5, 0.7)
     params = fit_logistic(pred, mos)
     np.testing.assert_allclose(logistic4(pred, *params), mos, atol=1e-6)
-    m = evaluate(pred, mos)
+    m = correlate(pred, mos)
     assert m["plcc_fitted"] == pytest.approx(1.0, abs=1e-9) and m["plcc"] < 0.99
     assert m["rmse_fitted"] < 1e-5 and m["srocc"] == pytest.approx(1.0)
 
 
 def test_constant_input_gives_nan_with_warning():
     with pytest.warns(RuntimeWarning, match="constant predictions"):
-        m = evaluate([0.5, 0.5, 0.5], [1.0, 2.0, 3.0])
+        m = correlate([0.5, 0.5, 0.5], [1.0, 2.0, 3.0])
     assert np.isnan(m["srocc"]) and np.isnan(m["plcc"]) and np.isnan(m["main"])
     assert m["rmse"] == pytest.approx(np.sqrt(np.mean((0.5 - np.array([1.0, 2.0, 3.0])) ** 2)))
     with pytest.warns(RuntimeWarning, match="fewer than two samples"):
-        evaluate([1.0], [2.0])
+        correlate([1.0], [2.0])
     with pytest.raises(ValueError, match="3 predictions for 2 scores"):
-        evaluate([1, 2, 3], [1, 2])
+        correlate([1, 2, 3], [1, 2])
 
 
 def test_summary_line_format():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m = evaluate([0.1, 0.4, 0.2, 0.9], [0.0, 0.5, 0.25, 1.0])
+        m = correlate([0.1, 0.4, 0.2, 0.9], [0.0, 0.5, 0.25, 1.0])
     assert summary_line(m) == (f"SROCC 1.0000 PLCC {m['plcc']:.4f} KROCC 1.0000 RMSE {m['rmse']:.4f} "
                                f"main {m['main']:.4f} (4 pairs)")
 
@@ -54,6 +54,6 @@ def test_summary_line_format():
 def test_too_few_pairs_for_the_logistic_fit_give_nan_fitted_metrics():
     """A validation part of 3 pairs: the correlations exist, the four-parameter fit does not (scipy's
     curve_fit raised TypeError there, ending a training run at its first validation)."""
-    m = evaluate([0.1, 0.5, 0.3], [0.2, 0.9, 0.4])
+    m = correlate([0.1, 0.5, 0.3], [0.2, 0.9, 0.4])
     assert m["srocc"] == pytest.approx(1.0) and np.isnan(m["plcc_fitted"]) and m["logistic"] is None
     assert fit_logistic(np.array([1.0, 2, 3, 4]), np.array([1.0, 3, 2, 4])) is None

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from ahiq.evaluation import run_test
+from ahiq.engine.testing import run_test
+from ahiq.engine.training import make_optimizer, make_stepper, train, train_step
+from ahiq.nn.official import random_official_setup
 from ahiq.options import DEFAULTS
-from ahiq.official import random_official_setup
-from ahiq.runtime import Runtime
-from ahiq.distributed import Job
-from ahiq.training import make_optimizer, make_stepper, train, train_step
+from ahiq.runtime.device import Runtime
+from ahiq.runtime.distributed import Job
 from conftest import ROOT, TINY, layouts_on_the_way, tiny_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -73,10 +73,10 @@ def test_tf32_is_used_only_when_asked(full_size):
 
 
 def through_the_scoring_core(model, dist, ref, runtime):
-    """Scores as the scorer, test.py and the metric compute them: ahiq.scoring.score_group, whose forward
+    """Scores as the scorer, test.py and the metric compute them: ahiq.scoring.ensemble.score_group, whose forward
     passes go through runtime.entry (compiled when the runtime compiles); one 64-pixel image per pair."""
     from ahiq.data import CropPlan
-    from ahiq.scoring import score_group
+    from ahiq.scoring.ensemble import score_group
 
     net = runtime.prepare(copy.deepcopy(model), CUDA)
     with torch.no_grad():

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from ahiq import training
-from ahiq.distributed import Job, init_distributed
-from ahiq.evaluation import predict
-from ahiq.runtime import Runtime
-from ahiq.training import train
+from ahiq.engine import training
+from ahiq.engine.training import train
+from ahiq.runtime.device import Runtime
+from ahiq.runtime.distributed import Job, init_distributed
+from ahiq.scoring.inference import predict
 from conftest import TINY, tiny_options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def pairs_to_score(tmp_path_factory):
     import numpy as np
 
     from ahiq.data.synthetic import distort, reference_image
-    from ahiq.model import AHIQ
+    from ahiq.nn.model import AHIQ
     from trees import touch
 
     folder = tmp_path_factory.mktemp("pairs")
@@ -202,8 +202,8 @@ def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
     gradient all-reduce overlap the backward pass). A one-process gloo group stands in for the job."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from ahiq.official import random_official_setup
-    from ahiq.training import make_stepper
+    from ahiq.engine.training import make_stepper
+    from ahiq.nn.official import random_official_setup
 
     graphs = []
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from ahiq.data import CropPlan, load_parts, read_labels
-from ahiq.evaluation import predict, run_test
-from ahiq.model import build_model
-from ahiq.training import train
+from ahiq.engine.testing import run_test
+from ahiq.engine.training import train
+from ahiq.nn.model import build_model
+from ahiq.scoring.inference import predict
 from conftest import DEVICES, tiny_options
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from ahiq.fusion import DeformFusion, deform_conv2d_bilinear
+from ahiq.nn.fusion import DeformFusion, deform_conv2d_bilinear
 from conftest import DEVICES
 
 
@@ -73,7 +73,7 @@ def test_columns_sampled_in_chunks_give_the_same_numbers(per_chunk, device, monk
     x = torch.cat((x, torch.randn_like(x)))
     whole = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
     per_offset = 2 * x.shape[1] * 9 * x.shape[2] * x.shape[3] * 8  # float64 columns of the two images
-    monkeypatch.setattr("ahiq.fusion.COLUMN_BYTES", per_chunk * per_offset)
+    monkeypatch.setattr("ahiq.nn.fusion.COLUMN_BYTES", per_chunk * per_offset)
     chunked = deform_conv2d_bilinear(x, offset, weight, bias, padding=1)
     torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
     expected = deform_conv2d(x, offset.repeat(2, 1, 1, 1), weight, bias, padding=(1, 1))
@@ -177,7 +177,7 @@ def test_training_offsets_keep_the_vit_features_not_their_upsampled_copy(device)
 def test_one_image_is_sampled_as_groups_of_channels_on_every_thread(monkeypatch):
     """The CPU sampler parallelises over images: one image is sampled as groups of its channels (a view),
     with the same columns bit for bit."""
-    from ahiq import fusion
+    from ahiq.nn import fusion
 
     torch.manual_seed(0)
     x, offset = torch.randn(1, 6, 9, 11), 2 * torch.randn(1, 18, 9, 11)

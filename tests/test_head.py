@@ -1,7 +1,7 @@
 import torch
 
-from ahiq.head import PatchHead, weighted_mean
-from ahiq.official import OfficialHead
+from ahiq.nn.head import PatchHead, weighted_mean
+from ahiq.nn.official import OfficialHead
 
 
 def test_weighted_mean_by_hand():

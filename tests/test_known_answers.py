@@ -10,9 +10,9 @@ import torch
 
 import known_answers
 from ahiq import AHIQ
+from ahiq.engine.training import make_optimizer, train_step
+from ahiq.nn.official import OfficialFusion, OfficialHead
 from ahiq.options import DEFAULTS
-from ahiq.official import OfficialFusion, OfficialHead
-from ahiq.training import make_optimizer, train_step
 from conftest import ROOT
 
 EXPECTED = ROOT / "tests" / "data" / "official_known_answers.json"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ahiq import AHIQ, Scorer
-from ahiq.__main__ import main
+from ahiq.cli import main
 from ahiq.data.synthetic import distort, reference_image
 
 
@@ -87,16 +87,16 @@ def test_test_py_maps_the_worst_and_best_predicted_pairs(tiny_checkpoint, tmp_pa
     from pathlib import Path
 
     from ahiq.data import load_parts
-    from ahiq.evaluation import run_test
-    from ahiq.correlations import logistic4
+    from ahiq.engine.correlations import logistic4
+    from ahiq.engine.testing import run_test
     from conftest import tiny_options
 
-    from ahiq import evaluation
+    from ahiq.engine import testing
 
     monkeypatch.chdir(tmp_path)
     titles = {}
-    real = evaluation.write_panels
-    monkeypatch.setattr(evaluation, "write_panels", lambda folder, pairs, stems, shown: titles.update(
+    real = testing.write_panels
+    monkeypatch.setattr(testing, "write_panels", lambda folder, pairs, stems, shown: titles.update(
         zip(stems, shown)) or real(folder, pairs, stems, shown))
     opt = tiny_options(tmp_path, f"test.checkpoint={tiny_checkpoint}", "test.num_crops=2", "test.maps=2",
                        "model.vit_pretrained=false", "model.cnn_pretrained=false", "data.num_workers=0")
@@ -131,7 +131,7 @@ def test_a_panels_maps_are_the_colours_of_their_values_not_the_image():
     image below, whatever the image (white or black)."""
     import cv2
 
-    from ahiq.maps import panel
+    from ahiq.scoring.maps import panel
 
     values = np.zeros((256, 256), np.float32)  # the low end of the range everywhere
     colour = cv2.applyColorMap(np.zeros((1, 1), np.uint8), cv2.COLORMAP_VIRIDIS)[0, 0].astype(int)
@@ -144,7 +144,7 @@ def test_a_panels_maps_are_the_colours_of_their_values_not_the_image():
 def test_training_shows_the_scatter_plot_and_four_pairs_maps_in_tensorboard(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ahiq.training import train
+    from ahiq.engine.training import train
     from conftest import tiny_options
 
     monkeypatch.chdir(tmp_path)
@@ -166,7 +166,7 @@ def test_a_maps_path_that_is_a_file_is_refused_before_any_model_is_loaded(tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded (or downloaded) before the outputs were checked")
 
-    monkeypatch.setattr("ahiq.model.AHIQ.from_pretrained", no_model)
+    monkeypatch.setattr("ahiq.nn.model.AHIQ.from_pretrained", no_model)
     code = main(["score", "--dist", str(d), "--ref", str(r), "--maps", str(tmp_path / "taken")])
     assert code == 2 and capsys.readouterr().err.strip() == \
         f"error: --maps {tmp_path / 'taken'} is a file; give a folder (it is created if missing)"

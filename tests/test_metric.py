@@ -129,7 +129,8 @@ def test_the_metric_follows_its_module_to_another_device(metric):
 
 def test_create_metric_ahiq_is_the_released_model_even_from_the_repository_root(tiny_checkpoint, monkeypatch, tmp_path):
     """'ahiq' is what pyiqa calls the metric; the repository root has a folder of that name (the package)."""
-    from ahiq import list_models, zoo
+    from ahiq import list_models
+    from ahiq.nn import downloads, zoo
     from conftest import ROOT
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -138,7 +139,7 @@ def test_create_metric_ahiq_is_the_released_model_even_from_the_repository_root(
     planted = cache / zoo.PIPAL_FILE
     planted.write_bytes(tiny_checkpoint.read_bytes())
     monkeypatch.setitem(zoo.ZOO, "pipal", zoo.ZooModel(zoo.WeightFile(
-        zoo.PIPAL_FILE, sha256=zoo.sha256_of(planted), size=planted.stat().st_size), 8, "test"))
+        zoo.PIPAL_FILE, sha256=downloads.sha256_of(planted), size=planted.stat().st_size), 8, "test"))
     monkeypatch.chdir(ROOT)
     by_name = create_metric("ahiq", crops="five", vit_pretrained=False, cnn_pretrained=False)
     assert by_name.models[0].source == planted and "ahiq" in list_models() and "pipal" in list_models()
@@ -177,7 +178,7 @@ def test_grey_pil_files_lists_and_images_of_different_sizes(metric, tmp_path):
 
 
 def test_allow_random_backbones_is_an_argument(tmp_path):
-    from ahiq.official import random_official_setup
+    from ahiq.nn.official import random_official_setup
 
     _, _, official = random_official_setup(8, tmp_path, **TINY)
     with pytest.raises(Exception, match="allow_random_backbones"):
@@ -189,7 +190,7 @@ def test_allow_random_backbones_is_an_argument(tmp_path):
 
 
 def test_a_shared_reference_is_computed_once_and_gives_the_scorers_scores(tiny_checkpoint, tmp_path, monkeypatch):
-    from ahiq.scorer import pair_files
+    from ahiq.scoring.scorer import pair_files
 
     rng = np.random.default_rng(5)
     ref = reference_image(rng, 72)

@@ -58,3 +58,43 @@ def test_missing_file_and_name(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     with pytest.raises(OptionsError, match="bad.yaml is not valid YAML"):
         load_options(tmp_path / "bad.yaml")
+
+
+def test_train_and_test_help_list_every_option_with_its_default_and_meaning():
+    """python train.py --help (and test.py's) prints every option as torchvision's references print theirs:
+    the key, its default, its meaning (Markdown made plain: links name the docs page)."""
+    import subprocess
+    import sys
+
+    from ahiq.options import OPTIONS as DECLARED
+    from conftest import ROOT
+
+    for script in ("train.py", "test.py"):
+        done = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        text = " ".join(done.stdout.split())
+        for option in DECLARED:
+            shown = option.shown or ("null" if option.default is None else None)
+            assert f"{option.key} = " in text, f"{script} --help lacks {option.key}"
+            if shown:
+                assert f"{option.key} = {shown}" in text
+        assert "model.vit_pretrained = true the ViT's weights: true: the released backbone weights, found as " \
+               "docs/weights.md says" in text
+        assert "train.lr = 1e-4 Adam's learning rate" in text and "`" not in text and "](" not in text
+
+
+def test_the_declarations_make_the_defaults_and_the_checks():
+    from ahiq.options import DEFAULTS, SCHEMA, markdown_table
+
+    assert DEFAULTS["train"]["lr"] == 1e-4 and DEFAULTS["data"]["split"]["ratios"] == [0.6, 0.2, 0.2]
+    assert DEFAULTS["data"]["options"] == {} and DEFAULTS["test"]["submission"]["gpu"] is None
+    assert SCHEMA["train.lr"].above and SCHEMA["train.eta_min"].at_least == 0 and not SCHEMA["train.eta_min"].above
+    rows = markdown_table().splitlines()
+    assert len(rows) == 2 + len(SCHEMA)
+    assert "| `train.lr` | 1e-4 | Adam's learning rate |" in rows
+    assert "| `data.split.ratios` | [0.6, 0.2, 0.2] |" in markdown_table()
+    assert "| `name` | (required) |" in markdown_table() and "| `data.options` | {} |" in markdown_table()
+    with pytest.raises(OptionsError, match="option 'train.lr' must be greater than 0, got 0"):
+        load_options(None, ["name=x", "train.lr=0"])
+    with pytest.raises(OptionsError, match=r"option 'data.split' is a group \(ratios, seed, file\), got 3"):
+        load_options(None, ["name=x", "data.split=3"])

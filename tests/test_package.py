@@ -24,7 +24,8 @@ def test_a_built_wheel_installs_the_package_and_the_command(tmp_path):
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "dist"), str(ROOT)], tmp_path)
     wheel = next((tmp_path / "dist").glob("ahiq-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "ahiq/zoo.py" in names and "ahiq/data/labels.py" in names and not any(n.startswith("tests/") for n in names)
+    assert {"ahiq/nn/zoo.py", "ahiq/engine/training.py", "ahiq/data/labels.py"} <= set(names)
+    assert not any(n.startswith("tests/") for n in names)
     env = tmp_path / "env"
     _run([sys.executable, "-m", "venv", str(env)], tmp_path)
     python = env / "bin" / "python"
@@ -34,7 +35,7 @@ def test_a_built_wheel_installs_the_package_and_the_command(tmp_path):
     (tmp_path / packages / "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path)
     assert "usage: ahiq [-h] {score,download,launch,zoo}" in _run([str(env / "bin" / "ahiq"), "--help"], tmp_path)
-    where = _run([str(python), "-c", "import ahiq, ahiq.zoo; print(ahiq.__file__)"], tmp_path).strip()
+    where = _run([str(python), "-c", "import ahiq, ahiq.nn.zoo; print(ahiq.__file__)"], tmp_path).strip()
     assert where.startswith(str(env)), where  # the installed copy, not the checkout
 
 
@@ -62,13 +63,13 @@ class Refuse:
             raise ImportError(f"No module named {{name!r}} (refused by the test)")
 sys.meta_path.insert(0, Refuse())
 del os.sched_getaffinity
-import ahiq, ahiq.files, ahiq.threads
+import ahiq, ahiq.files, ahiq.runtime.threads
 assert ahiq.files.fcntl is None
 scorer = ahiq.Scorer({str(tiny_checkpoint)!r}, vit_pretrained=False, cnn_pretrained=False, crops="five")
 a = scorer.score({str(tmp_path / 'dist.png')!r}, {str(tmp_path / 'ref.png')!r})
 metric = ahiq.create_metric({str(tiny_checkpoint)!r}, vit_pretrained=False, cnn_pretrained=False, crops="five")
 b = float(metric({str(tmp_path / 'dist.png')!r}, {str(tmp_path / 'ref.png')!r})[0])
-print(a, b, ahiq.threads.usable_cpus()[0])
+print(a, b, ahiq.runtime.threads.usable_cpus()[0])
 """
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import ahiq.files as files
-import ahiq.weights as weights
+import ahiq.nn.weights as weights
 from ahiq.data import CropPlan, load_parts
-from ahiq.evaluation import predict
-from ahiq.model import AHIQ, build_model
-from ahiq.runtime import Runtime
-from ahiq.training import train
+from ahiq.engine.training import train
+from ahiq.nn.model import AHIQ, build_model
+from ahiq.runtime.device import Runtime
+from ahiq.scoring.inference import predict
 from conftest import ROOT, TINY, tiny_options
 
 SIGKILLED = -signal.SIGKILL

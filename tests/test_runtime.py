@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from ahiq.data import CropPlan, load_parts
-from ahiq.evaluation import predict
+from ahiq.engine.training import make_optimizer, make_stepper, train_step
+from ahiq.nn.official import random_official_setup
 from ahiq.options import DEFAULTS
-from ahiq.official import random_official_setup
-from ahiq.runtime import Runtime, auto_cpu_bf16, cpu_bf16, native_bf16, set_tf32
-from ahiq.distributed import Job
-from ahiq.training import make_optimizer, make_stepper, train_step
+from ahiq.runtime.device import Runtime, auto_cpu_bf16, cpu_bf16, native_bf16, set_tf32
+from ahiq.runtime.distributed import Job
+from ahiq.scoring.inference import predict
 from conftest import ROOT, TINY, layouts_on_the_way, tiny_options
 
 CPU = torch.device("cpu")
@@ -59,7 +59,7 @@ def test_bf16_scores_within_a_hundredth_of_fp32(model_and_pairs):
 
 
 def test_deformable_sampling_positions_stay_fp32_under_bf16():
-    from ahiq.fusion import deform_conv2d_bilinear
+    from ahiq.nn.fusion import deform_conv2d_bilinear
 
     torch.manual_seed(1)
     x, offset, weight = torch.randn(2, 4, 56, 56), 3 * torch.randn(2, 18, 56, 56), torch.randn(4, 4, 3, 3)
@@ -238,7 +238,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native_and_faster(native, secon
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     measured = []
-    monkeypatch.setattr("ahiq.runtime.measured_crop_seconds",
+    monkeypatch.setattr("ahiq.runtime.device.measured_crop_seconds",
                         lambda: measured.append(1) or {**seconds, "measured": "a full-size crop pair"})
     cpu_bf16.cache_clear()
     auto_cpu_bf16.cache_clear()
@@ -291,7 +291,7 @@ def test_auto_precision_on_a_gpu_follows_its_native_bf16(monkeypatch):
     """An A100 (bf16 in hardware) gets bf16; a V100 (emulated, simulated) fp32, without the error that an
     explicit bf16 gets there."""
     for native in (True, False):
-        monkeypatch.setattr("ahiq.runtime.native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr("ahiq.runtime.device.native_bf16", lambda device, native=native: native)
         assert Runtime(precision="auto").bf16(torch.device("cuda", 0)) is native
 
 
@@ -299,7 +299,7 @@ def test_crops_per_pass_fit_the_free_memory(monkeypatch):
     """Unless runtime.crop_chunk is set, evaluation (no autograd) takes a quarter of the CPU's available
     memory, at most 128 MiB (one full-size crop), or half a GPU's free memory, between 1 and 64 crops; under
     autograd (the metric as a loss) a crop counts three times."""
-    from ahiq import runtime as rt
+    from ahiq.runtime import device as rt
 
     full = type("Model", (), {"config": dict(img_size=224, vit_dim=768, cnn_width=64, patch_size=8)})()
     half = type("Model", (), {"config": dict(img_size=112, vit_dim=768, cnn_width=64, patch_size=8)})()  # 32 MiB

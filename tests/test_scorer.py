@@ -9,10 +9,10 @@ import torch
 
 from ahiq import AHIQ, Scorer
 from ahiq.data import DatasetError, read_image
+from ahiq.data.crops import eval_crop_positions
 from ahiq.data.datasets import to_tensor
 from ahiq.data.synthetic import distort, reference_image
-from ahiq.data.transforms import eval_crop_positions
-from ahiq.scorer import pair_files
+from ahiq.scoring.scorer import pair_files
 from conftest import TINY
 from trees import touch
 
@@ -101,7 +101,7 @@ def test_help_and_zoo_answer_without_importing_torch():
 
 
 def test_score_without_ref_prints_the_score_commands_usage(capsys):
-    from ahiq.__main__ import main
+    from ahiq.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["score", "--dist", "x.png"])

@@ -1,4 +1,4 @@
-"""ahiq.signals: the stop flag, and DataLoader workers that survive the job's SIGTERM."""
+"""ahiq.runtime.signals: the stop flag, and DataLoader workers that survive the job's SIGTERM."""
 import os
 import signal
 import sys
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from ahiq.signals import StopSignals, batches, ignore_in_workers
+from ahiq.runtime.signals import StopSignals, ignore_in_workers, shut_down_after
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 PID_FILE = "AHIQ_TEST_WORKER_PID"
@@ -29,7 +29,7 @@ def test_a_sigterm_while_loader_workers_start_kills_none(tmp_path, monkeypatch):
     loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=1,
                                          worker_init_fn=slow_to_start, multiprocessing_context="fork")
     with StopSignals() as stop:
-        with batches(loader) as loaded:
+        with shut_down_after(loader) as loaded:
             deadline = time.time() + 60
             while not (tmp_path / "pid").exists() or not (tmp_path / "pid").read_text():
                 assert time.time() < deadline

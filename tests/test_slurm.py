@@ -119,7 +119,7 @@ def test_a_training_job_signalled_twice_is_requeued_and_ends_as_if_never_stopped
 
 
 def test_a_scoring_job_signalled_mid_run_is_requeued_and_scores_each_pair_once(cluster, submit_dir):
-    from ahiq.model import AHIQ
+    from ahiq.nn.model import AHIQ
     from trees import noisy_pairs
 
     torch.manual_seed(0)

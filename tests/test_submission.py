@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from ahiq.submission import write_ntire_submission
+from ahiq.engine.results import write_ntire_submission
 from trees import META
 
 

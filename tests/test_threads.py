@@ -1,4 +1,4 @@
-"""The CPU threading policy of the command lines (ahiq.threads): the threads sized from the CPUs a process
+"""The CPU threading policy of the command lines (ahiq.runtime.threads): the threads sized from the CPUs a process
 may use, what overrides them, and the OpenMP wait policy set before torch is loaded."""
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ahiq.threads import choose_threads, usable_cpus
+from ahiq.runtime.threads import choose_threads, usable_cpus
 from conftest import ROOT
 
 AFFINITY = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -40,7 +40,7 @@ def test_the_option_then_omp_num_threads_override_the_sizing():
                                              ({"OMP_WAIT_POLICY": "ACTIVE"}, "GOMP_SPINCOUNT=None")])
 def test_waiting_threads_spin_briefly_unless_the_user_chose_how(given, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import os, sys; from ahiq.threads import prepare_environment; prepare_environment(); "
+    code = ("import os, sys; from ahiq.runtime.threads import prepare_environment; prepare_environment(); "
             "assert 'torch' not in sys.modules; print('GOMP_SPINCOUNT=' + str(os.environ.get('GOMP_SPINCOUNT')))")
     done = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
@@ -50,7 +50,7 @@ def test_waiting_threads_spin_briefly_unless_the_user_chose_how(given, expected)
 def test_with_torch_already_loaded_the_environment_is_left_alone():
     """OpenMP has read its settings by then: setting the variable would only claim what is not in force."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import os, torch; from ahiq.threads import prepare_environment; prepare_environment(); "
+    code = ("import os, torch; from ahiq.runtime.threads import prepare_environment; prepare_environment(); "
             "print(os.environ.get('GOMP_SPINCOUNT'))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.stdout.strip() == "None", done.stderr
@@ -59,7 +59,7 @@ def test_with_torch_already_loaded_the_environment_is_left_alone():
 def test_a_command_lines_threads_last_as_long_as_its_run():
     import torch
 
-    from ahiq.threads import applied, describe
+    from ahiq.runtime.threads import applied, describe
 
     before = torch.get_num_threads()
     with applied(1):

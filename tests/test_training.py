@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from ahiq import experiment
-from ahiq.evaluation import run_test
-from ahiq.model import official_to_ahiq
-from ahiq.official import random_official_setup
-from ahiq.distributed import Job, rank_batches
+from ahiq.engine import experiment
+from ahiq.engine.testing import run_test
+from ahiq.engine.training import improves, make_optimizer, train, train_step
+from ahiq.nn.model import official_to_ahiq
+from ahiq.nn.official import random_official_setup
 from ahiq.options import load_options
-from ahiq.training import improves, make_optimizer, train, train_step
+from ahiq.runtime.distributed import Job, rank_batches
 from conftest import ROOT, TINY, tiny_options
 
 

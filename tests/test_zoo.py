@@ -1,4 +1,4 @@
-"""The weight-file rule (ahiq.zoo) against a real HTTP server on 127.0.0.1 (the standard library's, in a
+"""The weight-file rule (ahiq.nn.zoo) against a real HTTP server on 127.0.0.1 (the standard library's, in a
 thread): verified, atomic, cached downloads with mirrors; released files checked by size and full SHA-256;
 one error for every missing file; weights folders made by ``download --dir`` used offline; zoo names
 wherever a checkpoint path goes."""
@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from ahiq import AHIQ, Scorer, zoo
-from ahiq.__main__ import main
-from ahiq.cli import run
-from ahiq.evaluation import run_default_test, run_test
+from ahiq import AHIQ, Scorer
+from ahiq.cli import main, run
+from ahiq.engine.testing import run_default_test, run_test
+from ahiq.nn import downloads, zoo
 from conftest import ROOT, TINY
 
 PAYLOAD = np.random.default_rng(0).bytes(3 * 2**20 + 123)  # a few chunks of the download loop
@@ -89,24 +89,24 @@ def entry(server, *kinds, digest=DIGEST, size=len(PAYLOAD)):
 
 def test_first_use_downloads_verifies_and_caches_the_second_touches_no_network(server, cache):
     model = entry(server, "good")
-    path, = zoo.locate([model.file], progress=False)
+    path, = downloads.locate([model.file], progress=False)
     assert path == cache / model.file.name and path.read_bytes() == PAYLOAD
     assert len(server.requests) == 1 and sorted(p.name for p in cache.iterdir()) == [f".{path.name}.sha256", path.name]
     server.close()  # no network at all the second time
-    assert zoo.locate([model.file], progress=False) == [path]
+    assert downloads.locate([model.file], progress=False) == [path]
 
 
 def test_a_wrong_digest_is_refused_naming_both_and_nothing_is_cached(server, cache):
     model = entry(server, "good", digest="0123abcd" + DIGEST[8:])
-    with pytest.raises(zoo.DownloadError) as error:
-        zoo.locate([model.file], progress=False)
+    with pytest.raises(downloads.DownloadError) as error:
+        downloads.locate([model.file], progress=False)
     assert f"SHA-256 {DIGEST} ({len(PAYLOAD)} bytes), expected 0123abcd{DIGEST[8:]} ({len(PAYLOAD)} bytes)" in str(error.value)
     assert list(cache.iterdir()) == []
 
 
 def test_a_mirror_dying_mid_file_leaves_nothing_and_the_next_mirror_is_used(server, cache):
     model = entry(server, "dies", "page", "good")
-    path, = zoo.locate([model.file], progress=False)
+    path, = downloads.locate([model.file], progress=False)
     assert path.read_bytes() == PAYLOAD and sorted(p.name for p in cache.iterdir()) == [f".{path.name}.sha256", path.name]
     assert [r.split("/")[1] for r in server.requests] == ["dies", "page", "good"]
 
@@ -130,7 +130,7 @@ def test_no_network_and_an_empty_cache_is_one_error_naming_every_file_each_serve
     monkeypatch.setitem(zoo.ZOO, "pipal", entry(closed, "good"))
     monkeypatch.setenv("HF_ENDPOINT", closed.url)
     start = time.monotonic()
-    with pytest.raises(zoo.DownloadError) as error:
+    with pytest.raises(downloads.DownloadError) as error:
         AHIQ.from_pretrained("pipal")
     message = str(error.value)
     assert time.monotonic() - start < 5
@@ -197,7 +197,7 @@ def test_a_file_with_other_bytes_under_the_released_name_is_refused_and_nothing_
     def no_load(*args):
         raise AssertionError("a file that failed verification was loaded")
 
-    monkeypatch.setattr("ahiq.model.read_weight_file", no_load)
+    monkeypatch.setattr("ahiq.nn.model.read_weight_file", no_load)
     image = tmp_path / "a.png"
     import cv2
 
@@ -218,15 +218,15 @@ def test_the_digest_is_computed_once_per_file_identity(cache, monkeypatch):
     path = cache / model.file.name
     path.write_bytes(PAYLOAD)
     hashed = []
-    real = zoo.sha256_of
-    monkeypatch.setattr(zoo, "sha256_of", lambda p: hashed.append(p) or real(p))
-    assert zoo.locate([model.file]) == [path] and len(hashed) == 1
-    assert zoo.locate([model.file]) == [path] and len(hashed) == 1  # remembered beside it
+    real = downloads.sha256_of
+    monkeypatch.setattr(downloads, "sha256_of", lambda p: hashed.append(p) or real(p))
+    assert downloads.locate([model.file]) == [path] and len(hashed) == 1
+    assert downloads.locate([model.file]) == [path] and len(hashed) == 1  # remembered beside it
     changed = bytearray(PAYLOAD)
     changed[7] ^= 1
     path.write_bytes(bytes(changed))  # same size, another modification time: verified again, and refused
-    with pytest.raises(zoo.VerificationError, match=f"SHA-256 {hashlib.sha256(changed).hexdigest()}"):
-        zoo.locate([model.file])
+    with pytest.raises(downloads.VerificationError, match=f"SHA-256 {hashlib.sha256(changed).hexdigest()}"):
+        downloads.locate([model.file])
     assert len(hashed) == 2
 
 
@@ -236,7 +236,7 @@ def test_the_original_backbone_files_are_found_where_timm_054_left_them(cache):
     cache.mkdir(parents=True)
     for tag in (zoo.VIT_TAGS[8], zoo.RESNET_TAG):
         (cache / zoo.BACKBONES[tag].also_named[0]).write_bytes(b"weights")
-    found = zoo.locate([zoo.BACKBONES[zoo.VIT_TAGS[8]], zoo.BACKBONES[zoo.RESNET_TAG]])
+    found = downloads.locate([zoo.BACKBONES[zoo.VIT_TAGS[8]], zoo.BACKBONES[zoo.RESNET_TAG]])
     assert [p.name for p in found] == [zoo.BACKBONES[zoo.VIT_TAGS[8]].also_named[0], "resnet50_a1_0-14fe96d1.pth"]
 
 
@@ -248,21 +248,21 @@ def test_a_released_file_in_pyiqas_folder_is_used_verified_without_a_download(se
     pyiqa.mkdir(parents=True)
     (pyiqa / model.file.name).write_bytes(PAYLOAD)
     assert zoo.cache_dirs() == [cache, pyiqa]
-    assert zoo.locate([model.file], progress=False) == [pyiqa / model.file.name] and server.requests == []
+    assert downloads.locate([model.file], progress=False) == [pyiqa / model.file.name] and server.requests == []
     (pyiqa / model.file.name).write_bytes(PAYLOAD[::-1])
-    with pytest.raises(zoo.VerificationError, match=f"{pyiqa / model.file.name} is not the released"):
-        zoo.locate([model.file], progress=False)
+    with pytest.raises(downloads.VerificationError, match=f"{pyiqa / model.file.name} is not the released"):
+        downloads.locate([model.file], progress=False)
 
 
 def test_a_weights_folder_is_the_only_place_looked_and_the_network_is_not_used(server, tmp_path, monkeypatch):
     monkeypatch.setitem(zoo.ZOO, "test", entry(server, "good"))
     (tmp_path / "w").mkdir()
     monkeypatch.setenv("AHIQ_WEIGHTS", str(tmp_path / "w"))
-    with pytest.raises(zoo.DownloadError, match=f"looked in the weights folder {tmp_path / 'w'}"):
-        zoo.locate([zoo.ZOO["test"].file])
+    with pytest.raises(downloads.DownloadError, match=f"looked in the weights folder {tmp_path / 'w'}"):
+        downloads.locate([zoo.ZOO["test"].file])
     assert server.requests == []
     with pytest.raises(FileNotFoundError, match=f"weights folder {tmp_path / 'none'} is not a folder"):
-        zoo.locate([zoo.ZOO["test"].file], tmp_path / "none")
+        downloads.locate([zoo.ZOO["test"].file], tmp_path / "none")
 
 
 # ---- the released model, end to end: a weights folder made by download --dir serves score and test.py offline
@@ -272,7 +272,7 @@ def released(tmp_path_factory, monkeypatch):
     """A full-size released model with random weights (official format, with its optimiser state), its two
     backbones as timm safetensors files, all served by a local server as their real sources serve them
     (the model from a mirror, the backbones from the Hugging Face hub at HF_ENDPOINT)."""
-    from ahiq.official import random_official_setup
+    from ahiq.nn.official import random_official_setup
 
     folder = tmp_path_factory.mktemp("release")
     reference, _, checkpoint = random_official_setup(8, folder)
@@ -332,7 +332,7 @@ def test_download_dir_then_score_and_test_py_offline_from_that_folder(released, 
 
 def test_a_weights_folder_is_a_checkpoint_too(released, tmp_path):
     weights = tmp_path / "weights"
-    zoo.download(["pipal"], weights, progress=False)
+    downloads.download(["pipal"], weights, progress=False)
     released[1].close()
     a = AHIQ.from_pretrained(weights)
     b = AHIQ.from_pretrained("pipal", weights=weights)
@@ -348,7 +348,7 @@ def planted(cache, monkeypatch):
     path = cache / zoo.PIPAL_FILE
     AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(path)
     monkeypatch.setitem(zoo.ZOO, "pipal", zoo.ZooModel(zoo.WeightFile(
-        zoo.PIPAL_FILE, sha256=zoo.sha256_of(path), size=path.stat().st_size), 8, "test"))
+        zoo.PIPAL_FILE, sha256=downloads.sha256_of(path), size=path.stat().st_size), 8, "test"))
     return path
 
 
@@ -409,7 +409,8 @@ def test_processes_downloading_at_once_fetch_each_file_once(tmp_path):
     files = {tag: safetensors_bytes({"w": torch.full((4,), float(i))}) for i, tag in enumerate(zoo.BACKBONES)}
     served = Server(files, delay=2.0)
     tags = [zoo.VIT_TAGS[8], zoo.RESNET_TAG]
-    code = (f"from ahiq import zoo; print(*zoo.locate([zoo.BACKBONES[t] for t in {tags!r}], progress=False))")
+    code = (f"from ahiq.nn import downloads, zoo; "
+            f"print(*downloads.locate([zoo.BACKBONES[t] for t in {tags!r}], progress=False))")
     env = {**os.environ, "HF_ENDPOINT": served.url}
     try:
         processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,

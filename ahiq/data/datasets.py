@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import ImageError, image_size, read_image
-from .labels import DatasetError, Pair, Pairs
-from .transforms import RANDOM_CROPS, CropPlan, crop, flip, random_crop_position
+from ahiq.data.crops import RANDOM_CROPS, CropPlan, crop, flip, random_crop_position
+from ahiq.data.images import ImageError, image_size, read_image
+from ahiq.data.labels import DatasetError, Pair, Pairs
 
 
 class TargetScale:

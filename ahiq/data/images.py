@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..messages import last_line
+from ahiq.messages import last_line
 
 # Every decode failure is reported by ImageError, naming the file; OpenCV's own log lines would only add
 # noise around that one line.

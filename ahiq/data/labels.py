@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from ..messages import listed
-from .images import IMAGE_EXTENSIONS
+from ahiq.data.images import IMAGE_EXTENSIONS
+from ahiq.messages import listed
 
 
 class DatasetError(ValueError):

@@ -8,10 +8,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import TargetScale
-from .labels import DatasetError, Pairs
-from .registry import read_labels
-from .splits import load_split, save_split, split_by_reference
+from ahiq.data.datasets import TargetScale
+from ahiq.data.labels import DatasetError, Pairs
+from ahiq.data.registry import read_labels
+from ahiq.data.splits import load_split, save_split, split_by_reference
 
 
 @dataclass

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .labels import (DatasetError, Pairs, read_csiq, read_custom_csv, read_kadid10k, read_live, read_pipal,
-                     read_tid2008, read_tid2013)
-from .synthetic import read_synthetic
+from ahiq.data.labels import (DatasetError, Pairs, read_csiq, read_custom_csv, read_kadid10k, read_live, read_pipal,
+                              read_tid2008, read_tid2013)
+from ahiq.data.synthetic import read_synthetic
 
 READERS: dict[str, Callable[..., Pairs]] = {
     "pipal": read_pipal, "live": read_live, "csiq": read_csiq, "tid2013": read_tid2013, "tid2008": read_tid2008,

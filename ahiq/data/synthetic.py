@@ -13,8 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..files import write_atomically
-from .labels import Pairs, read_custom_csv
+from ahiq.data.labels import Pairs, read_custom_csv
+from ahiq.files import write_atomically
 
 DISTORTIONS = {  # five levels each, mild to strong
     "noise": [3.0, 6.0, 10.0, 16.0, 26.0],        # Gaussian noise sigma (grey levels)

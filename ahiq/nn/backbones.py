@@ -16,8 +16,9 @@ import timm
 import torch
 from torch import nn
 
-from .weights import WeightsError, check_state_dict, read_weight_file, unwrap_state_dict
-from .zoo import BACKBONES, RESNET_TAG, VIT_TAGS, locate
+from ahiq.nn.downloads import locate
+from ahiq.nn.weights import WeightsError, check_state_dict, read_weight_file, unwrap_state_dict
+from ahiq.nn.zoo import BACKBONES, RESNET_TAG, VIT_TAGS
 
 VIT_BLOCKS = [0, 1, 2, 3, 4]
 
@@ -27,7 +28,7 @@ Pretrained = Union[bool, str, os.PathLike]
 def create_timm_model(tag: str, pretrained: Pretrained, **overrides) -> nn.Module:
     """The timm model ``tag`` with random weights (False), weights from a file (a path: a timm state dict
     as .safetensors/.pth/.bin, or for a ViT the original AugReg .npz), or the released weights found by
-    the weight-file rule of ahiq.zoo (True).
+    the weight-file rule of ahiq.nn.zoo (True).
 
     ``overrides`` shrink the architecture for tests and the demo; such a model has no released weights.
     """

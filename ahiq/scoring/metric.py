@@ -1,6 +1,6 @@
 """AHIQ as a metric and as a loss on tensors, the way IQA libraries (pyiqa) offer metrics:
 
-    metric = ahiq.create_metric("ahiq")             # the released NTIRE 2022 model (ahiq.zoo: "pipal")
+    metric = ahiq.create_metric("ahiq")             # the released NTIRE 2022 model (ahiq.nn.zoo: "pipal")
     scores = metric(dist, ref)                      # [B, 3, H, W] in [0, 1] -> [B], higher is better
     loss = metric.loss(dist, ref)                   # -mean score: lower is better, differentiable w.r.t. dist
 """
@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backbones import Pretrained
-from .data.datasets import to_tensor
-from .data.images import read_image
-from .data.transforms import CropPlan
-from .maps import ONE_MODEL, QualityMaps
-from .model import AHIQ
-from .runtime import Runtime, select_device
-from .scoring import out_of_memory_advice, score_group
-from .zoo import ZOO
+from ahiq.data.crops import CropPlan
+from ahiq.data.datasets import to_tensor
+from ahiq.data.images import read_image
+from ahiq.nn.backbones import Pretrained
+from ahiq.nn.model import AHIQ
+from ahiq.nn.zoo import ZOO
+from ahiq.runtime.device import Runtime, select_device
+from ahiq.scoring.ensemble import out_of_memory_advice, score_group
+from ahiq.scoring.maps import ONE_MODEL, QualityMaps
 
 PathLike = str | os.PathLike
 NAMES = {"ahiq": "pipal"}  # the metric's name in IQA libraries -> the released model it means
@@ -100,7 +100,7 @@ class AHIQMetric(nn.Module):
 
     @torch.no_grad()
     def maps(self, dist: Any, ref: Any, ref_name: str = "") -> QualityMaps:
-        """One pair's score with its quality maps (ahiq.maps), from the same crops and forward passes as the
+        """One pair's score with its quality maps (ahiq.scoring.maps), from the same crops and forward passes as the
         score; one model (not an ensemble)."""
         if len(self.models) > 1:
             raise ValueError(ONE_MODEL)

@@ -14,7 +14,7 @@ given. So the command lines (train.py, test.py, ``python -m ahiq``, the scripts)
   torchrun started on this node. ``OMP_NUM_THREADS``, or the option ``runtime.threads`` (``--threads``),
   overrides it.
 
-In a user's own process (the metric, the Scorer, ``ahiq.training.train`` called from Python) nothing
+In a user's own process (the metric, the Scorer, ``ahiq.engine.training.train`` called from Python) nothing
 process-wide is changed: docs/performance.md says what to set there. This module does not import torch
 until ``applied`` is entered.
 """

@@ -8,8 +8,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .files import atomic_file
-from .messages import listed
+from ahiq.files import atomic_file
+from ahiq.messages import listed
 
 
 class WeightsError(ValueError):

@@ -25,7 +25,7 @@ class Runtime:
     tensor cores want. ``compile``: torch.compile the model's entry points (True: the default inductor
     backend; a string: that backend). ``crop_chunk``: the most crops in one forward pass when evaluating
     (the memory budget); None sizes it from the memory the device has free (``crops_per_pass``).
-    ``threads``: the CPU intra-op threads the command lines set (ahiq.threads.applied); None sizes them from
+    ``threads``: the CPU intra-op threads the command lines set (ahiq.runtime.threads.applied); None sizes them from
     the CPUs this process may use."""
 
     precision: str = "fp32"
@@ -46,7 +46,7 @@ class Runtime:
     def describe(self, device: torch.device) -> str:
         """How a run computes, for its first line: the device, the precision (for ``auto``, why), the CPU
         threads."""
-        from .threads import describe
+        from ahiq.runtime.threads import describe
 
         precision = "bf16" if self.bf16(device) else "fp32"
         if self.precision == "auto":
@@ -191,7 +191,7 @@ def cpu_name() -> str:
 
 
 def precision_cache() -> Path:
-    from .zoo import hub_dir
+    from ahiq.nn.zoo import hub_dir
 
     return hub_dir() / "ahiq" / "precision.json"
 
@@ -201,7 +201,7 @@ def measured_crop_seconds() -> dict:
     fp32 ("fp32") and in bf16 ("bf16") on this CPU, random weights, after one untimed pass each (about 10 s
     on a 2-core CPU), and what was measured ("measured"); read from precision_cache when measured before.
     Where bf16 is converted rather than computed (a matmul more than twice as slow), the matmul's times."""
-    from .model import AHIQ
+    from ahiq.nn.model import AHIQ
 
     path, key = precision_cache(), cpu_key()
     try:
@@ -235,7 +235,7 @@ def measured_crop_seconds() -> dict:
 
 
 def _remember_seconds(path: Path, known: dict, key: str, seconds: dict) -> dict:
-    from .files import write_atomically
+    from ahiq.files import write_atomically
 
     known[key] = seconds
     try:

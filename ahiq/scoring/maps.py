@@ -114,7 +114,7 @@ def write_panels(folder: Path, pairs, stems: list[str] | None = None, titles: li
     """A panel ``<stem>.png`` for every pair whose ``<stem>.npz`` is in ``folder`` (stems: map_file_stems by
     default), with one score range for all of them (the 1st to 99th percentile of every covered pixel);
     ``titles`` (default: the stem and the score) above each."""
-    from .data.images import read_image
+    from ahiq.data.images import read_image
 
     stems = stems or map_file_stems([p.name for p in pairs])
     saved = {stem: np.load(folder / f"{stem}.npz") for stem in stems if (folder / f"{stem}.npz").is_file()}

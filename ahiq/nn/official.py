@@ -20,8 +20,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torchvision.ops import DeformConv2d
 
-from .backbones import RESNET_TAG, VIT_TAGS, resnet_overrides, vit_overrides
-from .model import AHIQ
+from ahiq.nn.backbones import RESNET_TAG, VIT_TAGS, resnet_overrides, vit_overrides
+from ahiq.nn.model import AHIQ
 
 
 class OfficialFusion(nn.Module):

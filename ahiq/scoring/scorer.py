@@ -12,19 +12,19 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .backbones import Pretrained
-from .data import CropPlan, DatasetError, Pair, Pairs, Part, check_images
-from .data.images import IMAGE_EXTENSIONS
-from .distributed import Job
-from .evaluation import maps_of, predict, reference_shares
-from .messages import create_folder
-from .maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
-from .files import release_and_remove, take_lock
-from .journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
-                      read_journals, record_settings)
-from .model import AHIQ
-from .runtime import Runtime, select_device
-from .signals import Stopped, StopSignals
+from ahiq.data import CropPlan, DatasetError, Pair, Pairs, Part, check_images
+from ahiq.data.images import IMAGE_EXTENSIONS
+from ahiq.files import release_and_remove, take_lock
+from ahiq.messages import create_folder
+from ahiq.nn.backbones import Pretrained
+from ahiq.nn.model import AHIQ
+from ahiq.runtime.device import Runtime, select_device
+from ahiq.runtime.distributed import Job
+from ahiq.runtime.signals import StopSignals, Stopped
+from ahiq.scoring.inference import maps_of, predict, reference_shares
+from ahiq.scoring.journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
+                                  read_journals, record_settings)
+from ahiq.scoring.maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
 
 PathLike = str | os.PathLike
 
@@ -113,7 +113,7 @@ class Scorer:
     def settings(self) -> dict:
         """What decides the scores, for resuming a journaled run only with the same: each checkpoint file's
         SHA-256, the backbone weights, the crops, the precision on this device."""
-        from .zoo import sha256_of
+        from ahiq.nn.downloads import sha256_of
 
         return {"checkpoints": [f"{m.source.name} sha256 {sha256_of(m.source)}" for m in self.models],
                 "backbones": sorted({str(m.backbone_sources) for m in self.models}),
@@ -125,7 +125,7 @@ class Scorer:
         return float(self.score_pairs(pair_files(dist, ref))[0])
 
     def maps(self, dist: PathLike, ref: PathLike) -> QualityMaps:
-        """Two files' score with the maps it is pooled from (ahiq.maps): per crop on the ViT grid, and at
+        """Two files' score with the maps it is pooled from (ahiq.scoring.maps): per crop on the ViT grid, and at
         image resolution. One model (not an ensemble); the same forward pass as the score."""
         if len(self.models) > 1:
             raise ValueError(ONE_MODEL)
@@ -139,7 +139,7 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
     """Score ``pairs`` into the CSV ``out`` (dist,ref,score in the pairs' order), or print ``name,score``
     lines as references finish when ``out`` is None.
 
-    Nothing is held only in memory: each process journals every reference it finishes (ahiq.journal), so a
+    Nothing is held only in memory: each process journals every reference it finishes (ahiq.scoring.journal), so a
     job killed at pair 90,000 keeps them and ``resume`` scores only the rest. Under torchrun the processes
     share the pairs by reference and rank 0 writes ``out`` from all journals. SIGTERM or SIGINT stops at
     the next reference with everything scored kept (Stopped). ``maps``: a folder that gets each pair's

@@ -16,19 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .data import CropPlan, DatasetError, TrainPairs, check_parts, load_parts
-from .distributed import Job, Weighted, destroy, init_distributed, rank_batches
-from .data.images import read_image
-from .evaluation import maps_of, predict_shared
-from .experiment import (close_logging, load_training_checkpoint, lock_folder, log, remove_stale_temporaries,
-                         resume_path, save_training_checkpoint, set_rng_state, setup_logging, stopped)
-from .maps import panel
-from .correlations import evaluate, summary_line
-from .model import AHIQ, build_model
-from .options import save_options
-from .report import scatter_image
-from .runtime import Runtime
-from .signals import Stopped, StopSignals, batches, ignore_in_workers
+from ahiq.data import CropPlan, DatasetError, TrainPairs, check_parts, load_parts
+from ahiq.data.images import read_image
+from ahiq.engine.correlations import correlate, summary_line
+from ahiq.engine.experiment import (close_logging, load_training_checkpoint, lock_folder, log, nonfinite_loss_error,
+                                    remove_stale_temporaries, resume_path, save_training_checkpoint, set_rng_state,
+                                    setup_logging)
+from ahiq.engine.results import scatter_image
+from ahiq.nn.model import AHIQ, build_model
+from ahiq.options import save_options
+from ahiq.runtime.device import Runtime
+from ahiq.runtime.distributed import Job, Weighted, destroy, init_distributed, rank_batches
+from ahiq.runtime.signals import StopSignals, Stopped, ignore_in_workers, shut_down_after
+from ahiq.scoring.inference import maps_of, predict_shared
+from ahiq.scoring.maps import panel
 
 
 def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=None, norm: float = 1.0,
@@ -282,7 +283,7 @@ class Trainer:
         start = time.time()
         self.bar = tqdm(total=len(plan), initial=partial["steps"], desc=f"epoch {epoch + 1}/{train_opt['epochs']}",
                         unit="batch", dynamic_ncols=True, disable=None if job.main else True, leave=False)
-        with batches(loader) as loaded:
+        with shut_down_after(loader) as loaded:
             for index, batch in enumerate(loaded, start=partial["steps"]):
                 self._step(epoch, index, batch)
                 if self._stop_requested and index + 1 < len(plan):
@@ -291,8 +292,8 @@ class Trainer:
                     raise self._stop(f"at epoch {epoch + 1}, step {index + 1} of {len(plan)}")
         self.bar.close()
         if not self.losses:
-            raise stopped(f"every batch of epoch {epoch + 1} had a non-finite loss: stopping", self.experiment_dir,
-                          "look for bad targets or lower train.lr")
+            raise nonfinite_loss_error(f"every batch of epoch {epoch + 1} had a non-finite loss: stopping",
+                                       self.experiment_dir, "look for bad targets or lower train.lr")
         record = {"epoch": epoch + 1, "loss": float(np.mean(self.losses)), "time_s": time.time() - start}
         if self.skipped:
             record["skipped_batches"] = self.skipped
@@ -325,8 +326,8 @@ class Trainer:
             return
         where = f"loss is {loss} at epoch {epoch + 1}, step {self.step - 1}"
         if train_opt["nonfinite_loss"] == "stop":
-            raise stopped(f"{where}: stopping (the weights were not updated)", self.experiment_dir,
-                          "to skip such batches instead, set train.nonfinite_loss=skip")
+            raise nonfinite_loss_error(f"{where}: stopping (the weights were not updated)", self.experiment_dir,
+                                       "to skip such batches instead, set train.nonfinite_loss=skip")
         log.warning(f"{where}: batch skipped (train.nonfinite_loss=skip)")
         self.skipped += 1
 
@@ -355,7 +356,7 @@ class Trainer:
         pred = predict_shared([self.model], self.parts["val"], self.job, plan=self.val_plan,
                               batch_size=train_opt["batch_size"],
                               num_workers=self.opt["data"]["num_workers"], device=self.device, runtime=self.runtime)
-        metrics = evaluate(pred, self.parts["val"].targets)
+        metrics = correlate(pred, self.parts["val"].targets)
         if self.writer:
             for key in ("srocc", "plcc", "krocc", "rmse", "main"):
                 self.writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)

@@ -9,12 +9,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .backbones import Pretrained, ResNetLayer1Features, ViTFeatures, resnet_overrides, vit_overrides
-from .fusion import DeformFusion
-from .head import PatchHead, weighted_mean
-from .messages import listed
-from .weights import WeightsError, atomic_save, check_state_dict, read_weight_file
-from .zoo import BACKBONES, RESNET_TAG, VIT_TAGS, ZOO, find, is_zoo_name, locate
+from ahiq.messages import listed
+from ahiq.nn.backbones import Pretrained, ResNetLayer1Features, ViTFeatures, resnet_overrides, vit_overrides
+from ahiq.nn.downloads import locate
+from ahiq.nn.fusion import DeformFusion
+from ahiq.nn.head import PatchHead, weighted_mean
+from ahiq.nn.weights import WeightsError, atomic_save, check_state_dict, read_weight_file
+from ahiq.nn.zoo import BACKBONES, RESNET_TAG, VIT_TAGS, ZOO, find, is_zoo_name
 
 CHECKPOINT_FORMAT = "ahiq"
 CHECKPOINT_VERSION = 1
@@ -215,18 +216,18 @@ class AHIQ(nn.Module):
                         **model_options: Any) -> "AHIQ":
         """A trained AHIQ: the one way to obtain one.
 
-        ``checkpoint``: a released model's name (``pipal``, the NTIRE 2022 winner; ahiq.zoo), a checkpoint
+        ``checkpoint``: a released model's name (``pipal``, the NTIRE 2022 winner; ahiq.nn.zoo), a checkpoint
         file (official or this project's), or a weights folder holding a released file (``python -m ahiq
         download --dir``). ``model_options``: the ``model`` options (ahiq.options.DEFAULTS), the same
         defaults everywhere: ``weights`` (a weights folder: files only from there, no network),
-        ``vit_pretrained`` / ``cnn_pretrained`` (True: the released backbone weights by ahiq.zoo's rule; a
+        ``vit_pretrained`` / ``cnn_pretrained`` (True: the released backbone weights by ahiq.nn.zoo's rule; a
         file; False: random), ``patch_size`` and the sizes (for official files given by path; the released
         models and this project's checkpoints carry their own), ``freeze_backbones``, ``deform_impl``.
 
         Every file the model needs (the checkpoint, the backbones) is found first, and all that are missing
         are named in one error. A backbone that neither the checkpoint nor a pretrained source provides would
         be random, and scores would change from run to run: refused unless ``allow_random_backbones``."""
-        from .options import DEFAULTS
+        from ahiq.options import DEFAULTS
 
         unknown = sorted(set(model_options) - set(DEFAULTS["model"]))
         if unknown:
@@ -328,7 +329,7 @@ SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "
 
 def build_model(model_opt: dict) -> AHIQ:
     """A new AHIQ from the ``model`` options, for training: the pretrained backbones found (both in one
-    search, so that one error names every missing file) by the rule of ahiq.zoo."""
+    search, so that one error names every missing file) by the rule of ahiq.nn.zoo."""
     wanted = _backbone_files(model_opt)
     return _build({**model_opt, **dict(zip(wanted, locate(list(wanted.values()), model_opt["weights"])))})
 

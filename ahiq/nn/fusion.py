@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d, deform_conv2d
 
-from .head import is_channels_last
+from ahiq.nn.head import is_channels_last
 
 
 # The most bytes of fp32 columns sampled at once: the columns are nine times the features (29 MB per ViT-B/8

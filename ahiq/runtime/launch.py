@@ -9,7 +9,7 @@ schedulers that stop jobs by a signal:
   not in the store client's C++ warnings and a RendezvousConnectionError traceback: the agent's own C++ log
   level is ERROR unless TORCH_CPP_LOG_LEVEL is set (its workers still get the user's environment).
 * The workers' CPU threads: torchrun gives each of several workers one thread (``OMP_NUM_THREADS=1``);
-  here, unless OMP_NUM_THREADS is set, the CPUs this agent may use are shared out among them (ahiq.threads).
+  here, unless OMP_NUM_THREADS is set, the CPUs this agent may use are shared out among them (ahiq.runtime.threads).
 
 The exit status is 128 + the signal's number after a signal stop, 1 after a failure, 0 otherwise.
 """
@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     if quiet_cpp_log:
         del os.environ["TORCH_CPP_LOG_LEVEL"]
 
-    from .threads import prepare_environment, usable_cpus
+    from ahiq.runtime.threads import prepare_environment, usable_cpus
 
     args = get_args_parser().parse_args(argv)
     prepare_environment()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .runtime import select_device
+from ahiq.runtime.device import select_device
 
 
 @dataclass

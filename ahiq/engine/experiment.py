@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import TEMPORARY_PATTERN, take_lock
-from .model import AHIQ
-from .weights import WeightsError, read_weight_file
+from ahiq.files import TEMPORARY_PATTERN, take_lock
+from ahiq.nn.model import AHIQ
+from ahiq.nn.weights import WeightsError, read_weight_file
 
 log = logging.getLogger("ahiq")
 
@@ -105,7 +105,7 @@ def load_training_checkpoint(path: Path, experiment_dir: Path) -> tuple[Path, di
     raise WeightsError(f"no usable checkpoint to resume from in {experiment_dir}")
 
 
-def stopped(what: str, experiment_dir: Path, advice: str) -> FloatingPointError:
+def nonfinite_loss_error(what: str, experiment_dir: Path, advice: str) -> FloatingPointError:
     """The error that ends a run which cannot go on, naming the checkpoint it can continue from."""
     latest = experiment_dir / "latest.pth"
     kept = f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .files import write_atomically
+from ahiq.files import write_atomically
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -79,7 +79,7 @@ def ignore_in_workers(worker_id: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def batches(loader) -> Iterator:
+def shut_down_after(loader) -> Iterator:
     """Iterate ``loader``; its worker processes are shut down when the block ends, by an exception too.
     Left to garbage collection, which an exception's reference cycles delay until the interpreter exits,
     workers that ignore SIGTERM would hang that exit (multiprocessing stops leftover workers with it).

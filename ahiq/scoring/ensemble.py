@@ -18,11 +18,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data.transforms import CropPlan
-from .head import weighted_mean
-from .maps import ONE_MODEL, QualityMaps
-from .model import AHIQ, ReferenceFeatures
-from .runtime import Runtime
+from ahiq.data.crops import CropPlan
+from ahiq.nn.head import weighted_mean
+from ahiq.nn.model import AHIQ, ReferenceFeatures
+from ahiq.runtime.device import Runtime
+from ahiq.scoring.maps import ONE_MODEL, QualityMaps
 
 
 @dataclass

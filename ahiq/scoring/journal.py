@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .files import write_atomically
+from ahiq.files import write_atomically
 
 HEADER = ("dist", "ref", "score")
 

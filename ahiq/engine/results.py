@@ -1,23 +1,55 @@
-"""What test.py writes for a labelled set: per-image predictions, metrics.json and a scatter plot."""
+"""What test.py writes: for a labelled set per-image predictions, metrics.json and a scatter plot; for an
+unlabelled one an NTIRE 2022 Perceptual IQA Challenge (full-reference track) submission for CodaLab."""
 from __future__ import annotations
 
 import json
+import math
+import os
+import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
 
-from .correlations import logistic4
+from ahiq.engine.correlations import logistic4
 
 
 def write_predictions(path: Path, names: Sequence[str], scores: Sequence[float]) -> None:
     """``name,score`` lines, the official results.txt format."""
-    path.write_text("".join(f"{name},{score:f}\n" for name, score in zip(names, scores)))
+    path.write_text(_score_lines(zip(names, scores)))
+
+
+def _score_lines(named_scores) -> str:
+    return "".join(f"{name},{score:f}\n" for name, score in named_scores)
 
 
 def write_metrics(path: Path, metrics: dict, **info) -> None:
     path.write_text(json.dumps({**info, **metrics}, indent=1, default=float))
+
+
+def write_ntire_submission(scores: Mapping[str, float], out_dir: str | os.PathLike, runtime: float, gpu: bool,
+                           extra_data: bool, description: str) -> Path:
+    """Write ``output.txt`` (``name,score`` per image, sorted by name), ``readme.txt`` (CodaLab's five lines)
+    and ``submission.zip`` holding just those two files at its root; returns the zip's path."""
+    bad = [name for name, score in scores.items() if not math.isfinite(score)]
+    if not scores or bad:
+        raise ValueError(f"cannot submit: {'no scores' if not scores else f'non-finite scores for {bad[:5]}'}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = _score_lines(sorted(scores.items()))
+    readme = (f"runtime per image [s] : {runtime:.4f}\n"
+              f"CPU[1] / GPU[0] : {0 if gpu else 1}\n"
+              f"Extra Data [1] / No Extra Data [0] : {1 if extra_data else 0}\n"
+              f"Other description : {' '.join(description.split())}\n"
+              f"Full-Reference [1] / Non-Reference [0] : 1\n")
+    (out_dir / "output.txt").write_text(output)
+    (out_dir / "readme.txt").write_text(readme)
+    path = out_dir / "submission.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("readme.txt", readme)
+        zf.writestr("output.txt", output)
+    return path
 
 
 def scatter_plot(path: Path, pred: np.ndarray, target: np.ndarray, logistic: Sequence[float] | None, title: str) -> None:

@@ -28,7 +28,7 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray | None:
     return params if np.all(np.isfinite(params)) else None
 
 
-def evaluate(pred, mos) -> dict:
+def correlate(pred, mos) -> dict:
     """Agreement of predictions with scores (same direction: higher is better in both).
 
     Returns plcc, srocc, krocc, rmse, main (= |plcc| + |srocc|, the NTIRE 2022 score), plcc_fitted and

@@ -1,0 +1,131 @@
+"""test.py's driver: metrics and reports for a labelled set, an NTIRE 2022 submission for an unlabelled one,
+with one checkpoint or an ensemble, under torchrun too."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ahiq.data import CropPlan, Part, check_images, load_parts
+from ahiq.engine.correlations import correlate, logistic4, summary_line
+from ahiq.engine.results import scatter_plot, write_metrics, write_ntire_submission, write_predictions
+from ahiq.nn.model import AHIQ
+from ahiq.nn.zoo import is_zoo_name
+from ahiq.runtime.device import Runtime
+from ahiq.runtime.distributed import Job, destroy, init_distributed
+from ahiq.scoring.inference import maps_of, predict_shared
+from ahiq.scoring.maps import ONE_MODEL, write_panels
+
+
+def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
+    """The files ``test.checkpoint`` names: best, latest, a path, a released model's name (ahiq.nn.zoo), or a
+    list of them (an ensemble)."""
+    given = opt["test"]["checkpoint"]
+    paths = []
+    for item in given if isinstance(given, list) else [given]:
+        if is_zoo_name(item):
+            paths.append(item)  # fetched when loaded
+            continue
+        path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
+        if not path.exists():  # a file, or a weights folder holding a released model
+            raise FileNotFoundError(f"test.checkpoint: {path} does not exist (train first, or set "
+                                    f"test.checkpoint=<path>, a list of paths for an ensemble, or pipal for the "
+                                    f"released model)")
+        paths.append(path)
+    return paths
+
+
+def run_default_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
+    """A bare ``python test.py``: the experiment's best checkpoint when there is one, else the released
+    ``pipal`` model; the first line says which."""
+    best = Path(checkpoints_root) / opt["name"] / "best.pth"
+    if opt["test"]["checkpoint"] == "best" and not best.is_file():
+        opt["test"]["checkpoint"] = "pipal"
+        print(f"testing the released model 'pipal' (no {best} yet: train with python train.py --opt ... first "
+              f"to test your own)", flush=True)
+    else:
+        print(f"testing {best if opt['test']['checkpoint'] == 'best' else opt['test']['checkpoint']}", flush=True)
+    return run_test(opt, checkpoints_root)
+
+
+def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
+    """Score the test part with one checkpoint or an ensemble of them. Labelled: predictions, metrics.json,
+    a scatter plot and one summary line. Unlabelled: an NTIRE 2022 submission. Under torchrun the pairs
+    are shared out by reference, and rank 0 writes."""
+    job, device = init_distributed(opt["train"]["device"])
+    try:
+        return _run_test(opt, Path(checkpoints_root) / opt["name"], job, device)
+    finally:
+        destroy(job)
+
+
+def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -> dict:
+    test_opt = opt["test"]
+    paths = checkpoint_paths(opt, experiment_dir)
+    if test_opt["maps"] and len(paths) > 1:  # before the test, not after it
+        raise ValueError(f"test.maps: {ONE_MODEL}")
+    part = load_parts(opt["data"], roles=("test",))["test"]
+    runtime = Runtime(**opt["runtime"])
+    models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
+                                                  **opt["model"]), device) for p in paths]
+    crop = models[0].config["img_size"]
+    check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
+    if job.main:
+        print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {runtime.describe(device)}; "
+              f"{job.world} process(es)", flush=True)
+    out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
+    if job.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    plan = CropPlan(crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"])
+    pred = predict_shared(models, part, job, plan=plan, batch_size=test_opt["batch_size"],
+                          num_workers=opt["data"]["num_workers"], device=device, progress=job.main, runtime=runtime)
+    seconds_per_image = (time.time() - start) / len(pred) * job.world  # each process's time per image
+    names = [p.name for p in part.pairs]
+    if part.targets is None:
+        sub = test_opt["submission"]
+        seconds = sub["runtime"] if sub["runtime"] is not None else seconds_per_image
+        gpu = sub["gpu"] if sub["gpu"] is not None else device.type == "cuda"
+        zip_path = out_dir / "submission.zip"
+        if job.main:
+            zip_path = write_ntire_submission(dict(zip(names, pred.tolist())), out_dir, seconds, gpu,
+                                              sub["extra_data"], sub["description"])
+            print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
+        return {"submission": str(zip_path)}
+    metrics = correlate(pred, part.targets)
+    if job.main:
+        write_predictions(out_dir / "results.txt", names, pred)
+        random = {"num_crops": test_opt["num_crops"], "seed": test_opt["seed"]} if test_opt["crops"] == "random" else {}
+        write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
+                      dataset=part.pairs.dataset, crops=test_opt["crops"], **random)
+        scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
+                     f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
+        print(summary_line(metrics))
+        print(f"wrote results.txt (each pair's score), metrics.json and scatter.png to {out_dir}")
+        if test_opt["maps"]:
+            _extreme_maps(out_dir / "maps", models[0], part, pred, metrics.get("logistic"), test_opt["maps"], plan,
+                          device, runtime)
+    return metrics
+
+
+def _extreme_maps(folder: Path, model: AHIQ, part: Part, pred: np.ndarray, logistic, n: int, plan: CropPlan,
+                  device: torch.device, runtime: Runtime) -> None:
+    """test.maps=N: the quality maps of the N pairs predicted worst (largest error after the logistic fit)
+    and the N best, as panels and arrays in ``folder``: those 2N pairs scored again (deterministic crops, so
+    the same scores) with their maps, instead of keeping every pair's maps through the whole test."""
+    fitted = logistic4(pred, *logistic) if logistic is not None else pred
+    order = np.argsort(np.abs(fitted - part.targets), kind="stable")
+    n = min(n, len(order) // 2)
+    chosen = {f"worst_{rank + 1}": i for rank, i in enumerate(order[::-1][:n])}
+    chosen.update({f"best_{rank + 1}": i for rank, i in enumerate(order[:n])})
+    stems = [f"{label}_{Path(part.pairs[i].name).stem}" for label, i in chosen.items()]
+    fit = " after the logistic fit" if logistic is not None else ""
+    titles = [f"{stem}\npredicted {pred[i]:.4f}, MOS {part.pairs[i].mos:g} (target {part.targets[i]:.4f}), "
+              f"error {fitted[i] - part.targets[i]:+.4f}{fit}" for stem, i in zip(stems, chosen.values())]
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, maps in zip(stems, maps_of(model, part.pairs, list(chosen.values()), plan, device, runtime)):
+        maps.save(folder / f"{stem}.npz")
+    write_panels(folder, [part.pairs[i] for i in chosen.values()], stems, titles)
+    print(f"wrote the quality maps of the {n} worst and {n} best predicted pairs to {folder}")

@@ -1,0 +1,122 @@
+"""Crop-ensemble prediction of image files: each reference crop's features are computed once for all its
+distorted images; whole references shared out over torchrun's processes; the quality maps of chosen pairs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ahiq.data import CropPlan, EvalPairs, Part
+from ahiq.data.parts import subset
+from ahiq.nn.model import AHIQ
+from ahiq.runtime.device import Runtime
+from ahiq.runtime.distributed import Job, gather_object
+from ahiq.runtime.signals import ignore_in_workers, shut_down_after
+from ahiq.scoring.ensemble import out_of_memory_advice, score_group
+from ahiq.scoring.maps import ONE_MODEL, QualityMaps
+
+
+@torch.no_grad()
+def predict(models: Sequence[AHIQ], part: Part, plan: CropPlan, batch_size: int = 2, num_workers: int = 0,
+            device: torch.device = torch.device("cpu"), progress: bool | str = False, runtime: Runtime = Runtime(),
+            on_reference: Callable[[list[int], np.ndarray], None] | None = None,
+            on_maps: Callable[[list[int], list[QualityMaps]], None] | None = None) -> np.ndarray:
+    """Per-pair scores of image files: ahiq.scoring.ensemble.score_group on the decoded images, in the order of
+    ``part.pairs``; no pair is dropped. Images must have been checked (check_images) by the caller.
+
+    The files are decoded in a DataLoader and taken grouped by reference: the reference's crop features are
+    computed once and passed on to the next batches of its distorted images, which are scored ``batch_size``
+    at a time (a batch never mixes references, so a pair's score does not depend on the other references
+    scored). ``on_reference(indices, scores)`` is called as each reference's pairs are done; ``on_maps(indices,
+    maps)`` with each batch's QualityMaps (one model only); ``progress``: a progress bar (a string: its
+    label)."""
+    if on_maps is not None and len(models) > 1:
+        raise ValueError(ONE_MODEL)
+    groups = reference_groups(part.pairs)
+    batched = [group[a:a + batch_size] for group in groups for a in range(0, len(group), batch_size)]
+    ends_reference = [a + batch_size >= len(group) for group in groups for a in range(0, len(group), batch_size)]
+    dataset = EvalPairs(part.pairs, plan, check=False, reference_for={group[0] for group in groups})
+    # Batches of ragged items: the reference image comes with the first pair of each reference only.
+    loader = DataLoader(dataset, batch_sampler=batched, num_workers=num_workers, collate_fn=lambda items: items,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_in_workers)
+    for m in models:
+        m.eval()
+    chunk = runtime.crops_per_pass(models[0], device)
+    out = np.empty(len(part.pairs))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(part.pairs), desc=progress if isinstance(progress, str) else "predict", unit="pair",
+                   dynamic_ncols=True, disable=None)
+    features, done = None, []  # the current reference's features, and its pairs scored so far
+    with shut_down_after(loader) as loaded:  # workers shut down at the end, also by an exception
+        for items, last in zip(loaded, ends_reference):
+            indices = [item[3] for item in items]
+            ref = items[0][1] if items[0][1].numel() else None
+            if ref is not None:
+                features = None  # a new reference
+            with out_of_memory_advice(device, len(items), len(plan.windows(*items[0][0].shape[-2:])), chunk,
+                                      "test.batch_size; train.batch_size during validation; --batch-size"):
+                scored = score_group(models, plan, ref, [item[0] for item in items],
+                                     Path(part.pairs[indices[0]].ref).name, runtime, device, chunk,
+                                     maps=on_maps is not None, features=features)
+            features = scored.features
+            out[indices] = scored.scores.double().cpu().numpy()
+            if on_maps is not None:
+                on_maps(indices, scored.maps)
+            done += indices
+            if bar is not None:
+                bar.update(len(indices))
+            if last:
+                if on_reference is not None:
+                    on_reference(done, out[done])
+                done = []
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def reference_groups(pairs: Sequence) -> list[list[int]]:
+    """Indices of ``pairs`` grouped by reference image, references in sorted order, pairs in their order."""
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(pair.ref, []).append(i)
+    return [groups[ref] for ref in sorted(groups)]
+
+
+def reference_shares(pairs: Sequence, world: int) -> list[list[int]]:
+    """The pair indices of each of ``world`` processes: whole references (each reference's features are
+    computed by one process only), balanced by pair count (largest reference first to the least loaded
+    process; the same on every process)."""
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for group in sorted(reference_groups(pairs), key=len, reverse=True):
+        min(shares, key=len).extend(group)
+    return [sorted(share) for share in shares]
+
+
+def predict_shared(models: Sequence[AHIQ], part: Part, job: Job, **kwargs) -> np.ndarray:
+    """predict() with whole references shared out over the processes and the scores gathered on every
+    process. With a progress bar, each process shows its own share."""
+    if job.world == 1:
+        return predict(models, part, **kwargs)
+    if kwargs.get("progress"):
+        kwargs["progress"] = f"predict (process {job.rank} of {job.world}: its share)"
+    mine = reference_shares(part.pairs, job.world)[job.rank]
+    scores = predict(models, subset(part.pairs, None, mine), **kwargs) if mine else np.empty(0)
+    out = np.empty(len(part.pairs))
+    for indices, values in gather_object((mine, scores), job):
+        out[indices] = values
+    return out
+
+
+def maps_of(model: AHIQ, pairs, indices: Sequence[int], plan: CropPlan, device: torch.device,
+            runtime: Runtime = Runtime()) -> list[QualityMaps]:
+    """The QualityMaps of ``pairs[indices]`` (ahiq.scoring.maps): those pairs scored with their maps."""
+    found: dict[int, QualityMaps] = {}
+    predict([model], subset(pairs, None, list(indices)), plan, 1, device=device, runtime=runtime,
+            on_maps=lambda batch, maps: found.update(zip(batch, maps)))
+    return [found[i] for i in range(len(indices))]
