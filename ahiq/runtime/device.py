@@ -201,8 +201,6 @@ def measured_crop_seconds() -> dict:
     fp32 ("fp32") and in bf16 ("bf16") on this CPU, random weights, after one untimed pass each (about 10 s
     on a 2-core CPU), and what was measured ("measured"); read from precision_cache when measured before.
     Where bf16 is converted rather than computed (a matmul more than twice as slow), the matmul's times."""
-    from ahiq.nn.model import AHIQ
-
     path, key = precision_cache(), cpu_key()
     try:
         known = json.loads(path.read_text())
@@ -223,6 +221,8 @@ def measured_crop_seconds() -> dict:
             seconds[precision] = time.perf_counter() - start
         if seconds["bf16"] > 2 * seconds["fp32"]:
             return _remember_seconds(path, known, key, {**seconds, "measured": "a ViT-sized matmul"})
+        from ahiq.nn.model import AHIQ  # only to measure: reading the times back loads no timm
+
         model = AHIQ(8, False, False).eval()
         crops = torch.rand(2, 1, 3, 224, 224)
         for precision in ("fp32", "bf16"):
