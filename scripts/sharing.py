@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 # torch's defaults: torch loaded first (OpenMP then reads an environment without OMP_WAIT_POLICY), and its
 # own thread count passed on as the explicit setting
 DEFAULTS = ("import sys, torch; threads = str(torch.get_num_threads()); "
-            "sys.argv[0] = {program!r}; from ahiq.cli import train_command; from ahiq.__main__ import main; "
+            "sys.argv[0] = {program!r}; from ahiq.cli import main, train_command; "
             "sys.exit(train_command(sys.argv[1:] + ['runtime.threads=' + threads]) if {program!r} == 'train.py' "
             "else main(sys.argv[1:] + ['--threads', threads]))")
 DEMO = ["--opt", str(ROOT / "options" / "demo.yaml"), "data.options={references: 10, size: 96, seed: 0}",

@@ -93,7 +93,7 @@ def test_a_folder_of_distorted_images_against_one_reference_file(setup):
 
 def test_help_and_zoo_answer_without_importing_torch():
     """What made `python -m ahiq --help` take 8 s: torch (and timm) imported before argparse ran."""
-    script = ("import sys\nfrom ahiq.__main__ import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    script = ("import sys\nfrom ahiq.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
               "main(['zoo'])\nprint(sorted(m for m in ('torch', 'timm', 'cv2') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
