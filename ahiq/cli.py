@@ -5,6 +5,7 @@ a command needs it, so that --help, zoo and download answer at once."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Callable
@@ -36,18 +37,22 @@ def expected(exc: BaseException) -> bool:
 def train_command(argv: list[str] | None = None) -> int:
     """python train.py"""
     prepare_environment()  # before torch is loaded: OpenMP reads its settings once
-    from ahiq.engine.training import train
-
-    return run(TRAIN, train, argv)
+    return run(TRAIN, _when_run("ahiq.engine.training", "train"), argv)
 
 
 def test_command(argv: list[str] | None = None) -> int:
     """python test.py"""
     prepare_environment()
-    from ahiq.engine.testing import run_default_test, run_test
+    default = (Path(__file__).resolve().parents[1] / "options" / "pipal.yaml",
+               _when_run("ahiq.engine.testing", "run_default_test"))
+    return run(TEST, _when_run("ahiq.engine.testing", "run_test"), argv, default=default)
 
-    default = (Path(__file__).resolve().parents[1] / "options" / "pipal.yaml", run_default_test)
-    return run(TEST, run_test, argv, default=default)
+
+def _when_run(module: str, name: str) -> Callable[[dict], object]:
+    """``module.name``, imported when it runs: --help and a wrong option answer before torch is loaded."""
+    def action(options: dict):
+        return getattr(importlib.import_module(module), name)(options)
+    return action
 
 
 def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None,
