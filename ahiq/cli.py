@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from ahiq.messages import for_the_user
-from ahiq.nn.downloads import DownloadError, VerificationError
+from ahiq.nn.downloads import DownloadError, VerificationError, download
+from ahiq.nn.zoo import BACKBONES, ZOO, cache_dirs, find, weights_folder
 from ahiq.options import OptionsError, load_options, plain_text
 from ahiq.runtime.signals import Stopped
 from ahiq.runtime.threads import applied, prepare_environment
@@ -193,16 +194,12 @@ def main(argv=None) -> int:
 
 
 def _download(names: list[str], folder: Path | None) -> int:
-    from ahiq.nn.downloads import download
-
     for path in download(names, folder):
         print(path, flush=True)
     return 0
 
 
 def _list_zoo() -> int:
-    from ahiq.nn.zoo import BACKBONES, ZOO, cache_dirs, find, weights_folder
-
     folder = weights_folder()
     print(f"weight files are looked for in {folder} ($AHIQ_WEIGHTS)" if folder else
           f"weight files are looked for in {' and '.join(map(str, cache_dirs()))} (torch's hub cache, pyiqa's) and, "

@@ -15,6 +15,10 @@ from typing import Callable
 
 import torch
 
+from ahiq.files import write_atomically
+from ahiq.nn.zoo import hub_dir
+from ahiq.runtime.threads import describe as describe_threads
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -46,12 +50,10 @@ class Runtime:
     def describe(self, device: torch.device) -> str:
         """How a run computes, for its first line: the device, the precision (for ``auto``, why), the CPU
         threads."""
-        from ahiq.runtime.threads import describe
-
         precision = "bf16" if self.bf16(device) else "fp32"
         if self.precision == "auto":
             precision += f" (auto: {auto_bf16(device)[1]})"
-        return f"device {device}, {precision}; {describe()}"
+        return f"device {device}, {precision}; {describe_threads()}"
 
     def crops_per_pass(self, model: torch.nn.Module, device: torch.device) -> int:
         """``crop_chunk``, or when it is None the crops that fit in a share of the memory ``device`` has free
@@ -191,8 +193,6 @@ def cpu_name() -> str:
 
 
 def precision_cache() -> Path:
-    from ahiq.nn.zoo import hub_dir
-
     return hub_dir() / "ahiq" / "precision.json"
 
 
@@ -235,8 +235,6 @@ def measured_crop_seconds() -> dict:
 
 
 def _remember_seconds(path: Path, known: dict, key: str, seconds: dict) -> dict:
-    from ahiq.files import write_atomically
-
     known[key] = seconds
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

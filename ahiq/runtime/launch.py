@@ -21,6 +21,8 @@ import platform
 import signal
 import sys
 
+from ahiq.runtime.threads import prepare_environment, usable_cpus
+
 STOP_STATUSES = {128 + signal.SIGTERM, 128 + signal.SIGINT}
 
 
@@ -43,8 +45,6 @@ def main(argv: list[str]) -> int:
     from torch.distributed.run import determine_local_world_size, get_args_parser, run
     if quiet_cpp_log:
         del os.environ["TORCH_CPP_LOG_LEVEL"]
-
-    from ahiq.runtime.threads import prepare_environment, usable_cpus
 
     args = get_args_parser().parse_args(argv)
     prepare_environment()

@@ -17,6 +17,7 @@ from ahiq.data.images import IMAGE_EXTENSIONS
 from ahiq.files import release_and_remove, take_lock
 from ahiq.messages import create_folder
 from ahiq.nn.backbones import Pretrained
+from ahiq.nn.downloads import sha256_of
 from ahiq.nn.model import AHIQ
 from ahiq.runtime.device import Runtime, select_device
 from ahiq.runtime.distributed import Job
@@ -113,8 +114,6 @@ class Scorer:
     def settings(self) -> dict:
         """What decides the scores, for resuming a journaled run only with the same: each checkpoint file's
         SHA-256, the backbone weights, the crops, the precision on this device."""
-        from ahiq.nn.downloads import sha256_of
-
         return {"checkpoints": [f"{m.source.name} sha256 {sha256_of(m.source)}" for m in self.models],
                 "backbones": sorted({str(m.backbone_sources) for m in self.models}),
                 "crops": [self.plan.size, self.plan.mode, self.plan.count if self.plan.mode == "random" else None,
