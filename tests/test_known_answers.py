@@ -95,8 +95,9 @@ def test_three_training_steps_equal_the_official_losses(known, tmp_path):
     # exact|, with exact the float64 value. Measured (scripts/fidelity.py; docs/performance.md): the official
     # losses are 1.8e-7, 6.9e-6 and 3.0e-4 relative from float64 ahiq. Ours from float64 on an AVX2 CPU
     # (TIMM_FUSED_ATTN 0 and 1, ATEN_CPU_CAPABILITY default and avx2, 1 and 2 threads): up to 8.1e-7, 2.5e-6
-    # and 1.7e-4; on an AVX-512 Xeon ours was 1.14e-5 from the official second loss (4.5e-6 from exact), and
-    # the official pattern in fp32 3.9e-4 from the official third.
+    # and 1.7e-4; on an AVX-512 AMD Zen 4 (TIMM_FUSED_ATTN 0 and 1, avx512) up to 1.8e-7, 7.1e-6 and 3.0e-4;
+    # on an AVX-512 Xeon ours was 1.14e-5 from the official second loss (4.5e-6 from exact), and the official
+    # pattern in fp32 3.9e-4 from the official third.
     # Later losses grow so because Adam's first step moves every weight by +-lr whatever the size of its
     # gradient: a gradient whose sign rounding decides moves a weight by 2 lr. Each tolerance is about twice
     # the sum of the two bounds; a wrong recipe (learning rate, loss, schedule) is off by far more.
