@@ -77,6 +77,39 @@ print(a, b, ahiq.runtime.threads.usable_cpus()[0])
     assert float(a) == pytest.approx(float(b), abs=1e-6) and int(cpus) == (os.cpu_count() or 1)
 
 
+def test_spawned_loader_workers_train_and_predict_as_in_process(tmp_path):
+    """DataLoader workers started by spawn, the default on macOS and Windows, receive the dataset and the
+    collate function pickled: a training epoch with loader workers (its validation too) runs, and prediction
+    through a spawned worker gives the in-process scores."""
+    code = f"""
+import multiprocessing, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+import numpy as np, torch
+from ahiq.data import CropPlan, load_parts
+from ahiq.engine.training import train
+from ahiq.nn.model import build_model
+from ahiq.scoring.inference import predict
+from conftest import tiny_options
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    opt = tiny_options(Path({str(tmp_path)!r}), "train.epochs=1", "data.num_workers=1")
+    train(opt, Path({str(tmp_path / 'ckpt')!r}))
+    part = load_parts(opt["data"])["test"]
+    model = build_model(opt["model"]).eval()
+    alone = predict([model], part, CropPlan(64, "five"), batch_size=4)
+    spawned = predict([model], part, CropPlan(64, "five"), batch_size=4, num_workers=1)
+    print(float(np.abs(alone - spawned).max()), len(spawned))
+"""
+    (tmp_path / "spawned.py").write_text(code)
+    done = subprocess.run([sys.executable, str(tmp_path / "spawned.py")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    difference, pairs = done.stdout.split()[-2:]
+    assert float(difference) == 0 and int(pairs) == 25
+
+
 @pytest.mark.parametrize("script", ["benchmark.py", "gpu_check.py", "run_splits.py", "maps_picture.py", "sharing.py"])
 def test_a_scripts_help_answers_without_loading_torch(script):
     code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"

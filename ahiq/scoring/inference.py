@@ -40,7 +40,7 @@ def predict(models: Sequence[AHIQ], part: Part, plan: CropPlan, batch_size: int 
     ends_reference = [a + batch_size >= len(group) for group in groups for a in range(0, len(group), batch_size)]
     dataset = EvalPairs(part.pairs, plan, check=False, reference_for={group[0] for group in groups})
     # Batches of ragged items: the reference image comes with the first pair of each reference only.
-    loader = DataLoader(dataset, batch_sampler=batched, num_workers=num_workers, collate_fn=lambda items: items,
+    loader = DataLoader(dataset, batch_sampler=batched, num_workers=num_workers, collate_fn=_as_they_are,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_in_workers)
     for m in models:
         m.eval()
@@ -78,6 +78,12 @@ def predict(models: Sequence[AHIQ], part: Part, plan: CropPlan, batch_size: int 
     if bar is not None:
         bar.close()
     return out
+
+
+def _as_they_are(items: list) -> list:
+    """A DataLoader batch of ragged items, uncollated (a module-level function: spawned workers, macOS's and
+    Windows' default, receive it pickled)."""
+    return items
 
 
 def reference_groups(pairs: Sequence) -> list[list[int]]:
