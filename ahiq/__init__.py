@@ -8,7 +8,7 @@ the scorer, the metric, maps); ``engine`` (training, test.py, the experiment fol
 from ahiq.lazy import exports
 
 __version__ = "0.2.0"
-__all__ = ["AHIQ", "AHIQMetric", "Scorer", "create_metric", "list_models"]
-__getattr__, __dir__ = exports(__name__, {"AHIQ": "ahiq.nn.model", "AHIQMetric": "ahiq.scoring.metric",
-                                          "Scorer": "ahiq.scoring.scorer", "create_metric": "ahiq.scoring.metric",
-                                          "list_models": "ahiq.scoring.metric"})
+_PUBLIC = {"AHIQ": "ahiq.nn.model", "AHIQMetric": "ahiq.scoring.metric", "Scorer": "ahiq.scoring.scorer",
+           "create_metric": "ahiq.scoring.metric", "list_models": "ahiq.scoring.metric"}
+__all__ = list(_PUBLIC)
+__getattr__, __dir__ = exports(__name__, _PUBLIC)

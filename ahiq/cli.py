@@ -13,7 +13,7 @@ from typing import Callable
 from ahiq.messages import for_the_user
 from ahiq.nn.downloads import DownloadError, VerificationError, download
 from ahiq.nn.zoo import BACKBONES, ZOO, cache_dirs, find, weights_folder
-from ahiq.options import OptionsError, load_options, plain_text
+from ahiq.options import EVAL_CROPS, PRECISIONS, SCHEMA, OptionsError, load_options, plain_text
 from ahiq.runtime.signals import Stopped
 from ahiq.runtime.threads import applied, prepare_environment
 
@@ -129,7 +129,8 @@ def ahiq_parser() -> argparse.ArgumentParser:
     score.add_argument("--checkpoint", nargs="+", default=["pipal"],
                        help="released model name(s) (python -m ahiq zoo) or checkpoint file(s); several = an "
                             "ensemble (default: pipal, the NTIRE 2022 winner, downloaded and verified on first use)")
-    score.add_argument("--patch-size", type=int, default=8, choices=(8, 16), help="for official checkpoints")
+    score.add_argument("--patch-size", type=int, default=8, choices=SCHEMA["model.patch_size"].choices,
+                       help="for official checkpoints")
     score.add_argument("--vit-pretrained", default="true", help="true (timm hub), false, or a weight file")
     score.add_argument("--cnn-pretrained", default="true", help="true (timm hub), false, or a weight file")
     score.add_argument("--weights", metavar="DIR",
@@ -137,11 +138,11 @@ def ahiq_parser() -> argparse.ArgumentParser:
                             "network (default: $AHIQ_WEIGHTS, else torch's hub cache and downloads)")
     score.add_argument("--allow-random-backbones", action="store_true",
                        help="score even when a backbone would have random weights (scores then mean nothing)")
-    score.add_argument("--crops", default="random", choices=("random", "five", "nine", "centre", "whole"))
+    score.add_argument("--crops", default="random", choices=EVAL_CROPS)
     score.add_argument("--num-crops", type=_at_least(1), default=20, help="random crops per pair")
     score.add_argument("--seed", type=_at_least(0), default=0, help="seeds the random crops")
     score.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    score.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+    score.add_argument("--precision", default="fp32", choices=PRECISIONS,
                        help="bf16: autocast (scores within about 0.01 of fp32); auto: bf16 where the device has it "
                             "natively and, on a CPU, a first-use measurement finds it faster (remembered per CPU)")
     score.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many pairs)")

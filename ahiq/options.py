@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 SOURCE = ("dataset", "root", "options")  # the keys of one labelled or unlabelled set of pairs (data.val, data.test)
-CROPS = ("five", "nine", "random", "centre", "whole")
+# Domains that the code beside the options checks too (ahiq.data.crops, ahiq.runtime.device, the command lines).
+EVAL_CROPS = ("five", "nine", "random", "centre", "whole")
+RANDOM_CROPS = ("all", "official")
+PRECISIONS = ("fp32", "bf16", "auto")
 NULL = type(None)
 
 
@@ -87,7 +90,7 @@ OPTIONS = [
            "for none", (str, NULL), choices=("width", "height", None)),
     Option("data.random_crop", "all", "training crops at every position, the last row and column included; "
            "`official`: as the official `np.random.randint(0, size - 224)`, which never reaches them",
-           choices=("all", "official")),
+           choices=RANDOM_CROPS),
     Option("data.targets", "dataset", "targets normalised over the whole labelled source before splitting; `part`: "
            "each part (train, val, test) over its own pairs, as the official code normalises each of its list files",
            choices=("dataset", "part")),
@@ -101,7 +104,7 @@ OPTIONS = [
     Option("train.eta_min", 0.0, "CosineAnnealingLR's eta_min", at_least=0),
     Option("train.seed", 1919, "seeds the initialisation, the epoch order and the crops", at_least=0),
     Option("train.val_crops", "five", "validation crops (see [datasets.md](datasets.md#evaluation-crops))",
-           choices=CROPS),
+           choices=EVAL_CROPS),
     Option("train.val_every", 1, "validate every N epochs (and after the last)", at_least=1),
     Option("train.save_interval", 5, "write `epoch_<N>.pth` every N epochs", at_least=1),
     Option("train.resume", None, "null: a new run; `auto`: continue from `latest.pth` if there is one; a path",
@@ -118,7 +121,7 @@ OPTIONS = [
            "bf16; deformable sampling positions and the final weighted mean in fp32); `auto`: bf16 where the device "
            "has it natively (GPUs with bf16; CPUs with AVX512-BF16 or AMX where a first-use measurement finds bf16 "
            "faster), fp32 elsewhere. See [performance.md](performance.md#runtime-settings) for when to choose what",
-           choices=("fp32", "bf16", "auto")),
+           choices=PRECISIONS),
     Option("runtime.tf32", False, "let fp32 matmuls and convolutions use TF32 on GPUs that have it (false: strict "
            "fp32, the reference numbers)"),
     Option("runtime.channels_last", False, "NHWC weights and inputs for the convolutions (what tensor cores want)"),
@@ -134,7 +137,7 @@ OPTIONS = [
     Option("test.checkpoint", "best", "`best`, `latest`, a path, a released model's name (`pipal`, see "
            "[scoring.md](scoring.md#released-models)), or a list of them (an ensemble)", (str, list)),
     Option("test.crops", "random", "evaluation crops (see [datasets.md](datasets.md#evaluation-crops))",
-           choices=CROPS),
+           choices=EVAL_CROPS),
     Option("test.num_crops", 20, "random crops per pair (`test.crops=random`)", at_least=1),
     Option("test.seed", 0, "seeds the random crops, with the reference image's name", at_least=0),
     Option("test.batch_size", 2, "pairs per batch (each with all its crops)", at_least=1),

@@ -6,10 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EVAL_CROPS = ("five", "nine", "random", "centre", "whole")
-
-
-RANDOM_CROPS = ("all", "official")
+from ahiq.options import EVAL_CROPS  # the option domain, re-exported by ahiq.data
 
 
 def random_crop_position(height: int, width: int, size: int, rng: np.random.Generator,

@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ahiq.data.crops import RANDOM_CROPS, CropPlan, crop, flip, random_crop_position
+from ahiq.data.crops import CropPlan, crop, flip, random_crop_position
 from ahiq.data.images import ImageError, image_size, read_image
 from ahiq.data.labels import DatasetError, Pair, Pairs
+from ahiq.options import RANDOM_CROPS
 
 
 class TargetScale:

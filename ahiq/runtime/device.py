@@ -17,6 +17,7 @@ import torch
 
 from ahiq.files import write_atomically
 from ahiq.nn.zoo import hub_dir
+from ahiq.options import PRECISIONS
 from ahiq.runtime.threads import describe as describe_threads
 
 
@@ -40,7 +41,7 @@ class Runtime:
     threads: int | None = None
 
     def __post_init__(self):
-        if self.precision not in ("fp32", "bf16", "auto"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"runtime.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
         if self.crop_chunk is not None and self.crop_chunk < 1:
             raise ValueError(f"runtime.crop_chunk must be at least 1, got {self.crop_chunk}")
