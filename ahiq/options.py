@@ -24,6 +24,11 @@ SOURCE = ("dataset", "root", "options")  # the keys of one labelled or unlabelle
 EVAL_CROPS = ("five", "nine", "random", "centre", "whole")
 RANDOM_CROPS = ("all", "official")
 PRECISIONS = ("fp32", "bf16", "auto")
+# The paper's ablations (Tables 6, 7, 8), the first of each AHIQ; what each builds: the tables of ahiq.nn
+# (fusion.FUSIONS, backbones.CNN_BACKBONES, head.POOLINGS).
+FUSIONS = ("deform+concat", "concat", "cnn", "vit")
+CNNS = ("resnet50", "resnet101", "resnet152", "hrnet_w18", "inception_resnet_v2")
+POOLINGS = ("patch", "spatial", "patch+spatial")
 NULL = type(None)
 
 
@@ -56,8 +61,16 @@ def _size(what: str) -> str:
 OPTIONS = [
     Option("name", None, "experiment name: the folder `checkpoints/<name>/`", (str,), shown="(required)"),
     Option("model.patch_size", 8, "8 (ViT-B/8) or 16 (ViT-B/16)", choices=(8, 16)),
+    Option("model.fusion", FUSIONS[0], "the paper's Table 6: `deform+concat` (AHIQ), `concat` (no deformable "
+           "convolution), `cnn` (the CNN branch alone), `vit` (the ViT branch alone); see "
+           "[reproducing.md](reproducing.md#tables-6-8-ablations-pipal-ntire-2022-test-set)", choices=FUSIONS),
+    Option("model.cnn", CNNS[0], "the CNN branch (Table 7), read at its stride-4 stage: `resnet50`, `resnet101`, "
+           "`resnet152`, `hrnet_w18`, `inception_resnet_v2`; not read by `model.fusion: vit`", choices=CNNS),
+    Option("model.pooling", POOLINGS[0], "the paper's Table 8: `patch` (score map weighted by the weight map, "
+           "AHIQ), `spatial` (features averaged, then regressed), `patch+spatial` (the mean of both)",
+           choices=POOLINGS),
     Option("model.vit_pretrained", True, _pretrained("ViT"), (bool, str)),
-    Option("model.cnn_pretrained", True, _pretrained("ResNet50"), (bool, str)),
+    Option("model.cnn_pretrained", True, _pretrained("CNN"), (bool, str)),
     Option("model.weights", None, "a weights folder (`python -m ahiq download --dir`): every weight file from there "
            "and no download; null: `$AHIQ_WEIGHTS`, else torch's hub cache ([weights.md](weights.md)); also "
            "`--weights DIR`", (str, NULL)),
@@ -67,7 +80,8 @@ OPTIONS = [
     Option("model.img_size", 224, _size("the input crop size, a multiple of the patch size"), at_least=16),
     Option("model.vit_dim", 768, _size("the ViT's width, a multiple of its heads"), at_least=1),
     Option("model.vit_heads", 12, _size("the ViT's attention heads"), at_least=1),
-    Option("model.cnn_width", 64, _size("the ResNet's base width (its layer1 gives 12 times as many channels)"),
+    Option("model.cnn_width", 64, _size("the CNN's base width (a ResNet's stride-4 stage gives 12 times as many "
+                                        "channels, HRNet's 16; timm's InceptionResNetV2 has no width)"),
            at_least=1),
     Option("model.fusion_hidden", 512, _size("the fusion's hidden channels"), at_least=1),
     Option("model.head_dim", 256, _size("the head's channels per image after its 1x1 reduction"), at_least=1),
@@ -258,6 +272,9 @@ def _plain_folder_name(name: str) -> bool:
 def _check_relations(options: dict, where: str) -> None:
     """What no single option can check: sizes that must divide, and the split's shares."""
     model = options["model"]
+    if model["fusion"] == "vit" and model["cnn"] != CNNS[0]:
+        raise OptionsError(f"{where}: model.cnn {model['cnn']} names a CNN branch, but model.fusion vit has none; "
+                           f"leave model.cnn out, or choose model.fusion {', '.join(f for f in FUSIONS if f != 'vit')}")
     if model["img_size"] % model["patch_size"]:
         raise OptionsError(f"{where}: model.img_size {model['img_size']} must be a multiple of model.patch_size "
                            f"{model['patch_size']}")

@@ -21,7 +21,8 @@ metric (ahiq.create_metric) on the same pairs as tensors, against ahiq's predict
 official fp32 pattern), and ``all`` also with ``runtime.precision=auto`` (rows ``<case>_auto``: what auto
 chooses here, said in the header); by default where the device computes bf16 natively (the header says
 whether the CPU does). Suite ``flops``: the operations per pair of both paths, counted (the same on any device): what the
-speed-ups can reach before precision and kernels come in. Suite ``chunk``: one pair's 20 crops with 20, 10,
+speed-ups can reach before precision and kernels come in. Suite ``variants``: the operations and weights of
+every variant of the paper's ablations (scripts/run_ablations.py's Tables 6, 7, 8), full size. Suite ``chunk``: one pair's 20 crops with 20, 10,
 8 and 5 crops per forward pass (what the automatic ``runtime.crop_chunk`` rests on). Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d> [(against ahiq fp32 <e>)], peak memory ...
 max |diff| is every row's largest difference from the official pattern over the scores (model, eval), or
@@ -42,7 +43,7 @@ from pathlib import Path
 
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "chunk", "all"], default="all")
+    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "variants", "chunk", "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is a GPU, else cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="model: timed calls per path (the fastest counts); train: timed steps per path")
@@ -366,6 +367,32 @@ def flops_suite(crops: int, per_reference: int) -> None:
           f"GFLOP/pair, ratio {official_step / ahiq_step:.2f}x", flush=True)
 
 
+def variants_suite() -> None:
+    """Per variant of the ablation tables (each once, full size, random weights): GFLOP per reference crop
+    and per distorted crop, as in flops_suite, and the weights built (all; trained, i.e. fusion and head)."""
+    from run_ablations import AHIQ as AHIQ_VARIANT, TABLES
+
+    from ahiq.nn.model import AHIQ
+
+    seen = {}
+    for number, table in TABLES.items():
+        for row in table.rows:
+            seen.setdefault(row.name, (number, row.variant))
+    dist, ref = torch.rand(2, 1, 3, 224, 224)
+    for name, (number, variant) in seen.items():
+        options = {**AHIQ_VARIANT, **variant}
+        torch.manual_seed(0)
+        model = AHIQ(options.pop("patch_size"), False, False, **options).eval()
+        with torch.no_grad():
+            features = model.reference_features(ref)
+            reference_crop = count_gflop(lambda: model.reference_features(ref))
+            distorted_crop = count_gflop(lambda: model.score_with_reference(dist, features))
+        weights = sum(p.numel() for p in model.parameters()) / 1e6
+        trained = sum(p.numel() for k, p in model.named_parameters() if k.startswith(("fusion.", "head."))) / 1e6
+        print(f"variant_{name} (table {number}): {distorted_crop:.1f} GFLOP per distorted crop, {reference_crop:.1f} "
+              f"per reference crop; {weights:.1f}M weights, {trained:.1f}M trained", flush=True)
+
+
 def main() -> None:
     args = arguments().parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -389,6 +416,8 @@ def main() -> None:
         train_suite(device, args.repeats, runtimes)
     if args.suite in ("flops", "all"):
         flops_suite(args.crops or 20, args.distortions or 16)
+    if args.suite in ("variants", "all"):
+        variants_suite()
     if args.suite in ("chunk", "all"):
         chunk_suite(device, args.chunks)
 

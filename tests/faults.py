@@ -81,10 +81,10 @@ def after_call(n: int, function, action):
 
 
 def kill_in_validation(n: int) -> None:
-    real_score = AHIQ.maps_with_reference
+    real_score = AHIQ.predict_with_reference
 
     def arm(*args, **kwargs):  # the second scoring batch of this validation dies
-        AHIQ.maps_with_reference = on_call(2, real_score, lambda *a, **k: die())
+        AHIQ.predict_with_reference = on_call(2, real_score, lambda *a, **k: die())
 
     inference.predict = on_call(n, inference.predict, arm)
 

@@ -4,7 +4,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from ahiq.nn.backbones import RESNET_TAG, VIT_TAGS, ResNetLayer1Features, ViTFeatures, create_timm_model
+from ahiq.nn.backbones import RESNET_TAG, VIT_TAGS, CNNFeatures, ViTFeatures, create_timm_model
 from ahiq.nn.official import OfficialAHIQ
 from ahiq.nn.weights import WeightsError
 from ahiq.nn.zoo import BACKBONES as ZOO_FILES
@@ -42,7 +42,7 @@ def test_vit_features_equal_hooked_first_five_blocks(tmp_path, patch_size):
 def test_resnet_features_equal_hooked_layer1(tmp_path):
     full = timm.create_model(RESNET_TAG, pretrained=False, **TINY_RESNET).eval()
     torch.save({"state_dict": full.state_dict()}, tmp_path / "resnet.pth")
-    ours = ResNetLayer1Features(tmp_path / "resnet.pth", width=8).eval()
+    ours = CNNFeatures("resnet50", tmp_path / "resnet.pth", width=8).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         got = ours(x)
@@ -146,9 +146,11 @@ def test_an_npz_of_another_model_is_one_line_naming_the_file(tmp_path):
 
 def test_the_original_release_names_are_those_timm_downloaded_them_from():
     """The names under which timm 0.5.4 (the official code's) left the backbones in torch's hub cache: the
-    last part of the original URLs, which current timm still records."""
+    last part of the original URLs, where current timm still records them (not for HRNet-W18's and
+    InceptionResNetV2's weights, which are found under their tags only)."""
     for tag, file in ZOO_FILES.items():
-        assert file.also_named == (timm.models.get_pretrained_cfg(tag).url.rsplit("/", 1)[1],)
+        url = timm.models.get_pretrained_cfg(tag).url
+        assert file.also_named == ((url.rsplit("/", 1)[1],) if url else ())
         assert file.name == f"{tag}.safetensors" and file.hf_repo == timm.models.get_pretrained_cfg(tag).hf_hub_id
 
 

@@ -317,7 +317,7 @@ def test_random_backbones_are_refused_unless_allowed(scoring_files, capsys, tmp_
     folder, official, pair = scoring_files
     AHIQ(8, False, False, **TINY).save_checkpoint(folder / "head_only.pth")  # frozen backbones are not saved
     code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "head_only.pth")], capsys)
-    assert code == 2 and "holds no ViT or ResNet weights and model.vit_pretrained (--vit-pretrained) and " \
+    assert code == 2 and "holds no ViT or ResNet50 weights and model.vit_pretrained (--vit-pretrained) and " \
                          "model.cnn_pretrained (--cnn-pretrained) are false" in err, err
     code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "head_only.pth"),
                            "--allow-random-backbones"], capsys)

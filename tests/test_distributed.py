@@ -35,10 +35,13 @@ needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not insta
 @needs_torchrun
 def test_two_processes_train_like_one(tmp_path):
     # Frozen backbones: BatchNorm uses its running statistics, so no statistic depends on the per-process
-    # batch. 75 training pairs in global batches of 8: the last batch (3 pairs) is shared unevenly.
+    # batch. 75 training pairs in global batches of 8: the last batch (3 pairs) is shared unevenly. A variant
+    # of the paper's ablations (Tables 6 and 8), whose every weight DistributedDataParallel must see used
+    # (test_two_nodes_with_fine_tuned_backbones_train_like_one_process trains AHIQ itself).
     options = [f"data.root={tmp_path / 'data'}", "data.options={references: 5, size: 72}", "train.epochs=2",
                "train.batch_size=8", "train.save_interval=1", "train.resume=null", "train.device=cpu", "model.freeze_backbones=true",
-               "data.num_workers=0", *[f"model.{k}={v}" for k, v in TINY.items()]]
+               "data.num_workers=0", "model.fusion=concat", "model.pooling=patch+spatial",
+               *[f"model.{k}={v}" for k, v in TINY.items()]]
     train = [str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml")]
     _run([sys.executable, *train, "name=one", *options], tmp_path)
     _run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *train, "name=two", *options], tmp_path)
@@ -47,6 +50,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert "2 process(es)" in two_log and "1 process(es)" in one_log
     a = torch.load(tmp_path / "checkpoints" / "one" / "latest.pth", weights_only=True)
     b = torch.load(tmp_path / "checkpoints" / "two" / "latest.pth", weights_only=True)
+    assert b["config"]["fusion"] == "concat" and "head.regress.0.weight" in b["model"]
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=0, atol=1e-5, msg=key)
     first = torch.load(tmp_path / "checkpoints" / "one" / "epoch_1.pth", weights_only=True)["model"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torchvision.ops import deform_conv2d
 
-from ahiq.nn.fusion import DeformFusion, deform_conv2d_bilinear
+from ahiq.nn.fusion import CNNFusion, deform_conv2d_bilinear
 from conftest import DEVICES
 
 
@@ -105,7 +105,7 @@ def test_bf16_columns_use_one_bf16_weight_and_keep_the_output_bf16(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("final_stride", [1, 2])
 def test_fusion_implementations_agree(final_stride, device):
-    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride).to(device)
+    fusion = CNNFusion(vit_channels=20, cnn_channels=12, hidden=8, final_stride=final_stride).to(device)
     torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)  # offsets of a few pixels, not near zero
     cnn = torch.randn(4, 12, 16, 16, device=device)  # two distorted images, then their two references
     offset = fusion.offsets(torch.randn(2, 20, 8, 8, device=device), (16, 16))
@@ -121,14 +121,14 @@ def test_fusion_implementations_agree(final_stride, device):
 
 def test_fusion_rejects_unknown_implementation():
     with pytest.raises(ValueError, match="deform_impl"):
-        DeformFusion(4, 4, deform_impl="cuda")
+        CNNFusion(4, 4, deform_impl="cuda")
 
 
 # CPU: groups of 1 image, and uneven groups (3 + 1) over 4 images; CUDA: one image a group
 @pytest.mark.parametrize("device,threads", [("cpu", 1), ("cpu", 3), pytest.param("cuda", 1, marks=DEVICES[1].marks)])
 def test_training_fusion_recomputes_the_columns_with_the_same_gradients(device, threads):
     torch.manual_seed(0)
-    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8).double().to(device)
+    fusion = CNNFusion(vit_channels=20, cnn_channels=12, hidden=8).double().to(device)
     torch.nn.init.normal_(fusion.offset_conv.weight, std=0.5)
     vit = torch.randn(2, 20, 8, 8, dtype=torch.float64, device=device)
     cnn = torch.randn(4, 12, 16, 16, dtype=torch.float64, device=device, requires_grad=True)  # fine-tuned backbones
@@ -159,7 +159,7 @@ def test_training_fusion_recomputes_the_columns_with_the_same_gradients(device, 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_offsets_keep_the_vit_features_not_their_upsampled_copy(device):
-    fusion = DeformFusion(vit_channels=20, cnn_channels=12, hidden=8).double().to(device)
+    fusion = CNNFusion(vit_channels=20, cnn_channels=12, hidden=8).double().to(device)
     vit = torch.randn(2, 20, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
     saved_elements = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved_elements.append(t.numel()) or t, lambda t: t):

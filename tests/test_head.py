@@ -1,6 +1,6 @@
 import torch
 
-from ahiq.nn.head import PatchHead, weighted_mean
+from ahiq.nn.head import QualityHead, weighted_mean
 from ahiq.nn.official import OfficialHead
 
 
@@ -22,7 +22,7 @@ def test_weighted_mean_is_fp32_for_bf16_maps():
 
 def test_head_matches_official_layout():
     official = OfficialHead(in_channels=40, dim=8, hidden=24)
-    ours = PatchHead(40, dim=8, hidden=24)
+    ours = QualityHead(40, dim=8, hidden=24)
     names = {"down_channel": "reduce", "feat_smoothing": "smooth", "conv1": "hidden",
              "conv_attent.0": "attention", "conv.0": "score"}
     state = {}

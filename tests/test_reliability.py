@@ -197,7 +197,7 @@ def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
     def no_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(model, "maps_with_reference", no_memory)
+    monkeypatch.setattr(model, "predict_with_reference", no_memory)
     with pytest.raises(MemoryError, match=r"scoring 4 pairs x 5 crops, 20 crops per forward pass: lower "
                                           r"runtime.crop_chunk \(now 64; --crop-chunk\), or the pairs per batch "
                                           r"\(test.batch_size.*now 4\)"):

@@ -206,7 +206,7 @@ def test_channels_last_stays_nhwc_from_the_vit_map_into_the_head(model_and_pairs
     prepared = runtime.prepare(copy.deepcopy(model), CPU)
     inputs = runtime.inputs(dist[:4], CPU), runtime.inputs(ref[:2], CPU)
     with torch.no_grad():
-        layouts = layouts_on_the_way(prepared, lambda: prepared.maps_with_reference(
+        layouts = layouts_on_the_way(prepared, lambda: prepared.predict_with_reference(
             inputs[0], prepared.reference_features(inputs[1])))
     assert set(layouts) == {"vit", "deformed", "reduce", "smooth"}
     assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in layouts.values()), \

@@ -16,7 +16,7 @@ from ahiq.nn.zoo import is_zoo_name
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, destroy, init_distributed
 from ahiq.scoring.inference import maps_of, predict_shared
-from ahiq.scoring.maps import ONE_MODEL, write_panels
+from ahiq.scoring.maps import check_maps, write_panels
 
 
 def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
@@ -64,12 +64,12 @@ def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
 def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -> dict:
     test_opt = opt["test"]
     paths = checkpoint_paths(opt, experiment_dir)
-    if test_opt["maps"] and len(paths) > 1:  # before the test, not after it
-        raise ValueError(f"test.maps: {ONE_MODEL}")
     part = load_parts(opt["data"], roles=("test",))["test"]
     runtime = Runtime(**opt["runtime"])
     models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
                                                   **opt["model"]), device) for p in paths]
+    if test_opt["maps"]:  # before the test, not after it
+        check_maps(models, "test.maps")
     crop = models[0].config["img_size"]
     check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
     if job.main:

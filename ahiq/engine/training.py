@@ -332,13 +332,15 @@ class Trainer:
         self.skipped += 1
 
     def _images(self, pred: np.ndarray, metrics: dict, epoch: int) -> None:
-        """TensorBoard (rank 0): the validation scatter plot, and the quality-map panels of four fixed
-        validation pairs, scored again with their maps (four pairs, not a pass over the set), on the score
-        range of the first validation, so that the maps are comparable as training goes."""
+        """TensorBoard (rank 0): the validation scatter plot, and where the model has quality maps the panels
+        of four fixed validation pairs, scored again with their maps (four pairs, not a pass over the set), on
+        the score range of the first validation, so that the maps are comparable as training goes."""
         part, step = self.parts["val"], epoch + 1
         title = f"epoch {step}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}"
         self.writer.add_image("val/scatter", scatter_image(pred, part.targets, metrics.get("logistic"), title), step,
                               dataformats="HWC")
+        if self.model.no_maps:  # a pooling without maps (model.pooling spatial): the scatter plot alone
+            return
         shown = sorted(set(np.linspace(0, len(part.pairs) - 1, 4).round().astype(int).tolist()))
         found = maps_of(self.model, part.pairs, shown, self.val_plan, self.device, self.runtime)
         image_maps = [m.image_maps() for m in found]  # (score map, weight map, coverage) each

@@ -1,19 +1,24 @@
-"""The two frozen feature extractors, built from timm and cut where AHIQ stops reading them.
+"""The frozen feature extractors, built from timm and cut where AHIQ stops reading them.
 
 * ViT: the outputs of transformer blocks 0..4 (class token dropped), concatenated on channels.
-* ResNet50: the stem, then the outputs of the three Bottleneck blocks of layer1, concatenated.
+* CNN (``CNN_BACKBONES``, the paper's Table 7): the stem, then the output of every block of the stride-4
+  stage, concatenated: ResNet50's layer1 (AHIQ), ResNet101's and ResNet152's, HRNet-W18's, and
+  InceptionResNetV2's two stride-4 convolutions, whose unpadded windows leave a smaller grid, resampled to
+  the others' (a quarter of the input).
 
 The official code runs both networks to the end with a forward hook on every block; everything after
-block 4 and after layer1 is thrown away, so here it is never built.
+block 4 and after the stride-4 stage is thrown away, so here it is never kept.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
+from dataclasses import dataclass
+from typing import Callable, Union
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ahiq.nn.downloads import locate
@@ -69,8 +74,56 @@ def vit_overrides(img_size: int = 224, dim: int = 768, heads: int = 12) -> dict:
 
 
 def resnet_overrides(width: int = 64) -> dict:
-    """timm keyword arguments for a narrower ResNet50; none for the real one."""
+    """timm keyword arguments for a narrower ResNet; none for the real one."""
     return {} if width == 64 else dict(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
+
+
+def hrnet_overrides(width: int = 64) -> dict:
+    """timm keyword arguments for an HRNet with a narrower stem and stride-4 stage (the later stages, never
+    kept, as they are); none for the real one."""
+    stage1 = dict(num_modules=1, num_branches=1, block_type="BOTTLENECK", num_blocks=(4,), num_channels=(width,),
+                  fuse_method="SUM")
+    return {} if width == 64 else dict(stem_width=width, stage1=stage1)
+
+
+def _resnet_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool), net.layer1
+
+
+def _hrnet_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return nn.Sequential(net.conv1, net.bn1, net.act1, net.conv2, net.bn2, net.act2), net.layer1
+
+
+def _inception_resnet_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return (nn.Sequential(net.conv2d_1a, net.conv2d_2a, net.conv2d_2b, net.maxpool_3a),
+            nn.Sequential(net.conv2d_3b, net.conv2d_4a))
+
+
+@dataclass(frozen=True)
+class CNNBackbone:
+    """One CNN branch of Table 7: its name in messages, the timm weights it starts from (ahiq.nn.zoo.BACKBONES),
+    where it is cut (its stem, and the blocks of its stride-4 stage), the channels those blocks give together
+    for a base width, and the timm arguments that narrow it (``{}``: the real one, or a network timm cannot
+    narrow)."""
+
+    label: str
+    tag: str
+    stage: Callable[[nn.Module], tuple[nn.Module, nn.Module]]
+    channels: Callable[[int], int]
+    narrowed: Callable[[int], dict]
+
+
+# The weights are timm 0.5.4's defaults (what the official code's timm.create_model(..., pretrained=True)
+# gave), by current timm's tags.
+CNN_BACKBONES = {
+    "resnet50": CNNBackbone("ResNet50", RESNET_TAG, _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
+    "resnet101": CNNBackbone("ResNet101", "resnet101.a1h_in1k", _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
+    "resnet152": CNNBackbone("ResNet152", "resnet152.a1h_in1k", _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
+    "hrnet_w18": CNNBackbone("HRNet-W18", "hrnet_w18.ms_in1k", _hrnet_stage, lambda w: 4 * 4 * w, hrnet_overrides),
+    # timm's InceptionResNetV2 has no width argument; its stride-4 stage is small (0.14M weights) as it is
+    "inception_resnet_v2": CNNBackbone("InceptionResNetV2", "inception_resnet_v2.tf_in1k", _inception_resnet_stage,
+                                       lambda w: 80 + 192, lambda w: {}),
+}
 
 
 class ViTFeatures(nn.Module):
@@ -99,20 +152,24 @@ class ViTFeatures(nn.Module):
         return grid if x.is_contiguous(memory_format=torch.channels_last) else grid.contiguous()
 
 
-class ResNetLayer1Features(nn.Module):
-    """Stem and layer1 of a timm ResNet50: [B, 3, S, S] -> [B, 3 * 4 * width, S / 4, S / 4]."""
+class CNNFeatures(nn.Module):
+    """The stem and the stride-4 stage of a timm CNN (``CNN_BACKBONES``): [B, 3, S, S] -> [B, C, S / 4, S / 4],
+    every block's output of the stage concatenated (ResNet50: 3 * 4 * width channels)."""
 
-    def __init__(self, pretrained: Pretrained, width: int = 64):
+    def __init__(self, name: str, pretrained: Pretrained, width: int = 64):
         super().__init__()
-        resnet = create_timm_model(RESNET_TAG, pretrained, **resnet_overrides(width))
-        self.stem = nn.Sequential(resnet.conv1, resnet.bn1, resnet.act1, resnet.maxpool)
-        self.layer1 = resnet.layer1
-        self.out_channels = 3 * 4 * width
+        backbone = CNN_BACKBONES[name]
+        self.stem, self.layer1 = backbone.stage(create_timm_model(backbone.tag, pretrained, **backbone.narrowed(width)))
+        self.out_channels = backbone.channels(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid = (x.shape[-2] // 4, x.shape[-1] // 4)
         x = self.stem(x)
         outputs = []
         for block in self.layer1:
             x = block(x)
-            outputs.append(x)
+            # InceptionResNetV2's unpadded convolutions leave 54 and 52 where the others have 56 (at 224):
+            # resampled to the common grid, which the fusion brings to the ViT's
+            outputs.append(x if x.shape[-2:] == grid else F.interpolate(x, size=grid, mode="bilinear",
+                                                                           align_corners=False))
         return torch.cat(outputs, dim=1)

@@ -1,6 +1,9 @@
 """ViT-guided deformable fusion: offsets predicted from the reference ViT features steer a deformable
-convolution over the shallow CNN features of both images."""
+convolution over the shallow CNN features of both images. ``FUSIONS``: the paper's Table 6, which branches a
+model has and how they are fused."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -96,18 +99,41 @@ def _channel_groups(x: torch.Tensor, n: int, c: int) -> int:
     return split
 
 
-class DeformFusion(nn.Module):
-    """Offsets from the reference ViT features, a deformable 3x3 convolution over the CNN features of both
-    images (both with the reference's offsets), then two convolutions down to the ViT grid."""
+@dataclass(frozen=True)
+class Fusion:
+    """Which branches a model builds: ``vit`` (its features go to the head) and ``cnn`` (its features brought
+    to the ViT grid by CNNFusion, then to the head beside the ViT's), and whether ``deform``: the CNN features
+    go through the deformable convolution steered by the reference's ViT features."""
 
-    def __init__(self, vit_channels: int, cnn_channels: int, hidden: int = 512, final_stride: int = 1,
+    vit: bool
+    cnn: bool
+    deform: bool
+
+
+FUSIONS = {
+    "deform+concat": Fusion(vit=True, cnn=True, deform=True),  # AHIQ
+    "concat": Fusion(vit=True, cnn=True, deform=False),
+    "cnn": Fusion(vit=False, cnn=True, deform=False),
+    "vit": Fusion(vit=True, cnn=False, deform=False),
+}
+
+
+class CNNFusion(nn.Module):
+    """The CNN features brought to the ViT grid by two convolutions. With ``vit_channels`` (AHIQ's
+    ``deform+concat``): first offsets from the reference ViT features and a deformable 3x3 convolution over
+    the CNN features of both images (both with the reference's offsets). Without (``concat``, ``cnn``): the
+    two convolutions alone; no offset or deformable weights are built."""
+
+    def __init__(self, vit_channels: int | None, cnn_channels: int, hidden: int = 512, final_stride: int = 1,
                  deform_impl: str = "bilinear"):
         super().__init__()
         if deform_impl not in ("bilinear", "torchvision"):
             raise ValueError(f"deform_impl must be 'bilinear' or 'torchvision', got {deform_impl!r}")
         self.deform_impl = deform_impl
-        self.offset_conv = nn.Conv2d(vit_channels, 2 * 3 * 3, 3, 1, 1)
-        self.deform = DeformConv2d(cnn_channels, cnn_channels, 3, 1, 1)
+        self.deformable = vit_channels is not None
+        if self.deformable:
+            self.offset_conv = nn.Conv2d(vit_channels, 2 * 3 * 3, 3, 1, 1)
+            self.deform = DeformConv2d(cnn_channels, cnn_channels, 3, 1, 1)
         self.project = nn.Sequential(
             nn.Conv2d(cnn_channels, hidden, 3, stride=2, padding=1),
             nn.ReLU(),
@@ -129,9 +155,12 @@ class DeformFusion(nn.Module):
         # The official order: upsample the ViT features to the CNN grid, then convolve.
         return self.offset_conv(F.interpolate(vit_ref, size=size, mode="nearest"))
 
-    def forward(self, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def forward(self, cnn: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         """CNN features [G * B, C, H, W] of G images per offset map [B, 18, H, W] (image i uses offset
-        i mod B: the distorted and the reference features of a pair share the reference's offsets)."""
+        i mod B: the distorted and the reference features of a pair share the reference's offsets); no
+        offsets without the deformable convolution."""
+        if not self.deformable:
+            return self.project(cnn)
         if self.deform_impl == "torchvision":
             deformed = deform_conv2d(cnn, _per_image(offset, cnn.shape[0]), self.deform.weight, self.deform.bias,
                                      padding=(1, 1))

@@ -1,5 +1,11 @@
-"""Patch-wise prediction head: a score map and an attention-weight map whose weighted mean is the score."""
+"""The quality head: a score per crop from the reduced features of a distorted crop and its reference. The
+pooling (``POOLINGS``, the paper's Table 8) decides how the head's feature map becomes one score: AHIQ's
+patch-wise prediction (a score map and an attention-weight map whose weighted mean is the score), spatial
+pooling, or both."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,11 +24,45 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-class PatchHead(nn.Module):
-    """A shared 1x1 reduction of each image's features, then cat(d - r, d, r) -> score and weight maps."""
+@dataclass(frozen=True)
+class Pooling:
+    """How the head's feature map [N, dim, h, w] becomes a score: ``patch``, a score map and a weight map
+    (sigmoid) from 1x1 convolutions, pooled by their weighted mean; ``spatial``, the features averaged over
+    the grid, then regressed by a two-layer MLP (one linear layer after the average would equal the plain
+    mean of a linear score map: patch-wise prediction without its weights, not another pooling). Both: the
+    mean of the two scores. ``no_maps``: why the pooling has no quality maps (None: its score is their
+    weighted mean)."""
 
-    def __init__(self, in_channels: int, dim: int = 256, hidden: int = 1024):
+    patch: bool
+    spatial: bool
+    no_maps: str | None = None
+
+
+POOLINGS = {
+    "patch": Pooling(patch=True, spatial=False),
+    "spatial": Pooling(patch=False, spatial=True, no_maps="a model with model.pooling=spatial has no quality maps: "
+                       "it regresses its score from features averaged over the crop, with no score or weight map"),
+    "patch+spatial": Pooling(patch=True, spatial=True, no_maps="a model with model.pooling=patch+spatial has no "
+                             "quality maps: half its score is regressed from features averaged over the crop, so "
+                             "the maps' weighted mean is not its score"),
+}
+
+
+class Pooled(NamedTuple):
+    score: torch.Tensor                 # [N], fp32 at least
+    score_map: torch.Tensor | None      # [N, 1, h, w], where the score is the maps' weighted mean
+    weight_map: torch.Tensor | None
+
+
+class QualityHead(nn.Module):
+    """A shared 1x1 reduction of each image's features, then cat(d - r, d, r) -> three convolutions -> the
+    ``pooling`` of POOLINGS."""
+
+    def __init__(self, in_channels: int, dim: int = 256, hidden: int = 1024, pooling: str = "patch"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = POOLINGS[pooling]
         self.reduce = nn.Conv2d(in_channels, dim, 1)
         self.smooth = nn.Sequential(
             nn.Conv2d(3 * dim, hidden, 3, padding=1),
@@ -30,12 +70,16 @@ class PatchHead(nn.Module):
             nn.Conv2d(hidden, 2 * dim, 3, padding=1),
         )
         self.hidden = nn.Sequential(nn.Conv2d(2 * dim, dim, 3, padding=1), nn.ReLU())
-        self.score = nn.Conv2d(dim, 1, 1)
-        self.attention = nn.Conv2d(dim, 1, 1)
+        if self.pooling.patch:
+            self.score = nn.Conv2d(dim, 1, 1)
+            self.attention = nn.Conv2d(dim, 1, 1)
+        if self.pooling.spatial:
+            self.regress = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
 
-    def maps(self, d: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score and weight maps from the reduced features (``self.reduce``) of distorted images ``d``
-        [G * B, C, h, w] and reference images ``r`` [B, C, h, w]: distorted image i against reference i mod B.
+    def predict(self, d: torch.Tensor, r: torch.Tensor) -> Pooled:
+        """The scores of distorted images from the reduced features (``self.reduce``) of the distorted
+        images ``d`` [G * B, C, h, w] and of the reference images ``r`` [B, C, h, w]: distorted image i against
+        reference i mod B.
 
         cat(d - r, d, r) is written into one tensor in ``d``'s memory layout, the reference broadcast over
         the groups (no repeated copy of it, and channels_last input stays channels_last into the convolutions)."""
@@ -49,7 +93,17 @@ class PatchHead(nn.Module):
         parts[:, :, 1] = d5
         parts[:, :, 2] = r5
         x = self.hidden(self.smooth(x))
-        return self.score(x), torch.sigmoid(self.attention(x))
+        scores, score_map, weight_map = [], None, None
+        if self.pooling.patch:
+            score_map, weight_map = self.score(x), torch.sigmoid(self.attention(x))
+            scores.append(weighted_mean(score_map, weight_map))
+        if self.pooling.spatial:
+            regressed = self.regress(x.mean(dim=(2, 3)))[:, 0]
+            scores.append(regressed.to(torch.promote_types(regressed.dtype, torch.float32)))
+        score = scores[0] if len(scores) == 1 else (scores[0] + scores[1]) / 2
+        if self.pooling.no_maps:
+            return Pooled(score, None, None)
+        return Pooled(score, score_map, weight_map)
 
     def forward(self, feats_dist: torch.Tensor, feats_ref: torch.Tensor) -> torch.Tensor:
-        return weighted_mean(*self.maps(self.reduce(feats_dist), self.reduce(feats_ref)))
+        return self.predict(self.reduce(feats_dist), self.reduce(feats_ref)).score

@@ -10,15 +10,18 @@ import torch
 from torch import nn
 
 from ahiq.messages import listed
-from ahiq.nn.backbones import Pretrained, ResNetLayer1Features, ViTFeatures, resnet_overrides, vit_overrides
+from ahiq.nn.backbones import CNN_BACKBONES, CNNFeatures, Pretrained, ViTFeatures, vit_overrides
 from ahiq.nn.downloads import locate
-from ahiq.nn.fusion import DeformFusion
-from ahiq.nn.head import PatchHead, weighted_mean
+from ahiq.nn.fusion import FUSIONS, CNNFusion
+from ahiq.nn.head import POOLINGS, Pooled, QualityHead
 from ahiq.nn.weights import WeightsError, atomic_save, check_state_dict, read_weight_file
-from ahiq.nn.zoo import BACKBONES, RESNET_TAG, VIT_TAGS, ZOO, find, is_zoo_name
+from ahiq.nn.zoo import BACKBONES, VIT_TAGS, ZOO, find, is_zoo_name
 
 CHECKPOINT_FORMAT = "ahiq"
 CHECKPOINT_VERSION = 1
+# The variant of the paper's AHIQ (Tables 6, 7, 8): what the official format holds, and what a checkpoint of
+# this project's written before the variants existed (its config without these keys) was trained as.
+AHIQ_VARIANT = {"fusion": "deform+concat", "cnn": "resnet50", "pooling": "patch"}
 
 # The official checkpoint's two state dicts, module by module, and where each lives here.
 OFFICIAL_MODULES = {
@@ -62,8 +65,20 @@ def ahiq_to_official(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
 
 
 class ReferenceFeatures(NamedTuple):
-    offset: torch.Tensor   # [B, 18, H, W] deformable offsets on the CNN grid
-    reduced: torch.Tensor  # [B, head_dim, h, w] the head's 1x1 reduction of cat(ViT, fused CNN)
+    offset: torch.Tensor | None  # [B, 18, H, W] deformable offsets on the CNN grid (None: no deformable fusion)
+    reduced: torch.Tensor        # [B, head_dim, h, w] the head's 1x1 reduction of cat(ViT, fused CNN)
+
+    def crops(self, start: int, stop: int) -> "ReferenceFeatures":
+        """The features of reference crops start..stop-1."""
+        return ReferenceFeatures(None if self.offset is None else self.offset[start:stop], self.reduced[start:stop])
+
+    @staticmethod
+    def joined(parts: list["ReferenceFeatures"]) -> "ReferenceFeatures":
+        """Features of consecutive groups of crops, as one."""
+        if len(parts) == 1:
+            return parts[0]
+        offset = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
+        return ReferenceFeatures(offset, torch.cat([p.reduced for p in parts]))
 
 
 FROM_PRETRAINED = "Load it with AHIQ.from_pretrained, which builds the architecture it was saved for"
@@ -73,8 +88,10 @@ class AHIQ(nn.Module):
     """Attention-based Hybrid IQA (Lao, Gong et al., CVPRW 2022), full-reference.
 
     ``model(dist, ref)`` takes RGB tensors in [0, 1] of shape [B, 3, img_size, img_size] and returns [B]
-    scores. The keyword arguments after ``cnn_pretrained`` shrink the network for tests and the demo; the
-    defaults are the paper's.
+    scores. The sizes after ``cnn_pretrained`` shrink the network for tests and the demo; ``fusion``
+    (ahiq.nn.fusion.FUSIONS), ``cnn`` (ahiq.nn.backbones.CNN_BACKBONES) and ``pooling``
+    (ahiq.nn.head.POOLINGS) choose the ablations of the paper's Tables 6, 7 and 8. The defaults are the
+    paper's AHIQ; a variant builds only the parts it runs.
     """
 
     def __init__(
@@ -90,35 +107,59 @@ class AHIQ(nn.Module):
         fusion_hidden: int = 512,
         head_dim: int = 256,
         head_hidden: int = 1024,
+        fusion: str = AHIQ_VARIANT["fusion"],
+        cnn: str | None = AHIQ_VARIANT["cnn"],
+        pooling: str = AHIQ_VARIANT["pooling"],
         freeze_backbones: bool = True,
         deform_impl: str = "bilinear",
     ):
         super().__init__()
+        for value, table, what in ((fusion, FUSIONS, "fusion"), (pooling, POOLINGS, "pooling")):
+            if value not in table:
+                raise ValueError(f"{what} must be one of {', '.join(table)}, got {value!r}")
+        branches = FUSIONS[fusion]
+        if branches.cnn and cnn not in CNN_BACKBONES:
+            raise ValueError(f"cnn must be one of {', '.join(CNN_BACKBONES)}, got {cnn!r}")
         # What a checkpoint must agree on; pretrained sources and implementation choices are not part of it.
         self.config = dict(patch_size=patch_size, img_size=img_size, vit_dim=vit_dim, vit_heads=vit_heads,
                            cnn_width=cnn_width, fusion_hidden=fusion_hidden, head_dim=head_dim,
-                           head_hidden=head_hidden)
-        self.vit = ViTFeatures(patch_size, vit_pretrained, img_size=img_size, dim=vit_dim, heads=vit_heads)
-        self.cnn = ResNetLayer1Features(cnn_pretrained, width=cnn_width)
-        # The CNN grid is img_size / 4; the fusion's two convolutions bring it down to the ViT grid.
-        self.fusion = DeformFusion(self.vit.out_channels, self.cnn.out_channels, hidden=fusion_hidden,
-                                   final_stride=patch_size // 8, deform_impl=deform_impl)
-        self.head = PatchHead(self.vit.out_channels + self.cnn.out_channels, dim=head_dim, hidden=head_hidden)
+                           head_hidden=head_hidden, fusion=fusion, cnn=cnn if branches.cnn else None, pooling=pooling)
+        self.vit = self.cnn = self.fusion = None
+        channels = 0
+        if branches.vit:
+            self.vit = ViTFeatures(patch_size, vit_pretrained, img_size=img_size, dim=vit_dim, heads=vit_heads)
+            channels += self.vit.out_channels
+        if branches.cnn:
+            self.cnn = CNNFeatures(cnn, cnn_pretrained, width=cnn_width)
+            # The CNN grid is img_size / 4; the fusion's two convolutions bring it down to the ViT grid.
+            self.fusion = CNNFusion(self.vit.out_channels if branches.deform else None, self.cnn.out_channels,
+                                    hidden=fusion_hidden, final_stride=patch_size // 8, deform_impl=deform_impl)
+            channels += self.cnn.out_channels
+        self.head = QualityHead(channels, dim=head_dim, hidden=head_hidden, pooling=pooling)
         self.freeze_backbones = freeze_backbones
         if freeze_backbones:
             for p in self.backbone_parameters():
                 p.requires_grad_(False)
         self.train(False)
 
+    def backbones(self) -> list[nn.Module]:
+        """The feature extractors this variant has (the ViT, the CNN, or both)."""
+        return [branch for branch in (self.vit, self.cnn) if branch is not None]
+
     def backbone_parameters(self):
-        yield from self.vit.parameters()
-        yield from self.cnn.parameters()
+        for branch in self.backbones():
+            yield from branch.parameters()
+
+    @property
+    def no_maps(self) -> str | None:
+        """Why this model has no quality maps (its pooling's reason), or None: its score is their weighted mean."""
+        return self.head.pooling.no_maps
 
     def train(self, mode: bool = True) -> "AHIQ":
         super().train(mode)
         if self.freeze_backbones:  # frozen backbones keep their BatchNorm statistics and no dropout
-            self.vit.eval()
-            self.cnn.eval()
+            for branch in self.backbones():
+                branch.eval()
         # Fine-tuned backbones train their BatchNorm scale and shift, never their statistics: normalising by
         # the batch would make an image's result depend on the others in its batch, and under torchrun on how
         # the global batch is shared out (each process its own share, its padding copies included).
@@ -127,39 +168,43 @@ class AHIQ(nn.Module):
                 module.eval()
         return self
 
-    def _backbones(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _backbones(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Frozen backbones run without autograd (training the head needs nothing of them), unless a gradient
         # with respect to the input itself is asked for (AHIQ as a loss).
         needs_autograd = not self.freeze_backbones or x.requires_grad
         x = (x - 0.5) / 0.5  # the official normalisation, for both backbones
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_autograd):
-            return self.vit(x), self.cnn(x)
+            return (None if self.vit is None else self.vit(x)), (None if self.cnn is None else self.cnn(x))
 
-    def _reduced(self, vit: torch.Tensor, cnn: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """The head's 1x1 reduction of cat(ViT, CNN fused with ``offset``)."""
-        return self.head.reduce(torch.cat((vit, self.fusion(cnn, offset)), dim=1))
+    def _reduced(self, vit: torch.Tensor | None, cnn: torch.Tensor | None, offset: torch.Tensor | None) -> torch.Tensor:
+        """The head's 1x1 reduction of cat(ViT, CNN fused with ``offset``), of the branches there are."""
+        parts = [t for t in (vit, None if cnn is None else self.fusion(cnn, offset)) if t is not None]
+        return self.head.reduce(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
 
     def reference_features(self, ref: torch.Tensor) -> ReferenceFeatures:
         """What scoring needs of the reference crops: the deformable offsets and the head's reduced features.
         Computed once, they serve every distorted image cut at the same windows."""
         vit, cnn = self._backbones(ref)
-        offset = self.fusion.offsets(vit, cnn.shape[-2:])
+        offset = self.fusion.offsets(vit, cnn.shape[-2:]) if self.fusion is not None and self.fusion.deformable else None
         return ReferenceFeatures(offset, self._reduced(vit, cnn, offset))
 
     def score_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> torch.Tensor:
         """Scores of distorted crops [G * B, 3, S, S] against reference features of B crops (crop i of the
         distorted batch uses reference crop i mod B): [G * B]."""
-        return weighted_mean(*self.maps_with_reference(dist, ref))
+        return self.predict_with_reference(dist, ref).score
 
-    def maps_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        """The score map and the weight map [G * B, 1, h, w] on the ViT grid whose weighted mean is the score."""
-        return self.head.maps(self._reduced(*self._backbones(dist), ref.offset), ref.reduced)
+    def predict_with_reference(self, dist: torch.Tensor, ref: ReferenceFeatures) -> Pooled:
+        """The scores [G * B] (fp32 at least), with the score map and the weight map [G * B, 1, h, w] on the
+        ViT grid whose weighted mean they are (None for a pooling without maps, ``no_maps``)."""
+        return self.head.predict(self._reduced(*self._backbones(dist), ref.offset), ref.reduced)
 
     def score_with_maps(self, dist: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward pass: scores [B], and the score map and weight map [B, h, w] on the ViT grid (28 x 28
         for patch 8, 14 x 14 for patch 16) whose weighted mean the score is."""
-        score_map, weight_map = self.maps_with_reference(dist, self.reference_features(ref))
-        return weighted_mean(score_map, weight_map), score_map[:, 0], weight_map[:, 0]
+        if self.no_maps:
+            raise ValueError(self.no_maps)
+        pooled = self.predict_with_reference(dist, self.reference_features(ref))
+        return pooled.score, pooled.score_map[:, 0], pooled.weight_map[:, 0]
 
     def forward(self, dist: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         if dist.shape != ref.shape:
@@ -179,12 +224,26 @@ class AHIQ(nn.Module):
     def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
         atomic_save({**self.checkpoint(), **extra}, path)
 
+    def save_official_checkpoint(self, path: str | os.PathLike) -> None:
+        """The fusion and head in the official released format (``deform_net_model_state_dict`` and
+        ``regressor_model_state_dict``), which the official code loads: only the paper's AHIQ variant with
+        frozen backbones fits it."""
+        variant = {k: self.config[k] for k in AHIQ_VARIANT}
+        if variant != AHIQ_VARIANT or not self.freeze_backbones:
+            what = (", ".join(f"model.{k}={v}" for k, v in variant.items() if v != AHIQ_VARIANT[k])
+                    or "fine-tuned backbones")
+            raise WeightsError(f"{path}: the official format holds only AHIQ's fusion and head (model.fusion="
+                               f"deform+concat, model.cnn=resnet50, model.pooling=patch, frozen backbones), which the "
+                               f"official code reads; this model has {what}: save it with save_checkpoint")
+        atomic_save(ahiq_to_official(self.state_dict()), path)
+
     def restore(self, saved: Any, path: Path, advice: str = FROM_PRETRAINED) -> dict[str, Any]:
         """Load the weights of a checkpoint already read from ``path`` (named in errors) into this model:
         the official released format or this project's. Returns ``saved``. ``advice``: what to do when the
         checkpoint is of another architecture. To obtain a trained model, use AHIQ.from_pretrained."""
-        if _is_project_checkpoint(saved, path):
-            self._check_config(saved.get("config", {}), path, advice)
+        project = _is_project_checkpoint(saved, path)
+        self._check_config(saved_config(saved, project), path, advice)
+        if project:
             state = saved["model"]
         else:
             self._check_official_patch_size(path)
@@ -239,8 +298,8 @@ class AHIQ(nn.Module):
             weights, name = checkpoint, _released_in(Path(checkpoint))
         elif is_zoo_name(checkpoint):
             name = checkpoint
-        if name is not None:  # a released model: its own patch size; the file and the backbones found together
-            opt["patch_size"] = ZOO[name].patch_size
+        if name is not None:  # a released model: its own architecture; the file and the backbones found together
+            opt.update(AHIQ_VARIANT, patch_size=ZOO[name].patch_size)
             wanted = _backbone_files(opt)
             path, *backbones = locate([ZOO[name].file, *wanted.values()], weights)
             saved = read_weight_file(path)
@@ -249,19 +308,19 @@ class AHIQ(nn.Module):
             saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
         project = _is_project_checkpoint(saved, path)
         held = saved["model"].keys() if project else ()  # official files hold no backbones
-        if project:  # the architecture it was saved for
-            opt.update({k: v for k, v in saved.get("config", {}).items() if k in opt})
+        # the architecture it was saved for (official files: AHIQ's)
+        opt.update({k: v for k, v in saved_config(saved, project).items() if k in opt})
         if name is None:
             wanted = _backbone_files(opt, held)
             backbones = locate(list(wanted.values()), weights)
         opt.update(zip(wanted, backbones))
-        opt.update({option: False for option, _, prefix in _BACKBONE_OPTIONS if _holds(held, prefix)})
+        opt.update({option: False for option, _, prefix in _backbone_options(opt) if _holds(held, prefix)})
         model = _build(opt)
         model.restore(saved, path)  # a checkpoint that does not fit is the first thing to report
         model.source = path  # the file the model came from, and where its backbones' weights came from
         model.backbone_sources = tuple("checkpoint" if _holds(held, prefix) else str(opt[option])
-                                       for option, _, prefix in _BACKBONE_OPTIONS)
-        random = [(option, what) for option, what, prefix in _BACKBONE_OPTIONS
+                                       for option, _, prefix in _backbone_options(opt))
+        random = [(option, what) for option, what, prefix in _backbone_options(opt)
                   if opt[option] is False and not _holds(held, prefix)]
         if random and not allow_random_backbones:
             options = " and ".join(f"model.{o} (--{o.replace('_', '-')})" for o, _ in random)
@@ -285,12 +344,17 @@ def _is_project_checkpoint(saved: Any, path: Path) -> bool:
                        f"({' + '.join(OFFICIAL_MODULES)}) or this project's ('format': 'ahiq')")
 
 
-# (option, what, state-dict prefix) of each backbone
-_BACKBONE_OPTIONS = (("vit_pretrained", "ViT", "vit."), ("cnn_pretrained", "ResNet", "cnn."))
+def saved_config(saved: dict, project: bool) -> dict:
+    """The architecture a checkpoint was saved for: its config (one written before the variants existed is
+    AHIQ), or for an official file AHIQ's variant (its patch size is told by its name)."""
+    return {**AHIQ_VARIANT, **(saved.get("config", {}) if project else {})}
 
 
-def _backbone_tags(patch_size: int) -> dict[str, str]:
-    return {"vit_pretrained": VIT_TAGS[patch_size], "cnn_pretrained": RESNET_TAG}
+def _backbone_options(opt: dict) -> list[tuple[str, str, str]]:
+    """(option, what, state-dict prefix) of each backbone the model of the options ``opt`` builds."""
+    branches = FUSIONS[opt["fusion"]]
+    return ([("vit_pretrained", "ViT", "vit.")] if branches.vit else []) + \
+        ([("cnn_pretrained", CNN_BACKBONES[opt["cnn"]].label, "cnn.")] if branches.cnn else [])
 
 
 def _holds(keys, prefix: str) -> bool:
@@ -298,12 +362,16 @@ def _holds(keys, prefix: str) -> bool:
 
 
 def _backbone_files(opt: dict, held=()) -> dict:
-    """{option: released backbone file} for the pretrained options that are ``True``, except the backbones
-    the checkpoint holds."""
-    tags = _backbone_tags(opt["patch_size"])
-    wanted = [option for option, _, prefix in _BACKBONE_OPTIONS if opt[option] is True and not _holds(held, prefix)]
-    reduced = {"vit_pretrained": vit_overrides(opt["img_size"], opt["vit_dim"], opt["vit_heads"]),
-               "cnn_pretrained": resnet_overrides(opt["cnn_width"])}
+    """{option: released backbone file} for the pretrained options that are ``True`` of the backbones the
+    model builds, except those the checkpoint holds."""
+    tags, reduced = {}, {}
+    if FUSIONS[opt["fusion"]].vit:
+        tags["vit_pretrained"] = VIT_TAGS[opt["patch_size"]]
+        reduced["vit_pretrained"] = vit_overrides(opt["img_size"], opt["vit_dim"], opt["vit_heads"])
+    if FUSIONS[opt["fusion"]].cnn:
+        tags["cnn_pretrained"] = CNN_BACKBONES[opt["cnn"]].tag
+        reduced["cnn_pretrained"] = CNN_BACKBONES[opt["cnn"]].narrowed(opt["cnn_width"])
+    wanted = [option for option, _, prefix in _backbone_options(opt) if opt[option] is True and not _holds(held, prefix)]
     for option in wanted:
         if reduced[option]:
             raise ValueError(f"model.{option} is true, but {tags[option]} with {reduced[option]} is a reduced "
@@ -325,6 +393,7 @@ def _released_in(folder: Path) -> str:
 # ---- from the options ----------------------------------------------------------------------------------
 
 SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
+ARCHITECTURE_KEYS = (*SIZE_KEYS, *AHIQ_VARIANT)
 
 
 def build_model(model_opt: dict) -> AHIQ:
@@ -336,4 +405,4 @@ def build_model(model_opt: dict) -> AHIQ:
 
 def _build(opt: dict) -> AHIQ:
     return AHIQ(opt["patch_size"], opt["vit_pretrained"], opt["cnn_pretrained"], freeze_backbones=opt["freeze_backbones"],
-                deform_impl=opt["deform_impl"], **{k: opt[k] for k in SIZE_KEYS})
+                deform_impl=opt["deform_impl"], **{k: opt[k] for k in ARCHITECTURE_KEYS})

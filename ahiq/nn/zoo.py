@@ -69,6 +69,12 @@ BACKBONES = {
     RESNET_TAG: WeightFile(f"{RESNET_TAG}.safetensors", also_named=("resnet50_a1_0-14fe96d1.pth",),
                            hf_repo=f"timm/{RESNET_TAG}"),
 }
+# The other CNN branches of the paper's Table 7 (ahiq.nn.backbones.CNN_BACKBONES): timm 0.5.4's default weights,
+# under the name timm 0.5.4 saved them where current timm still records it.
+_OTHER_CNNS = {"resnet101.a1h_in1k": ("resnet101_a1h-36d3f2aa.pth",), "resnet152.a1h_in1k": ("resnet152_a1h-dc400468.pth",),
+               "hrnet_w18.ms_in1k": (), "inception_resnet_v2.tf_in1k": ()}
+BACKBONES.update({tag: WeightFile(f"{tag}.safetensors", also_named=old, hf_repo=f"timm/{tag}")
+                  for tag, old in _OTHER_CNNS.items()})
 
 
 @dataclass(frozen=True)

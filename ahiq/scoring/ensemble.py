@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from ahiq.data.crops import CropPlan
-from ahiq.nn.head import weighted_mean
 from ahiq.nn.model import AHIQ, ReferenceFeatures
 from ahiq.runtime.device import Runtime
-from ahiq.scoring.maps import ONE_MODEL, QualityMaps
+from ahiq.scoring.maps import QualityMaps, check_maps
 
 
 @dataclass
@@ -43,8 +42,8 @@ def score_group(models: Sequence[AHIQ], plan: CropPlan, ref: torch.Tensor | None
     one reference ``ref`` [3, H, W]: crops cut by ``plan`` (seeded by ``ref_name``), the reference's features
     computed once, or taken from ``features`` (an earlier call's for the same reference; ``ref`` may then be
     None). ``maps``: also each pair's QualityMaps, from the same forward passes (one model only)."""
-    if maps and len(models) > 1:
-        raise ValueError(ONE_MODEL)
+    if maps:
+        check_maps(models)
     height, width = dists[0].shape[-2:]
     windows = plan.windows(height, width, ref_name)
     if features is None:
@@ -65,7 +64,7 @@ def _in_chunks(forward, crops: torch.Tensor, runtime: Runtime, device: torch.dev
     for a in range(0, crops.shape[0], chunk):
         with runtime.autocast(device):
             parts.append(forward(runtime.inputs(crops[a:a + chunk], device)))
-    return parts[0] if len(parts) == 1 else ReferenceFeatures(*(torch.cat(t) for t in zip(*parts)))
+    return ReferenceFeatures.joined(parts)
 
 
 def _score_crops(models: Sequence[AHIQ], features: Sequence[ReferenceFeatures], dist_crops: torch.Tensor,
@@ -78,24 +77,24 @@ def _score_crops(models: Sequence[AHIQ], features: Sequence[ReferenceFeatures], 
     per_model = []
     kept = None
     for model, ref in zip(models, features):
-        forward = runtime.entry(model, "maps_with_reference")
+        forward = runtime.entry(model, "predict_with_reference")
         totals = []  # per window of crops: [P] sums, concatenated so that autograd sees no in-place update
         for a in range(0, k, chunk):
             window = min(chunk, k - a)
-            feats = ReferenceFeatures(ref.offset[a:a + window], ref.reduced[a:a + window])
+            feats = ref.crops(a, a + window)
             per_pass = max(1, chunk // window)
             sums = []
             for s in range(0, p, per_pass):
                 crops = runtime.inputs(dist_crops[s:s + per_pass, a:a + window].flatten(0, 1), device)
                 with runtime.autocast(device):
-                    score_map, weight_map = forward(crops, feats)
-                score = weighted_mean(score_map, weight_map)  # float32 under bf16 autocast; float64 stays float64
-                sums.append(score.to(torch.promote_types(score.dtype, torch.float32)).view(-1, window).sum(1))
+                    pooled = forward(crops, feats)  # its score: float32 under bf16 autocast; float64 stays
+                sums.append(pooled.score.view(-1, window).sum(1))
                 if maps:
+                    grid = pooled.score_map.shape[-2:]
                     if kept is None:
-                        kept = np.empty((2, p, k, *score_map.shape[-2:]), np.float32)
-                    kept[:, s:s + per_pass, a:a + window] = torch.stack((score_map, weight_map)).detach().float().view(
-                        2, -1, window, *score_map.shape[-2:]).cpu().numpy()
+                        kept = np.empty((2, p, k, *grid), np.float32)
+                    kept[:, s:s + per_pass, a:a + window] = torch.stack((pooled.score_map, pooled.weight_map)).detach(
+                    ).float().view(2, -1, window, *grid).cpu().numpy()
             totals.append(torch.cat(sums))
         per_model.append(torch.stack(totals).sum(0) / k)
     return torch.stack(per_model).mean(0), kept

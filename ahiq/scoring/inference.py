@@ -16,7 +16,7 @@ from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, gather_object
 from ahiq.runtime.signals import ignore_in_workers, shut_down_after
 from ahiq.scoring.ensemble import out_of_memory_advice, score_group
-from ahiq.scoring.maps import ONE_MODEL, QualityMaps
+from ahiq.scoring.maps import QualityMaps, check_maps
 
 
 @torch.no_grad()
@@ -33,8 +33,8 @@ def predict(models: Sequence[AHIQ], part: Part, plan: CropPlan, batch_size: int 
     scored). ``on_reference(indices, scores)`` is called as each reference's pairs are done; ``on_maps(indices,
     maps)`` with each batch's QualityMaps (one model only); ``progress``: a progress bar (a string: its
     label)."""
-    if on_maps is not None and len(models) > 1:
-        raise ValueError(ONE_MODEL)
+    if on_maps is not None:
+        check_maps(models)
     groups = reference_groups(part.pairs)
     batched = [group[a:a + batch_size] for group in groups for a in range(0, len(group), batch_size)]
     ends_reference = [a + batch_size >= len(group) for group in groups for a in range(0, len(group), batch_size)]

@@ -13,6 +13,16 @@ import numpy as np
 ONE_MODEL = "quality maps come from one model: give one checkpoint, not an ensemble"
 
 
+def check_maps(models, option: str = "") -> None:
+    """Quality maps come from one model whose score is their weighted mean (its pooling has them, AHIQ.no_maps):
+    a one-line error otherwise, prefixed by the ``option`` that asked for them."""
+    prefix = f"{option}: " if option else ""
+    if len(models) > 1:
+        raise ValueError(prefix + ONE_MODEL)
+    if models[0].no_maps:
+        raise ValueError(prefix + models[0].no_maps)
+
+
 @dataclass
 class QualityMaps:
     """One pair's maps. ``crop_score_maps``/``crop_weight_maps`` [K, h, w] on the ViT grid and ``windows``

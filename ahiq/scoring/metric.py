@@ -22,7 +22,7 @@ from ahiq.nn.model import AHIQ
 from ahiq.nn.zoo import ZOO
 from ahiq.runtime.device import Runtime, select_device
 from ahiq.scoring.ensemble import out_of_memory_advice, score_group
-from ahiq.scoring.maps import ONE_MODEL, QualityMaps
+from ahiq.scoring.maps import QualityMaps, check_maps
 
 PathLike = str | os.PathLike
 NAMES = {"ahiq": "pipal"}  # the metric's name in IQA libraries -> the released model it means
@@ -77,12 +77,12 @@ class AHIQMetric(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the metric computes: where its weights are (it follows ``.to(...)``)."""
-        return self.models[0].head.score.weight.device
+        return self.models[0].head.reduce.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
         """The weights' dtype, which inputs are given (it follows ``.double()``)."""
-        return self.models[0].head.score.weight.dtype
+        return self.models[0].head.reduce.weight.dtype
 
     def forward(self, dist: Any, ref: Any, ref_names: Sequence[str] | None = None) -> torch.Tensor:
         """[B] scores of B pairs; as a loss (``as_loss``), the weighted, reduced scores."""
@@ -102,8 +102,7 @@ class AHIQMetric(nn.Module):
     def maps(self, dist: Any, ref: Any, ref_name: str = "") -> QualityMaps:
         """One pair's score with its quality maps (ahiq.scoring.maps), from the same crops and forward passes as the
         score; one model (not an ensemble)."""
-        if len(self.models) > 1:
-            raise ValueError(ONE_MODEL)
+        check_maps(self.models)
         dists, refs, names = self._pairs(dist, ref, [ref_name] if ref_name else None)
         if len(dists) != 1:
             raise ValueError(f"maps takes one pair, got {len(dists)}")

@@ -25,7 +25,7 @@ from ahiq.runtime.signals import StopSignals, Stopped
 from ahiq.scoring.inference import maps_of, predict, reference_shares
 from ahiq.scoring.journal import (Journal, check_settings, check_writable, count_rows, csv_row, finish, journal_paths,
                                   read_journals, record_settings)
-from ahiq.scoring.maps import ONE_MODEL, QualityMaps, map_file_stems, write_panels
+from ahiq.scoring.maps import QualityMaps, check_maps, map_file_stems, write_panels
 
 PathLike = str | os.PathLike
 
@@ -126,8 +126,7 @@ class Scorer:
     def maps(self, dist: PathLike, ref: PathLike) -> QualityMaps:
         """Two files' score with the maps it is pooled from (ahiq.scoring.maps): per crop on the ViT grid, and at
         image resolution. One model (not an ensemble); the same forward pass as the score."""
-        if len(self.models) > 1:
-            raise ValueError(ONE_MODEL)
+        check_maps(self.models)
         pairs = pair_files(dist, ref)
         check_images(pairs, self.plan.size, whole=self.plan.mode == "whole")
         return maps_of(self.models[0], pairs, [0], self.plan, self.device, self.runtime)[0]
@@ -144,8 +143,8 @@ def score_to_file(scorer: Scorer, pairs: Pairs, out: Path | None, job: Job = Job
     the next reference with everything scored kept (Stopped). ``maps``: a folder that gets each pair's
     quality maps (``<name>.npz``, saved as the pair is scored) and, at the end, its panel (``<name>.png``).
     ``heading``: printed (rank 0, standard error) once everything is checked, as scoring begins."""
-    if maps is not None and len(scorer.models) > 1:  # before anything is scored
-        raise ValueError(ONE_MODEL)
+    if maps is not None:  # before anything is scored
+        check_maps(scorer.models)
     saver = _map_saver(scorer, pairs, maps)
 
     def announce():
