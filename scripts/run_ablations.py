@@ -10,8 +10,10 @@ by train.py with train.resume=auto, so an interrupted row continues where it sto
 on the option file's test part. A row trained and tested with the same options before is not run again (its
 result is kept in the experiment's ablation.json). --jobs N runs N rows at once, each in its own processes
 (on a CPU each with its share of the threads). The table goes to checkpoints/<name>_table<N>/table.md and
-table.csv, and is printed; each row's output to logs/<experiment>.log beside them. Every row's options are
-checked before the first one trains.
+table.csv, and is printed; each row's output to logs/<experiment>.log beside them. Every row's options and
+the pretrained weights every row needs are checked (fetched where they are missing, as train.py would)
+before the first row trains. Exit status 1 when a row failed (its cell in the table says why), 2 for a
+problem found before any row trained.
 """
 from __future__ import annotations
 
@@ -95,6 +97,12 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+def say(line: str) -> None:
+    """One line of progress, whole: rows run in threads."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def row_options(args, row: Row, threads: int | None) -> list[str]:
     """The command-line options of the row's train.py and test.py."""
     return ["--opt", str(args.opt), *args.overrides, *row.overrides(), f"name={row.experiment(args.base)}",
@@ -110,10 +118,10 @@ def run_row(args, row: Row, threads: int | None, log_dir: Path) -> dict:
     if record.is_file():
         kept = json.loads(record.read_text())
         if kept.get("options") == _comparable(options):
-            print(f"{experiment.name}: trained and tested before with these options, not run again", flush=True)
+            say(f"{experiment.name}: trained and tested before with these options, not run again")
             return kept["result"]
     log = log_dir / f"{experiment.name}.log"
-    print(f"{experiment.name}: training and testing (output in {log})", flush=True)
+    say(f"{experiment.name}: training and testing (output in {log})")
     with open(log, "a") as out:
         for script in ("train.py", "test.py"):
             command = [sys.executable, str(ROOT / script), *row_options(args, row, threads)]
@@ -123,11 +131,11 @@ def run_row(args, row: Row, threads: int | None, log_dir: Path) -> dict:
             if done.returncode:
                 last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
                 what = f"{script} exited with {done.returncode}: {last[0] if last else ''}"
-                print(f"{experiment.name}: {what} (see {log})", flush=True)
+                say(f"{experiment.name}: {what} (see {log})")
                 return {"failed": what}
     result = _test_result(options, experiment)
     record.write_text(json.dumps({"options": _comparable(options), "result": result}, indent=1))
-    print(f"{experiment.name}: done", flush=True)
+    say(f"{experiment.name}: done")
     return result
 
 
@@ -175,9 +183,14 @@ def main(argv=None) -> int:
     try:
         base = load_options(args.opt, args.overrides)
         args.base = base["name"]
-        for row in table.rows:  # every row's options checked before the first trains
-            load_options(args.opt, row_options(args, row, None)[2:])
-    except (OptionsError, FileNotFoundError, ValueError) as exc:
+        # every row's options, and the pretrained weights of them all, before the first row trains
+        rows = [load_options(args.opt, row_options(args, row, None)[2:]) for row in table.rows]
+        from ahiq.nn.downloads import DownloadError, locate
+        from ahiq.nn.model import backbone_files
+
+        wanted = {file: None for opt in rows for file in backbone_files(opt["model"]).values()}
+        locate(list(wanted), base["model"]["weights"])
+    except (OptionsError, FileNotFoundError, ValueError, DownloadError) as exc:
         print(f"error: {for_the_user(exc)}", file=sys.stderr)
         return 2
     threads = None

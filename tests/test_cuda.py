@@ -3,7 +3,9 @@ channels_last, torch.compile and a bf16 training step, and the demo trained, res
 Skipped without a CUDA device (CI has none). Parametrised over the devices present (conftest.DEVICES), so
 also run on CUDA there: the fusion tests (test_fusion.py) and grouped prediction against per-pair scoring
 (test_evaluation.py). Bit-exact resume is tested on the CPU only: CUDA's atomic adds in grid_sample's
-backward pass are not deterministic."""
+backward pass are not deterministic. Without a GPU, test_fake_cuda.py traces the same paths on fake CUDA
+tensors (devices, dtypes, layouts), which cannot show what is checked here: numbers, the backward pass,
+bf16 layouts, NCCL, compiled kernels."""
 import copy
 import math
 

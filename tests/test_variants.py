@@ -199,6 +199,21 @@ def test_a_table_7_backbone_comes_from_a_weights_folder_or_is_named_missing(tmp_
     assert torch.equal(model.cnn.stem[3].weight, hrnet.conv2.weight)
 
 
+def test_a_table_names_every_missing_weight_file_of_its_rows_before_training(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_ablations
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    code = run_ablations.main(["--table", "7", "--opt", str(ROOT / "options" / "pipal.yaml"),
+                               f"model.weights={tmp_path / 'weights'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "checkpoints").exists()
+    for name in CNNS:
+        assert BACKBONES[CNN_BACKBONES[name].tag].name in err
+    assert "vit_base_patch8_224" in err and "vit_base_patch16_224" in err
+
+
 def test_bad_combinations_are_one_line_before_torch(tmp_path, capsys):
     demo = str(ROOT / "options" / "demo.yaml")
     for overrides, expected in (

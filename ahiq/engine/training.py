@@ -47,12 +47,7 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
     process was asked to stop; reduced in place with the loss, in the same collective, so that every
     process learns whether any was.
     """
-    with runtime.autocast(dist_img.device):
-        pred = model(dist_img, ref_img).float()
-    if weight is None:
-        loss = F.mse_loss(pred, target)
-    else:
-        loss = (weight * (pred - target) ** 2).sum() / norm
+    loss = step_loss(model, dist_img, ref_img, target, weight, norm, runtime)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     total = loss.detach()
@@ -73,6 +68,17 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             scheduler.step()
     return value
+
+
+def step_loss(model, dist_img, ref_img, target, weight=None, norm: float = 1.0, runtime: Runtime = Runtime()) -> torch.Tensor:
+    """The loss of one training step, a tensor on the model's device (train_step's device part before the
+    backward pass): the forward pass under ``runtime``'s precision, then the MSE on the normalised targets,
+    weighted as train_step says."""
+    with runtime.autocast(dist_img.device):
+        pred = model(dist_img, ref_img).float()
+    if weight is None:
+        return F.mse_loss(pred, target)
+    return (weight * (pred - target) ** 2).sum() / norm
 
 
 def make_optimizer(model: AHIQ, train_opt: dict):

@@ -164,6 +164,8 @@ class CNNFusion(nn.Module):
         if self.deform_impl == "torchvision":
             deformed = deform_conv2d(cnn, _per_image(offset, cnn.shape[0]), self.deform.weight, self.deform.bias,
                                      padding=(1, 1))
+            if is_channels_last(cnn):  # its kernel gives NCHW: back to the runtime's layout, as the bilinear one
+                deformed = deformed.contiguous(memory_format=torch.channels_last)
         elif _needs_grad(self.deform.weight):
             deformed = self._deform_recomputed(cnn, offset)
         else:

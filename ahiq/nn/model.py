@@ -300,7 +300,7 @@ class AHIQ(nn.Module):
             name = checkpoint
         if name is not None:  # a released model: its own architecture; the file and the backbones found together
             opt.update(AHIQ_VARIANT, patch_size=ZOO[name].patch_size)
-            wanted = _backbone_files(opt)
+            wanted = backbone_files(opt)
             path, *backbones = locate([ZOO[name].file, *wanted.values()], weights)
             saved = read_weight_file(path)
         else:
@@ -311,7 +311,7 @@ class AHIQ(nn.Module):
         # the architecture it was saved for (official files: AHIQ's)
         opt.update({k: v for k, v in saved_config(saved, project).items() if k in opt})
         if name is None:
-            wanted = _backbone_files(opt, held)
+            wanted = backbone_files(opt, held)
             backbones = locate(list(wanted.values()), weights)
         opt.update(zip(wanted, backbones))
         opt.update({option: False for option, _, prefix in _backbone_options(opt) if _holds(held, prefix)})
@@ -361,7 +361,7 @@ def _holds(keys, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
 
-def _backbone_files(opt: dict, held=()) -> dict:
+def backbone_files(opt: dict, held=()) -> dict:
     """{option: released backbone file} for the pretrained options that are ``True`` of the backbones the
     model builds, except those the checkpoint holds."""
     tags, reduced = {}, {}
@@ -399,7 +399,7 @@ ARCHITECTURE_KEYS = (*SIZE_KEYS, *AHIQ_VARIANT)
 def build_model(model_opt: dict) -> AHIQ:
     """A new AHIQ from the ``model`` options, for training: the pretrained backbones found (both in one
     search, so that one error names every missing file) by the rule of ahiq.nn.zoo."""
-    wanted = _backbone_files(model_opt)
+    wanted = backbone_files(model_opt)
     return _build({**model_opt, **dict(zip(wanted, locate(list(wanted.values()), model_opt["weights"])))})
 
 

@@ -271,6 +271,10 @@ def select_device(name: str, option: str = "train.device") -> torch.device:
         raise ValueError(f"{option} '{name}' is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{option} is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"{option} is '{name}' but this machine has {count} CUDA device(s), cuda:0 to "
+                         f"cuda:{count - 1}")
     return device
 
 

@@ -26,13 +26,25 @@ from ahiq.scoring.maps import QualityMaps, check_maps
 
 @dataclass
 class Scored:
-    """What score_group gives: ``scores`` [P] (float32, or float64 for a float64 model, on the device),
-    ``maps`` (one QualityMaps per pair, when asked), and the reference's ``features`` per model, to pass
-    back for more distorted images of the same reference."""
+    """What score_group gives, on the device: ``scores`` [P] (float32, or float64 for a float64 model), the
+    crops' score and weight maps ``crop_maps`` [2, P, K, h, w] (float32, when asked) cut at ``windows`` of the
+    ``image_size`` images, and the reference's ``features`` per model, to pass back for more distorted images
+    of the same reference. ``maps`` reads the maps back: one QualityMaps per pair."""
 
     scores: torch.Tensor
-    maps: list[QualityMaps] | None
+    crop_maps: torch.Tensor | None
     features: list[ReferenceFeatures]
+    windows: np.ndarray
+    crop_size: int
+    image_size: tuple[int, int]
+
+    @property
+    def maps(self) -> list[QualityMaps] | None:
+        if self.crop_maps is None:
+            return None
+        crop_maps = self.crop_maps.cpu().numpy()
+        return [QualityMaps(score, crop_maps[0, j], crop_maps[1, j], self.windows, self.crop_size, self.image_size)
+                for j, score in enumerate(self.scores.tolist())]
 
 
 def score_group(models: Sequence[AHIQ], plan: CropPlan, ref: torch.Tensor | None, dists: Sequence[torch.Tensor],
@@ -41,7 +53,8 @@ def score_group(models: Sequence[AHIQ], plan: CropPlan, ref: torch.Tensor | None
     """Score the distorted images ``dists`` ([3, H, W] each, RGB in [0, 1], on any device) against their
     one reference ``ref`` [3, H, W]: crops cut by ``plan`` (seeded by ``ref_name``), the reference's features
     computed once, or taken from ``features`` (an earlier call's for the same reference; ``ref`` may then be
-    None). ``maps``: also each pair's QualityMaps, from the same forward passes (one model only)."""
+    None). ``maps``: also the crops' quality maps, from the same forward passes (one model only). Everything
+    stays on the device: nothing is read back until the caller reads the scores or ``maps``."""
     if maps:
         check_maps(models)
     height, width = dists[0].shape[-2:]
@@ -52,11 +65,7 @@ def score_group(models: Sequence[AHIQ], plan: CropPlan, ref: torch.Tensor | None
                     for m in models]
     dist_crops = torch.stack([plan.cut(d.to(device, non_blocking=True), windows) for d in dists])
     scores, crop_maps = _score_crops(models, features, dist_crops, runtime, device, chunk, maps)
-    found = None
-    if maps:
-        found = [QualityMaps(float(score), crop_maps[0, j], crop_maps[1, j], windows, plan.size, (int(height), int(width)))
-                 for j, score in enumerate(scores.tolist())]
-    return Scored(scores, found, features)
+    return Scored(scores, crop_maps, features, windows, plan.size, (int(height), int(width)))
 
 
 def _in_chunks(forward, crops: torch.Tensor, runtime: Runtime, device: torch.device, chunk: int) -> ReferenceFeatures:
@@ -69,13 +78,13 @@ def _in_chunks(forward, crops: torch.Tensor, runtime: Runtime, device: torch.dev
 
 def _score_crops(models: Sequence[AHIQ], features: Sequence[ReferenceFeatures], dist_crops: torch.Tensor,
                  runtime: Runtime, device: torch.device, chunk: int,
-                 maps: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+                 maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scores [P] of distorted crops [P, K, 3, S, S]: the mean over the K crops and over the models; whole
     images together while their crops fit in ``chunk``, else windows of one image's crops. ``maps``: also
-    the crops' score and weight maps [2, P, K, h, w] (float32, numpy)."""
+    the crops' score and weight maps [2, P, K, h, w] (float32, detached, on the device)."""
     p, k = dist_crops.shape[:2]
     per_model = []
-    kept = None
+    kept = []  # per window of crops: [2, P, window, h, w]
     for model, ref in zip(models, features):
         forward = runtime.entry(model, "predict_with_reference")
         totals = []  # per window of crops: [P] sums, concatenated so that autograd sees no in-place update
@@ -83,21 +92,20 @@ def _score_crops(models: Sequence[AHIQ], features: Sequence[ReferenceFeatures], 
             window = min(chunk, k - a)
             feats = ref.crops(a, a + window)
             per_pass = max(1, chunk // window)
-            sums = []
+            sums, window_maps = [], []
             for s in range(0, p, per_pass):
                 crops = runtime.inputs(dist_crops[s:s + per_pass, a:a + window].flatten(0, 1), device)
                 with runtime.autocast(device):
                     pooled = forward(crops, feats)  # its score: float32 under bf16 autocast; float64 stays
                 sums.append(pooled.score.view(-1, window).sum(1))
                 if maps:
-                    grid = pooled.score_map.shape[-2:]
-                    if kept is None:
-                        kept = np.empty((2, p, k, *grid), np.float32)
-                    kept[:, s:s + per_pass, a:a + window] = torch.stack((pooled.score_map, pooled.weight_map)).detach(
-                    ).float().view(2, -1, window, *grid).cpu().numpy()
+                    window_maps.append(torch.stack((pooled.score_map, pooled.weight_map)).detach().float().view(
+                        2, -1, window, *pooled.score_map.shape[-2:]))
             totals.append(torch.cat(sums))
+            if maps:
+                kept.append(torch.cat(window_maps, dim=1))
         per_model.append(torch.stack(totals).sum(0) / k)
-    return torch.stack(per_model).mean(0), kept
+    return torch.stack(per_model).mean(0), torch.cat(kept, dim=2) if maps else None
 
 
 @contextlib.contextmanager

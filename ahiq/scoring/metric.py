@@ -181,20 +181,28 @@ def _images(images: Any, what: str, check_range: bool, dtype: torch.dtype) -> tu
 
 
 def _same_reference(refs: Sequence[torch.Tensor], names: Sequence[str]) -> list[list[int]]:
-    """Indices of the pairs grouped by reference: the same name and equal pixels (a cheap fingerprint first,
-    then exact equality), so a reference passed with many distorted images is computed once."""
+    """Indices of the pairs grouped by reference: the same name, shape and equal pixels, so a reference passed
+    with many distorted images is computed once. Pixels are compared (read back from the device) only
+    between references that agree on everything else, a cheap fingerprint first."""
     groups: list[list[int]] = []
-    prints: dict[tuple, list[list[int]]] = {}
+    alike: dict[tuple, list[list[int]]] = {}
+    prints: dict[int, float] = {}
+
+    def fingerprint(j: int) -> float:  # the sum of 64 values spread over the image, once per image
+        if j not in prints:
+            prints[j] = float(refs[j].detach().flatten()[::max(1, refs[j].numel() // 64)].sum())
+        return prints[j]
+
     for i, ref in enumerate(refs):
-        sample = ref.detach().flatten()[::max(1, ref.numel() // 64)]  # 64 values spread over the image
-        key = (names[i], tuple(ref.shape), ref.dtype, ref.device, float(sample.sum()))
-        for group in prints.setdefault(key, []):
-            if refs[group[0]] is ref or torch.equal(refs[group[0]], ref):
+        candidates = alike.setdefault((names[i], tuple(ref.shape), ref.dtype, ref.device), [])
+        for group in candidates:
+            first = refs[group[0]]
+            if first is ref or (fingerprint(group[0]) == fingerprint(i) and torch.equal(first, ref)):
                 group.append(i)
                 break
         else:
-            prints[key].append([i])
-            groups.append(prints[key][-1])
+            candidates.append([i])
+            groups.append(candidates[-1])
     return groups
 
 
