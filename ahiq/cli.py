@@ -5,7 +5,9 @@ a command needs it, so that --help, zoo and download answer at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -27,7 +29,7 @@ def expected(exc: BaseException) -> bool:
     """An error the user can act on, printed as one line; those that bring torch are imported only for an
     error that is none of the others."""
     if isinstance(exc, (OptionsError, FileNotFoundError, ValueError, FloatingPointError, MemoryError, DownloadError,
-                        VerificationError)):
+                        VerificationError, ImportError)):
         return True
     from ahiq.data import DatasetError, ImageError
     from ahiq.nn.weights import CheckpointWriteError, WeightsError
@@ -97,8 +99,8 @@ def run(description: str, action: Callable[[dict], object], argv: list[str] | No
 
 # ---- python -m ahiq (the ahiq command) --------------------------------------------------------------------
 
-def _pretrained(value: str):
-    return {"true": True, "false": False}.get(value.lower(), value)
+def _pretrained(value: str | None):
+    return {"true": True, "false": False}.get((value or "true").lower(), value)
 
 
 def _at_least(low: int):
@@ -115,6 +117,33 @@ def _at_least(low: int):
     return parse
 
 
+def _model_arguments(parser: argparse.ArgumentParser, use: str) -> None:
+    """The arguments that choose a trained model: score's and export's."""
+    parser.add_argument("--checkpoint", nargs="+",
+                        help=f"released model name(s) (python -m ahiq zoo) or checkpoint file(s), {use}; several = an "
+                             f"ensemble (default: pipal, the NTIRE 2022 winner, downloaded and verified on first use)")
+    parser.add_argument("--patch-size", type=int, choices=SCHEMA["model.patch_size"].choices,
+                        help="for official checkpoints (default 8)")
+    parser.add_argument("--vit-pretrained", help="true (the default: the released weights), false, or a weight file")
+    parser.add_argument("--cnn-pretrained", help="true (the default: the released weights), false, or a weight file")
+    parser.add_argument("--weights", metavar="DIR",
+                        help="a weights folder (python -m ahiq download --dir DIR): every weight file from there, no "
+                             "network (default: $AHIQ_WEIGHTS, else torch's hub cache and downloads)")
+    parser.add_argument("--allow-random-backbones", action="store_true",
+                        help="go on even when a backbone would have random weights (scores then mean nothing)")
+
+
+# The model arguments and what only PyTorch runs: none of them goes with --onnx.
+TORCH_ONLY = ("checkpoint", "patch_size", "vit_pretrained", "cnn_pretrained", "weights", "allow_random_backbones",
+              "device", "precision", "compile")
+
+
+def _crop_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--crops", choices=EVAL_CROPS, help=f"the crop ensemble {default}")
+    parser.add_argument("--num-crops", type=_at_least(1), help="random crops per pair")
+    parser.add_argument("--seed", type=_at_least(0), help="seeds the random crops")
+
+
 def ahiq_parser() -> argparse.ArgumentParser:
     program = "ahiq" if Path(sys.argv[0]).name == "ahiq" else "python -m ahiq"  # the installed command, or -m
     main = argparse.ArgumentParser(prog=program, description="AHIQ full-reference image quality")
@@ -126,25 +155,15 @@ def ahiq_parser() -> argparse.ArgumentParser:
     score.add_argument("--dist", help="distorted image or folder")
     score.add_argument("--ref", help="reference image or folder")
     score.add_argument("--pairs", help="CSV with dist,ref columns (instead of --dist/--ref)")
-    score.add_argument("--checkpoint", nargs="+", default=["pipal"],
-                       help="released model name(s) (python -m ahiq zoo) or checkpoint file(s); several = an "
-                            "ensemble (default: pipal, the NTIRE 2022 winner, downloaded and verified on first use)")
-    score.add_argument("--patch-size", type=int, default=8, choices=SCHEMA["model.patch_size"].choices,
-                       help="for official checkpoints")
-    score.add_argument("--vit-pretrained", default="true", help="true (timm hub), false, or a weight file")
-    score.add_argument("--cnn-pretrained", default="true", help="true (timm hub), false, or a weight file")
-    score.add_argument("--weights", metavar="DIR",
-                       help="a weights folder (python -m ahiq download --dir DIR): every weight file from there, no "
-                            "network (default: $AHIQ_WEIGHTS, else torch's hub cache and downloads)")
-    score.add_argument("--allow-random-backbones", action="store_true",
-                       help="score even when a backbone would have random weights (scores then mean nothing)")
-    score.add_argument("--crops", default="random", choices=EVAL_CROPS)
-    score.add_argument("--num-crops", type=_at_least(1), default=20, help="random crops per pair")
-    score.add_argument("--seed", type=_at_least(0), default=0, help="seeds the random crops")
-    score.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    score.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                       help="bf16: autocast (scores within about 0.01 of fp32); auto: bf16 where the device has it "
-                            "natively and, on a CPU, a first-use measurement finds it faster (remembered per CPU)")
+    _model_arguments(score, "scoring with PyTorch")
+    score.add_argument("--onnx", type=Path, metavar="DIR", help="score with an ONNX export (python -m ahiq export) "
+                       "on onnxruntime, without torch, instead of a PyTorch model")
+    _crop_arguments(score, "(default: the ONNX export's ensemble, else 20 random crops, seed 0)")
+    score.add_argument("--device", help="auto (the default), cpu, cuda or cuda:N")
+    score.add_argument("--precision", choices=PRECISIONS,
+                       help="fp32 (the default); bf16: autocast (scores within about 0.01 of fp32); auto: bf16 where "
+                            "the device has it natively and, on a CPU, a first-use measurement finds it faster "
+                            "(remembered per CPU)")
     score.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on many pairs)")
     score.add_argument("--crop-chunk", type=_at_least(1), help="most crops in one forward pass (default: as many as "
                        "fit in a share of the free memory)")
@@ -157,6 +176,17 @@ def ahiq_parser() -> argparse.ArgumentParser:
                        help="write each pair's quality maps to DIR: <name>.npz (arrays) and <name>.png (a panel)")
     score.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     score.set_defaults(usage_error=score.error)  # a missing --ref prints the score command's usage
+    export = commands.add_parser("export", help="write AHIQ as ONNX graphs, to score without torch",
+                                 description="Write a checkpoint (several: an ensemble) as ONNX graphs with a dynamic "
+                                             "batch and ahiq_onnx.json (crop size, normalisation, crop ensemble, "
+                                             "digests) into --out, checked against PyTorch's scores with "
+                                             "onnxruntime. Score with them: python -m ahiq score --onnx DIR ... "
+                                             "(needs pip install 'ahiq[onnx]' here; numpy, OpenCV and onnxruntime "
+                                             "where it scores).")
+    export.add_argument("--out", type=Path, metavar="DIR", required=True, help="the export folder (created)")
+    _model_arguments(export, "exported")
+    _crop_arguments(export, "that the export's scorer uses by default (default: 20 random crops, seed 0)")
+    export.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     download = commands.add_parser("download", help="fetch released models and their backbone weights",
                                    description="Fetch released models and the backbone weights they need (or "
                                                "backbones by their timm tag) into a weights folder, to score, test "
@@ -186,6 +216,8 @@ def main(argv=None) -> int:
             return _download(args.names, args.dir)
         if args.command == "zoo":
             return _list_zoo()
+        if args.command == "export":
+            return _export(args)
         return _score(args)
     except Exception as exc:
         if args.debug or not expected(exc):
@@ -218,31 +250,78 @@ def _list_zoo() -> int:
 def _score(args) -> int:
     if not args.pairs and not (args.dist and args.ref):
         args.usage_error("give --dist and --ref, or --pairs")
+    if args.onnx:
+        given = [f"--{name.replace('_', '-')}" for name in TORCH_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            args.usage_error(f"--onnx scores with the export's own models on onnxruntime: leave out {', '.join(given)}")
     job = None
     try:
-        from ahiq.data import check_images
-        from ahiq.runtime.device import Runtime
-        from ahiq.runtime.distributed import destroy, init_distributed
-        from ahiq.scoring.scorer import Scorer, check_outputs, pair_files, pairs_from_csv, score_to_file
+        from ahiq.data.pairs import check_images, pair_files, pairs_from_csv
+        from ahiq.scoring.output import check_outputs, score_to_file
 
-        job, device = init_distributed(args.device, "--device")
+        if args.onnx:
+            from ahiq.runtime.job import Job
+            from ahiq.scoring.onnx_scorer import OnnxScorer
+
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError("--onnx scores in one process: run it without torchrun")
+            job = Job()
+        else:
+            from ahiq.runtime.distributed import init_distributed
+
+            job, device = init_distributed(args.device or "auto", "--device")
         pairs = pairs_from_csv(args.pairs) if args.pairs else pair_files(args.dist, args.ref)
         check_images(pairs, 1)  # unreadable images and unwritable outputs before a model is loaded or downloaded
         check_outputs(args.out, args.maps)
-        runtime = Runtime(precision=args.precision, compile=args.compile, crop_chunk=args.crop_chunk,
-                          threads=args.threads)
-        scorer = Scorer(args.checkpoint, args.patch_size, _pretrained(args.vit_pretrained),
-                        _pretrained(args.cnn_pretrained), args.crops, args.num_crops, args.seed, device,
-                        args.batch_size, runtime, args.allow_random_backbones, args.weights)
-        with applied(args.threads):
+        if args.onnx:
+            scorer = OnnxScorer(args.onnx, args.crops, args.num_crops, args.seed, args.batch_size, args.crop_chunk,
+                                args.threads)
+            described = scorer.describe()
+        else:
+            from ahiq.runtime.device import Runtime
+
+            runtime = Runtime(precision=args.precision or "fp32", compile=args.compile, crop_chunk=args.crop_chunk,
+                              threads=args.threads)
+            scorer = _scorer(args, device, runtime)
+            described = f"{runtime.describe(device)}; {job.world} process(es)"
+        with contextlib.nullcontext() if args.onnx else applied(args.threads):  # torch's threads: not onnxruntime's
             score_to_file(scorer, pairs, args.out, job, args.resume, progress=True, maps=args.maps,
-                          heading=f"ahiq score: {len(pairs)} pairs; {runtime.describe(device)}; {job.world} process(es)")
+                          heading=f"ahiq score: {len(pairs)} pairs; {described}")
     except Stopped as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
     finally:
-        if job is not None:
+        if job is not None and job.world > 1:
+            from ahiq.runtime.distributed import destroy
+
             destroy(job)
     if args.out and job.main:
         print(f"wrote {len(pairs)} scores to {args.out}")
+    return 0
+
+
+def _scorer(args, device, runtime=None):
+    """The PyTorch Scorer of the model and crop arguments (their defaults: pipal, 20 random crops, seed 0)."""
+    from ahiq.runtime.device import Runtime
+    from ahiq.scoring.scorer import Scorer
+
+    return Scorer(args.checkpoint or ["pipal"], args.patch_size or 8, _pretrained(args.vit_pretrained),
+                  _pretrained(args.cnn_pretrained), args.crops or "random",
+                  20 if args.num_crops is None else args.num_crops, 0 if args.seed is None else args.seed, device,
+                  getattr(args, "batch_size", 1), runtime or Runtime(), args.allow_random_backbones, args.weights)
+
+
+def _export(args) -> int:
+    import torch
+
+    from ahiq.scoring.export import check_export_folder, export
+
+    check_export_folder(args.out)  # before a model is loaded or downloaded
+    scorer = _scorer(args, torch.device("cpu"))
+    settings = export(scorer.models, args.out, scorer.plan)
+    plan, verified = scorer.plan, settings["verified"]
+    crops = f"{plan.count} random crops, seed {plan.seed}" if plan.mode == "random" else f"{plan.mode} crops"
+    print(f"wrote {args.out}: {len(scorer.models)} model(s) as ONNX graphs, {crops} by default; onnxruntime scored "
+          f"within {verified['max_abs_diff_from_pytorch']:.1e} of PyTorch on {verified['crops']} random crops. Score "
+          f"with it: python -m ahiq score --onnx {args.out} --dist ... --ref ...")
     return 0

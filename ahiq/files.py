@@ -34,6 +34,15 @@ TEMPORARY_PATTERN = ".*.tmp"  # what atomic_file writes before the rename; a kil
 _LOCKED_BYTE = 1 << 30  # Windows locks a byte range; far past the holder's line, which stays readable
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # read by setting it: once, at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: it replaces ``path`` whole when the block ends, or not at
@@ -41,6 +50,8 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); the file it becomes gets what open() would give it
+        os.chmod(tmp, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

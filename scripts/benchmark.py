@@ -22,7 +22,10 @@ official fp32 pattern), and ``all`` also with ``runtime.precision=auto`` (rows `
 chooses here, said in the header); by default where the device computes bf16 natively (the header says
 whether the CPU does). Suite ``flops``: the operations per pair of both paths, counted (the same on any device): what the
 speed-ups can reach before precision and kernels come in. Suite ``variants``: the operations and weights of
-every variant of the paper's ablations (scripts/run_ablations.py's Tables 6, 7, 8), full size. Suite ``chunk``: one pair's 20 crops with 20, 10,
+every variant of the paper's ablations (scripts/run_ablations.py's Tables 6, 7, 8), full size. Suite ``onnx`` (CPU):
+the eval suite's cases scored from the files by ahiq's PyTorch scorer (fp32, and bf16 where native) and by the ONNX
+export on onnxruntime (ahiq.scoring.onnx_scorer), side by side; then one distorted crop through the exported score
+graph under onnxruntime's settings (intra-op threads, graph optimisation level). Suite ``chunk``: one pair's 20 crops with 20, 10,
 8 and 5 crops per forward pass (what the automatic ``runtime.crop_chunk`` rests on). Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d> [(against ahiq fp32 <e>)], peak memory ...
 max |diff| is every row's largest difference from the official pattern over the scores (model, eval), or
@@ -38,12 +41,14 @@ import copy
 import gc
 import sys
 import tempfile
+from typing import Sequence
 from pathlib import Path
 
 
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "variants", "chunk", "all"], default="all")
+    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "variants", "chunk", "onnx", "all"],
+                        default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is a GPU, else cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="model: timed calls per path (the fastest counts); train: timed steps per path")
@@ -393,6 +398,76 @@ def variants_suite() -> None:
               f"per reference crop; {weights:.1f}M weights, {trained:.1f}M trained", flush=True)
 
 
+def onnx_suite(distortions: int, crops: int, precisions: Sequence[str]) -> list[dict]:
+    """The eval suite's two cases, full-size ViT-B/8 with random weights, scored from the files as ``python -m
+    ahiq score`` does: ahiq's PyTorch Scorer in each of ``precisions`` against the ONNX export on onnxruntime
+    (OnnxScorer). Rows ``<case>_onnx``: pairs/s of each, the largest score difference from PyTorch fp32, and
+    the peak memory of each from before its model is loaded (weights included: the ONNX export's two graphs
+    each hold the backbones). Then onnxruntime's settings on one distorted crop through the score graph."""
+    import onnxruntime
+
+    from ahiq.data import Pair, Pairs
+    from ahiq.scoring.export import export
+    from ahiq.scoring.onnx_scorer import OnnxScorer
+    from ahiq.scoring.scorer import Scorer
+
+    cpu, rows = torch.device("cpu"), []
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, model, checkpoint = random_official_setup(8, tmp)
+        weights = {"vit_pretrained": Path(tmp) / "vit.pth", "cnn_pretrained": Path(tmp) / "resnet.pth"}
+        make = {name: (lambda p=name: Scorer(checkpoint, crops="random", num_crops=crops, runtime=Runtime(precision=p),
+                                             **weights)) for name in precisions}
+        make["onnx"] = lambda: OnnxScorer(Path(tmp) / "onnx")
+        first = make[precisions[0]]()
+        export(first.models, Path(tmp) / "onnx", first.plan)
+        first = None
+        rng = np.random.default_rng(0)
+        for case, (h, w, n_refs, per_ref) in {f"pipal_288_{crops}crop": (288, 288, 2, distortions),
+                                              f"live_768x512_{crops}crop": (512, 768, 1, 1)}.items():
+            written = write_noisy_pairs(Path(tmp), f"{case}_", h, w, n_refs, per_ref, rng)
+            pairs = Pairs([Pair(str(ref), str(dist), float("nan"), dist.name) for ref, dist, _ in written])
+            results, seconds, memory = {}, {}, {}
+            for name, build in make.items():
+                memory[name] = PeakMemory(cpu)
+                with torch.no_grad(), memory[name]:  # loading, and the first run's work, count in the peak, not the time
+                    scorer = build()
+                    scorer.batch_size = per_ref
+                    scorer.score_pairs(Pairs(list(pairs)[:1]))
+                    results[name], seconds[name] = timed(lambda: scorer.score_pairs(pairs), cpu)
+                scorer = None  # freed before the next path's peak is measured
+                gc.collect()
+            n = len(pairs)
+            row = {"case": f"{case}_onnx", **{f"{k}_pairs_per_s": n / t for k, t in seconds.items()},
+                   "onnx_max_diff_vs_fp32": float(np.abs(results["onnx"] - results["fp32"]).max()),
+                   **{f"peak_{k}_mib": m.mib for k, m in memory.items()}}
+            rows.append(row)
+            others = ", ".join(f"ahiq {k} {n / seconds[k]:.3f} pairs/s" for k in precisions if k != "fp32")
+            print(f"{case}_onnx: ahiq fp32 {n / seconds['fp32']:.3f} pairs/s, onnxruntime {n / seconds['onnx']:.3f} "
+                  f"pairs/s ({seconds['fp32'] / seconds['onnx']:.2f}x ahiq fp32){', ' + others if others else ''}, "
+                  f"max |diff| onnxruntime vs ahiq fp32 {row['onnx_max_diff_vs_fp32']:.2e}, peak memory with the "
+                  f"weights " + ", ".join(f"{k} {m.mib:.0f} MiB" for k, m in memory.items()), flush=True)
+        graph = str(Path(tmp) / "onnx" / "model0_score.onnx")
+        crop = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+        with torch.no_grad():
+            features = model.reference_features(torch.from_numpy(crop))
+        feed = {"dist": crop, "reduced": features.reduced.numpy(), "offset": features.offset.numpy()}
+        levels = onnxruntime.GraphOptimizationLevel
+        threads = OnnxScorer(Path(tmp) / "onnx").threads
+        for count, level, arena in ((threads, "ORT_ENABLE_ALL", True), (threads, "ORT_ENABLE_EXTENDED", True),
+                                    (threads, "ORT_ENABLE_BASIC", True), (1, "ORT_ENABLE_ALL", True),
+                                    (threads, "ORT_ENABLE_ALL", False)):
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads, options.graph_optimization_level = count, getattr(levels, level)
+            options.enable_cpu_mem_arena = arena
+            session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            took = best_time(lambda: session.run(None, feed), 3, cpu)
+            name = f"onnx_settings_{count}threads_{level}{'' if arena else '_no_arena'}"
+            print(f"{name}: {took:.3f} s per distorted crop", flush=True)
+            rows.append({"case": name, "seconds_per_crop": took})
+    return rows
+
+
 def main() -> None:
     args = arguments().parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -418,6 +493,8 @@ def main() -> None:
         flops_suite(args.crops or 20, args.distortions or 16)
     if args.suite in ("variants", "all"):
         variants_suite()
+    if args.suite in ("onnx", "all") and device.type == "cpu":
+        onnx_suite(args.distortions or 4, args.crops or 5, [p for p in precisions if p != "auto"])
     if args.suite in ("chunk", "all"):
         chunk_suite(device, args.chunks)
 

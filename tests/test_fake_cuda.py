@@ -12,7 +12,8 @@ from ahiq.nn import fusion, head
 from ahiq.nn.model import build_model
 from ahiq.options import DEFAULTS
 from ahiq.runtime import device as device_module
-from ahiq.runtime.device import GRAD_FACTOR, MAX_CHUNK, Runtime, auto_bf16, crop_bytes, select_device, set_tf32
+from ahiq.runtime.device import Runtime, auto_bf16, select_device, set_tf32
+from ahiq.runtime.memory import GRAD_FACTOR, MAX_CHUNK, crop_bytes
 from ahiq.runtime.distributed import Job, init_distributed
 from ahiq.scoring.ensemble import score_group
 from conftest import TINY, layouts_on_the_way, tiny_options

@@ -102,6 +102,7 @@ def test_every_layer_is_used_as_documented():
 def test_the_public_names_import_and_the_front_ends_load_no_torch():
     code = ("import sys\n"
             "import ahiq.cli, ahiq.nn.zoo, ahiq.nn.downloads, ahiq.runtime.threads, ahiq.runtime.launch, ahiq.options\n"
+            "import ahiq.data, ahiq.data.pairs, ahiq.runtime.memory, ahiq.scoring.output, ahiq.scoring.onnx_scorer\n"
             "assert 'torch' not in sys.modules, 'torch loaded by a front end'\n"
             "from ahiq import AHIQ, AHIQMetric, Scorer, create_metric, list_models\n"
             "from ahiq.runtime import Runtime, cpu_bf16\n"

@@ -190,7 +190,7 @@ def test_allow_random_backbones_is_an_argument(tmp_path):
 
 
 def test_a_shared_reference_is_computed_once_and_gives_the_scorers_scores(tiny_checkpoint, tmp_path, monkeypatch):
-    from ahiq.scoring.scorer import pair_files
+    from ahiq.data.pairs import pair_files
 
     rng = np.random.default_rng(5)
     ref = reference_image(rng, 72)

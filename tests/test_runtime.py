@@ -299,7 +299,7 @@ def test_crops_per_pass_fit_the_free_memory(monkeypatch):
     """Unless runtime.crop_chunk is set, evaluation (no autograd) takes a quarter of the CPU's available
     memory, at most 128 MiB (one full-size crop), or half a GPU's free memory, between 1 and 64 crops; under
     autograd (the metric as a loss) a crop counts three times."""
-    from ahiq.runtime import device as rt
+    from ahiq.runtime import memory as rt
 
     full = type("Model", (), {"config": dict(img_size=224, vit_dim=768, cnn_width=64, patch_size=8)})()
     half = type("Model", (), {"config": dict(img_size=112, vit_dim=768, cnn_width=64, patch_size=8)})()  # 32 MiB

@@ -12,7 +12,7 @@ from ahiq.data import DatasetError, read_image
 from ahiq.data.crops import eval_crop_positions
 from ahiq.data.datasets import to_tensor
 from ahiq.data.synthetic import distort, reference_image
-from ahiq.scoring.scorer import pair_files
+from ahiq.data.pairs import pair_files
 from conftest import TINY
 from trees import touch
 

@@ -1,12 +1,17 @@
-"""Full-reference IQA datasets as distributed: labels, reference-disjoint splits, paired crops."""
-from ahiq.data.crops import EVAL_CROPS, CropPlan, eval_crop_positions
-from ahiq.data.datasets import EvalPairs, TargetScale, TrainPairs, check_images, check_parts
-from ahiq.data.images import ImageError, image_size, read_image
-from ahiq.data.labels import DatasetError, Pair, Pairs
-from ahiq.data.parts import Part, load_parts
-from ahiq.data.registry import READERS, read_labels
-from ahiq.data.splits import load_split, save_split, split_by_reference
+"""Full-reference IQA datasets as distributed: labels, reference-disjoint splits, paired crops. Importing this
+package loads no torch (the names below come from their modules on first use): the crops, images, labels and
+pairs modules serve the torch-free ONNX scorer."""
+from ahiq.lazy import exports
 
-__all__ = ["read_labels", "split_by_reference", "save_split", "load_split", "Pair", "Pairs", "DatasetError",
-           "READERS", "TargetScale", "TrainPairs", "EvalPairs", "check_images", "check_parts", "ImageError", "image_size",
-           "read_image", "EVAL_CROPS", "CropPlan", "eval_crop_positions", "Part", "load_parts"]
+_HOMES = {
+    "ahiq.data.crops": ("EVAL_CROPS", "CropPlan", "eval_crop_positions"),
+    "ahiq.data.datasets": ("EvalPairs", "TargetScale", "TrainPairs"),
+    "ahiq.data.images": ("ImageError", "image_size", "read_image"),
+    "ahiq.data.labels": ("DatasetError", "Pair", "Pairs"),
+    "ahiq.data.pairs": ("check_images", "check_parts", "pair_files", "pairs_from_csv"),
+    "ahiq.data.parts": ("Part", "load_parts"),
+    "ahiq.data.registry": ("READERS", "read_labels"),
+    "ahiq.data.splits": ("load_split", "save_split", "split_by_reference"),
+}
+__all__ = [name for names in _HOMES.values() for name in names]
+__getattr__, __dir__ = exports(__name__, {name: module for module, names in _HOMES.items() for name in names})

@@ -1,5 +1,4 @@
-"""Torch datasets of image pairs for training and evaluation, their targets, and the check of every image
-file that runs before the first step."""
+"""Torch datasets of image pairs for training and evaluation, and their targets."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -9,8 +8,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ahiq.data.crops import CropPlan, crop, flip, random_crop_position
-from ahiq.data.images import ImageError, image_size, read_image
-from ahiq.data.labels import DatasetError, Pair, Pairs
+from ahiq.data.images import read_image
+from ahiq.data.labels import DatasetError, Pairs
+from ahiq.data.pairs import check_images
 from ahiq.options import RANDOM_CROPS
 
 
@@ -40,53 +40,6 @@ class TargetScale:
 
     def state(self) -> dict:
         return {"low": self.low, "high": self.high, "higher_is_better": self.higher_is_better}
-
-
-def check_images(pairs: Sequence[Pair], crop_size: int, whole: bool = False) -> None:
-    """Every listed image exists, is a complete image file, matches its partner's size and holds a crop.
-
-    Reads headers only (seconds for PIPAL's 23,200 pairs) and raises one DatasetError listing every problem.
-    ``whole``: images must be exactly crop_size square (evaluation on whole images).
-    """
-    check_parts({"": (pairs, whole)}, crop_size)
-
-
-def check_parts(parts: dict[str, tuple[Sequence[Pair], bool]], crop_size: int) -> None:
-    """check_images for several parts at once (name -> (pairs, whole)): one DatasetError with every part's
-    problems, each named by its part, so that a run fixes them all before its next try."""
-    sizes: dict[str, tuple[int, int] | None] = {}
-    problems: list[str] = []
-    for name, (pairs, whole) in parts.items():
-        label = f"{name}: " if name else ""
-        for path in sorted({p for pair in pairs for p in (pair.ref, pair.dist)} - set(sizes)):
-            try:
-                sizes[path] = image_size(path)
-            except ImageError as exc:
-                sizes[path] = None
-                problems.append(f"{label}{exc}")
-        for pair in pairs:
-            ref, dist = sizes[pair.ref], sizes[pair.dist]
-            if ref is None or dist is None:
-                continue
-            if ref != dist:
-                problems.append(f"{label}{pair.dist} is {dist[0]}x{dist[1]} but its reference {pair.ref} is "
-                                f"{ref[0]}x{ref[1]}")
-            elif whole and dist != (crop_size, crop_size):
-                problems.append(f"{label}{pair.dist} is {dist[0]}x{dist[1]}, whole-image evaluation needs "
-                                f"{crop_size}x{crop_size}")
-            elif min(dist) < crop_size:
-                problems.append(f"{label}{pair.dist} is {dist[0]}x{dist[1]}, smaller than the {crop_size}x{crop_size} "
-                                f"crop")
-    problems = sorted(set(problems))
-    if len(problems) == 1:
-        raise DatasetError(f"{problems[0]}; fix or remove this pair, then run again")
-    if problems:
-        named = [name for name in parts if name]
-        where = f" in the {', '.join(named)} parts" if len(named) > 1 else f" in the {named[0]} part" if named else ""
-        total = len({(p.ref, p.dist) for pairs, _ in parts.values() for p in pairs})
-        shown = "\n  ".join(problems[:10])
-        raise DatasetError(f"{len(problems)} problems with the images of {total} pairs{where} (fix or remove them, "
-                           f"then run again):\n  {shown}" + ("\n  ..." if len(problems) > 10 else ""))
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:

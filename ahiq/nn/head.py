@@ -85,6 +85,8 @@ class QualityHead(nn.Module):
         the groups (no repeated copy of it, and channels_last input stays channels_last into the convolutions)."""
         n, c, h, w = d.shape
         b = r.shape[0]
+        if torch.compiler.is_exporting():  # an exported graph pairs crop i with reference i: a Concat, no scatter
+            return self._pool(torch.cat((d - r, d, r), 1))
         layout = torch.channels_last if is_channels_last(d) else torch.contiguous_format
         x = torch.empty((n, 3 * c, h, w), dtype=torch.promote_types(d.dtype, r.dtype), device=d.device,
                         memory_format=layout)
@@ -92,6 +94,10 @@ class QualityHead(nn.Module):
         parts[:, :, 0] = d5 - r5
         parts[:, :, 1] = d5
         parts[:, :, 2] = r5
+        return self._pool(x)
+
+    def _pool(self, x: torch.Tensor) -> Pooled:
+        """cat(d - r, d, r) [N, 3 * dim, h, w] -> the pooling's scores (and maps)."""
         x = self.hidden(self.smooth(x))
         scores, score_map, weight_map = [], None, None
         if self.pooling.patch:

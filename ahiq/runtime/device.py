@@ -18,6 +18,7 @@ import torch
 from ahiq.files import write_atomically
 from ahiq.nn.zoo import hub_dir
 from ahiq.options import PRECISIONS
+from ahiq.runtime.memory import cpu_budget, crops_in_budget
 from ahiq.runtime.threads import describe as describe_threads
 
 
@@ -64,14 +65,8 @@ class Runtime:
         more."""
         if self.crop_chunk is not None:
             return self.crop_chunk
-        if device.type == "cuda":
-            budget = torch.cuda.mem_get_info(device)[0] / 2
-        else:
-            budget = min(available_memory() / 4, CPU_CHUNK_BUDGET)
-        per_crop = crop_bytes(model.config)  # bf16 too: at twice the crops its peak was above fp32's (benchmark)
-        if torch.is_grad_enabled():
-            per_crop *= GRAD_FACTOR
-        return int(max(1, min(MAX_CHUNK, budget // per_crop)))
+        budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else cpu_budget()
+        return crops_in_budget(model.config, budget, torch.is_grad_enabled())
 
     def bf16(self, device: torch.device) -> bool:
         """Whether this runtime computes in bf16 on ``device`` (``auto``: auto_bf16)."""
@@ -116,33 +111,6 @@ class Runtime:
         """A batch of images [N, 3, H, W] on ``device`` in this runtime's memory layout."""
         images = images.to(device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-
-MAX_CHUNK = 64
-# Measured per full-size ViT-B/8 crop in fp32 on the CPU (the difference between one and two crops per pass):
-# 125 MiB evaluating, 319 MiB under autograd with respect to the distorted input (2.6 times).
-FULL_SIZE_CROP_BYTES = 128 * 2 ** 20
-GRAD_FACTOR = 3.0
-CPU_CHUNK_BUDGET = FULL_SIZE_CROP_BYTES  # one crop: more per pass are no faster on a CPU (benchmark --suite chunk)
-
-
-def crop_bytes(config: dict) -> float:
-    """The memory one crop takes in an evaluation forward pass: FULL_SIZE_CROP_BYTES for the paper's ViT-B/8
-    at 224 (patch 16 is counted the same: its CNN branch, the larger part, is the same), scaled by the crop's
-    area and the widths."""
-    return FULL_SIZE_CROP_BYTES * (config["img_size"] / 224) ** 2 * max(config["vit_dim"] / 768,
-                                                                       config["cnn_width"] / 64)
-
-
-def available_memory() -> float:
-    """The memory the system can give without swapping (Linux's MemAvailable); 8 GiB where unknown."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return 8.0 * 2 ** 30
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -2,23 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from ahiq.runtime.device import select_device
+from ahiq.runtime.job import Job
 
 
-@dataclass
-class Job:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed(device_name: str, option: str = "train.device") -> tuple[Job, torch.device]:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ahiq.data import CropPlan, EvalPairs, Part
+from ahiq.data.pairs import reference_groups, reference_shares
 from ahiq.data.parts import subset
 from ahiq.nn.model import AHIQ
 from ahiq.runtime.device import Runtime
@@ -84,24 +85,6 @@ def _as_they_are(items: list) -> list:
     """A DataLoader batch of ragged items, uncollated (a module-level function: spawned workers, macOS's and
     Windows' default, receive it pickled)."""
     return items
-
-
-def reference_groups(pairs: Sequence) -> list[list[int]]:
-    """Indices of ``pairs`` grouped by reference image, references in sorted order, pairs in their order."""
-    groups: dict[str, list[int]] = {}
-    for i, pair in enumerate(pairs):
-        groups.setdefault(pair.ref, []).append(i)
-    return [groups[ref] for ref in sorted(groups)]
-
-
-def reference_shares(pairs: Sequence, world: int) -> list[list[int]]:
-    """The pair indices of each of ``world`` processes: whole references (each reference's features are
-    computed by one process only), balanced by pair count (largest reference first to the least loaded
-    process; the same on every process)."""
-    shares: list[list[int]] = [[] for _ in range(world)]
-    for group in sorted(reference_groups(pairs), key=len, reverse=True):
-        min(shares, key=len).extend(group)
-    return [sorted(share) for share in shares]
 
 
 def predict_shared(models: Sequence[AHIQ], part: Part, job: Job, **kwargs) -> np.ndarray:

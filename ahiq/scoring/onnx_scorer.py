@@ -1,0 +1,181 @@
+"""Scoring with an ONNX export of AHIQ (``python -m ahiq export``) and onnxruntime, without torch: numpy,
+OpenCV and onnxruntime only. The same pairs, checks, crops and CSV output as the PyTorch scorer
+(``python -m ahiq score --onnx DIR``); each reference's crops go through the reference graph once, and their
+features serve all its distorted images."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ahiq.data.crops import CropPlan
+from ahiq.data.images import read_image
+from ahiq.data.pairs import check_images, pair_files, reference_groups
+from ahiq.data.labels import Pairs
+from ahiq.runtime.memory import cpu_budget, crops_in_budget
+from ahiq.runtime.threads import choose_threads
+
+FORMAT = "ahiq-onnx"
+VERSION = 1
+SETTINGS = "ahiq_onnx.json"
+DEFORM_CONV_ONNXRUNTIME = (1, 25)  # the first onnxruntime that runs ONNX's DeformConv (1.24 refuses it)
+PathLike = str | os.PathLike
+
+
+class ExportFolderError(ValueError):
+    """An export folder that cannot be used: the message names the file and what to do."""
+
+
+def read_settings(folder: Path) -> dict:
+    """The settings of the export in ``folder``, every file it lists there with its size and SHA-256."""
+    from ahiq.nn.downloads import sha256_of
+
+    if not folder.is_dir():
+        raise ExportFolderError(f"--onnx {folder} is not a folder; make one with python -m ahiq export --out {folder}")
+    path = folder / SETTINGS
+    if not path.is_file():
+        raise ExportFolderError(f"{folder} holds no {SETTINGS}: not an AHIQ export (or an incomplete one); make one "
+                                f"with python -m ahiq export --out {folder}")
+    try:
+        settings = json.loads(path.read_text())
+        found = (settings["format"], settings["version"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportFolderError(f"{path} is damaged ({type(exc).__name__}: {exc}); export again") from None
+    if found != (FORMAT, VERSION):
+        raise ExportFolderError(f"{path} is {found[0]} version {found[1]}; this ahiq reads {FORMAT} version {VERSION}: "
+                                f"export again with this version (python -m ahiq export)")
+    for name, expected in settings["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise ExportFolderError(f"{file} is missing (the export is incomplete): export again")
+        if file.stat().st_size != expected["size"] or sha256_of(file) != expected["sha256"]:
+            raise ExportFolderError(f"{file} is damaged (not the bytes {SETTINGS} lists for it): export again")
+    return settings
+
+
+class OnnxScorer:
+    """An export folder's models (one, or an ensemble) on onnxruntime: ``score_pairs`` and ``score`` as
+    ahiq.Scorer's. ``crops``, ``num_crops``, ``seed``: the crop ensemble (default: the export's);
+    ``crop_chunk``: the most crops in one run of a graph (default: ahiq.runtime.memory's rule, as the
+    PyTorch scorer's on a CPU); ``threads``: onnxruntime's intra-op threads (default: the CPUs this process
+    may use, as the command lines choose them)."""
+
+    def __init__(self, folder: PathLike, crops: str | None = None, num_crops: int | None = None,
+                 seed: int | None = None, batch_size: int = 1, crop_chunk: int | None = None,
+                 threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImportError("scoring with an ONNX export needs onnxruntime: pip install onnxruntime") from None
+        self.folder = Path(folder)
+        self.export = read_settings(self.folder)
+        found = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2] if part.isdigit())
+        if found < DEFORM_CONV_ONNXRUNTIME and any(m["config"]["fusion"] == "deform+concat" for m in self.export["models"]):
+            raise ImportError(f"{self.folder}'s deformable convolution (ONNX DeformConv) needs onnxruntime "
+                              f"{'.'.join(map(str, DEFORM_CONV_ONNXRUNTIME))} or later; this is onnxruntime "
+                              f"{onnxruntime.__version__}: pip install -U onnxruntime")
+        default = self.export["crops"]
+        self.plan = CropPlan(self.export["crop_size"], crops or default["mode"],
+                             num_crops if num_crops is not None else default["count"],
+                             seed if seed is not None else default["seed"])
+        self.batch_size = batch_size
+        self.threads, self.threads_why = choose_threads(threads)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads  # onnxruntime's own default ignores affinity and quotas
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.sessions = []
+        for model in self.export["models"]:
+            pair = {}
+            for role in ("reference", "score"):
+                path = self.folder / model[role]["file"]
+                try:
+                    pair[role] = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                except Exception as exc:
+                    raise ExportFolderError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]}); "
+                                            f"export again") from None
+            self.sessions.append(pair)
+        self.chunk = crop_chunk or min(crops_in_budget(m["config"], cpu_budget()) for m in self.export["models"])
+
+    def describe(self) -> str:
+        return (f"onnxruntime, {self.folder} ({len(self.sessions)} model(s)), fp32; CPU threads: {self.threads} "
+                f"({self.threads_why})")
+
+    def settings(self) -> dict:
+        """What decides the scores, for resuming a journaled run only with the same (ahiq.scoring.journal)."""
+        graphs = [f"{name} sha256 {entry['sha256']}" for name, entry in self.export["files"].items()]
+        return {"onnx": graphs, "crops": [self.plan.size, self.plan.mode,
+                                          self.plan.count if self.plan.mode == "random" else None,
+                                          self.plan.seed if self.plan.mode == "random" else None],
+                "precision": "fp32 onnxruntime"}
+
+    def check_maps(self) -> None:
+        raise ExportFolderError("--maps needs the PyTorch scorer: the ONNX export holds the scores' graphs, not "
+                                "the maps'; leave out --onnx to draw maps")
+
+    def score(self, dist: PathLike, ref: PathLike) -> float:
+        return float(self.score_pairs(pair_files(dist, ref))[0])
+
+    def score_pairs(self, pairs: Pairs, progress: bool = False,
+                    on_reference: Callable[[list[int], np.ndarray], None] | None = None, on_maps=None) -> np.ndarray:
+        """Scores of ``pairs`` in their order, grouped by reference as ahiq.scoring.inference.predict groups
+        them; ``on_reference(indices, scores)`` as each reference is done."""
+        check_images(pairs, self.plan.size, whole=self.plan.mode == "whole")  # every pair before the first score
+        out = np.empty(len(pairs))
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(pairs), desc="score", unit="pair", dynamic_ncols=True, disable=None)
+        for group in reference_groups(pairs):
+            ref = read_image(pairs[group[0]].ref)
+            windows = self.plan.windows(*ref.shape[:2], Path(pairs[group[0]].ref).name)
+            ref_crops = _crops(self.plan, ref, windows)
+            features = [self._reference_features(sessions, ref_crops) for sessions in self.sessions]
+            for a in range(0, len(group), self.batch_size):
+                batch = group[a:a + self.batch_size]
+                dists = np.stack([_crops(self.plan, read_image(pairs[i].dist), windows) for i in batch])  # [P, K, ...]
+                per_model = [self._scores(sessions, feats, dists) for sessions, feats in zip(self.sessions, features)]
+                out[batch] = np.mean(per_model, axis=0)
+                if bar is not None:
+                    bar.update(len(batch))
+            if on_reference is not None:
+                on_reference(list(group), out[group])
+        if bar is not None:
+            bar.close()
+        return out
+
+    def _reference_features(self, sessions: dict, ref_crops: np.ndarray) -> dict[str, np.ndarray]:
+        """The reference graph's outputs by name (``reduced``, and ``offset`` where the model has them)."""
+        names = [output.name for output in sessions["reference"].get_outputs()]
+        runs = [sessions["reference"].run(names, {"ref": ref_crops[a:a + self.chunk]})
+                for a in range(0, len(ref_crops), self.chunk)]
+        return {name: np.concatenate(parts) for name, parts in zip(names, zip(*runs))}
+
+    def _scores(self, sessions: dict, features: dict[str, np.ndarray], dists: np.ndarray) -> np.ndarray:
+        """[P] mean scores over the K crops of P distorted images [P, K, 3, S, S], crop k against reference
+        crop k."""
+        p, k = dists.shape[:2]
+        flat = dists.reshape(p * k, *dists.shape[2:])
+        scores = np.empty(p * k, np.float32)
+        for a in range(0, p * k, self.chunk):
+            rows = np.arange(a, min(a + self.chunk, p * k)) % k  # the reference crop of each distorted crop
+            feed = {"dist": flat[a:a + self.chunk], **{name: f[rows] for name, f in features.items()}}
+            scores[a:a + self.chunk] = sessions["score"].run(None, feed)[0]
+        return scores.reshape(p, k).astype(np.float64).mean(1)
+
+    def score_crops(self, sessions: dict, dist: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        """Scores [N] of distorted crops [N, 3, S, S] against reference crops [N, 3, S, S], one model's graphs."""
+        return sessions["score"].run(None, {"dist": dist, **self._reference_features(sessions, ref)})[0]
+
+
+def _crops(plan: CropPlan, image: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """An 8-bit RGB image's crops at ``windows`` as the graphs take them: float32 [K, 3, S, S] in [0, 1], the
+    values ahiq.data.datasets.to_tensor gives."""
+    crops = np.stack(plan.cut(image, windows)).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(crops, dtype=np.float32) / np.float32(255.0)
+
+
+
