@@ -1,5 +1,5 @@
 """The one list of datasets: name -> label reader, and ``read_labels``, which picks the reader. The readers
-(labels.py, synthetic.py) do not import this module."""
+(readers.py, synthetic.py) do not import this module."""
 from __future__ import annotations
 
 import inspect
@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from ahiq.data.labels import (DatasetError, Pairs, read_csiq, read_custom_csv, read_kadid10k, read_live, read_pipal,
-                              read_tid2008, read_tid2013)
+from ahiq.data.labels import DatasetError, Pairs
+from ahiq.data.readers import (read_csiq, read_custom_csv, read_kadid10k, read_live, read_pipal, read_tid2008,
+                               read_tid2013)
 from ahiq.data.synthetic import read_synthetic
 
 READERS: dict[str, Callable[..., Pairs]] = {

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ahiq.data.labels import Pairs, read_custom_csv
+from ahiq.data.labels import Pairs
+from ahiq.data.readers import read_custom_csv
 from ahiq.files import write_atomically
 
 DISTORTIONS = {  # five levels each, mild to strong
@@ -104,5 +106,5 @@ def read_synthetic(root: Path, references: int = 24, size: int = 96, seed: int =
     if not (root / LABELS).is_file():
         make_synthetic_dataset(root, references, size, seed)
     pairs = read_custom_csv(root, LABELS, higher_is_better=True)
-    pairs.dataset = "synthetic"
-    return pairs
+    # R000_jpeg_4.png: distortion jpeg
+    return Pairs([replace(p, distortion=Path(p.name).stem.split("_")[1]) for p in pairs], True, "synthetic")

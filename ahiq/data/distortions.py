@@ -1,0 +1,95 @@
+"""Distortion types and their groups, as each dataset names them: the one table of them.
+
+A pair's type is the dataset's own code, read from its file name or folder by the dataset's reader
+(``Pair.distortion``): LIVE's folder, CSIQ's token, TID's ``TT`` in ``iXX_TT_L``, KADID-10k's ``TT`` in
+``IXX_TT_LL``, PIPAL's ``bb`` in ``Aaaaa_bb_cc``, the demo's distortion, a custom CSV's ``group`` column. The
+names come from the datasets' own papers and releases; a code they do not name keeps its code as its name
+("PIPAL class 05"), never a guess. Only KADID-10k defines groups coarser than its types (its paper's seven
+categories); elsewhere each type is its own group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# TID2013 (Ponomarenko et al., 2015), whose first 17 are TID2008's (Ponomarenko et al., 2009).
+_TID = ("Additive Gaussian noise", "Additive noise in color components", "Spatially correlated noise", "Masked noise",
+        "High frequency noise", "Impulse noise", "Quantization noise", "Gaussian blur", "Image denoising",
+        "JPEG compression", "JPEG2000 compression", "JPEG transmission errors", "JPEG2000 transmission errors",
+        "Non eccentricity pattern noise", "Local block-wise distortions of different intensity",
+        "Mean shift (intensity shift)", "Contrast change", "Change of color saturation", "Multiplicative Gaussian noise",
+        "Comfort noise", "Lossy compression of noisy images", "Image color quantization with dither",
+        "Chromatic aberrations", "Sparse sampling and reconstruction")
+# KADID-10k (Lin, Hosu and Saupe, QoMEX 2019): 25 types in 7 categories.
+_KADID = {"blurs": ("Blurs", ("Gaussian blur", "Lens blur", "Motion blur")),
+          "color": ("Color distortions", ("Color diffusion", "Color shift", "Color quantization",
+                                          "Color saturation 1", "Color saturation 2")),
+          "compression": ("Compression", ("JPEG2000", "JPEG")),
+          "noise": ("Noise", ("White noise", "White noise in color component", "Impulse noise",
+                              "Multiplicative noise", "Denoise")),
+          "brightness": ("Brightness change", ("Brighten", "Darken", "Mean shift")),
+          "spatial": ("Spatial distortions", ("Jitter", "Non-eccentricity patch", "Pixelate", "Quantization",
+                                              "Color block")),
+          "sharpness": ("Sharpness and contrast", ("High sharpen", "Contrast change"))}
+
+
+@dataclass(frozen=True)
+class Taxonomy:
+    """One dataset's distortion types (code -> name, in the dataset's order) and, where it defines coarser
+    ones, its groups (code -> (name, member type codes)). ``unnamed``: how a code without a name is called."""
+    types: dict[str, str]
+    groups: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    unnamed: str = "type {}"
+
+    def name(self, code: str) -> str:
+        return self.types.get(code) or self.unnamed.format(code)
+
+    def group(self, code: str) -> str:
+        return next((g for g, (_, members) in self.groups.items() if code in members), code)
+
+    def group_name(self, group: str) -> str:
+        return self.groups[group][0] if group in self.groups else self.name(group)
+
+    def order(self, codes) -> list[str]:
+        """``codes`` in the dataset's order, codes it does not list after them in sorted order."""
+        known = list(self.types) + [g for g in self.groups if g not in self.types]
+        return sorted(set(codes), key=lambda c: (known.index(c) if c in known else len(known), c))
+
+
+def _numbered(names, start: int = 1) -> dict[str, str]:
+    return {f"{i:02d}": name for i, name in enumerate(names, start)}
+
+
+def _categorised(categories: dict) -> Taxonomy:
+    """Types numbered 01, 02, ... through the categories in order, each category a group of its types."""
+    types, groups = {}, {}
+    for group, (label, names) in categories.items():
+        codes = _numbered(names, len(types) + 1)
+        types.update(codes)
+        groups[group] = (label, tuple(codes))
+    return Taxonomy(types, groups)
+
+
+TAXONOMIES: dict[str, Taxonomy] = {
+    # LIVE release 2 (Sheikh et al., 2006): its five folders.
+    "live": Taxonomy({"jp2k": "JPEG2000", "jpeg": "JPEG", "wn": "White noise", "gblur": "Gaussian blur",
+                      "fastfading": "Fast fading (Rayleigh channel)"}),
+    # CSIQ (Larson and Chandler, 2010): the token in its file names, in the distributed case.
+    "csiq": Taxonomy({"AWGN": "Additive white Gaussian noise", "JPEG": "JPEG", "jpeg2000": "JPEG2000",
+                      "fnoise": "Additive pink Gaussian noise", "BLUR": "Gaussian blur",
+                      "contrast": "Global contrast decrements"}),
+    "tid2013": Taxonomy(_numbered(_TID)),
+    "tid2008": Taxonomy(_numbered(_TID[:17])),
+    "kadid10k": _categorised(_KADID),
+    # PIPAL (Gu et al., 2020) names no class by its code in the file names: each is called by its code.
+    "pipal": Taxonomy({}, unnamed="PIPAL class {}"),
+    # The demo (ahiq.data.synthetic): its five distortions.
+    "synthetic": Taxonomy({"noise": "Gaussian noise", "blur": "Gaussian blur", "jpeg": "JPEG",
+                           "contrast": "Contrast reduction", "quantise": "Quantisation"}),
+    "csv": Taxonomy({}, unnamed="{}"),
+}
+CSIQ_TYPES = {code.lower(): code for code in TAXONOMIES["csiq"].types}  # any case -> the distributed one
+
+
+def taxonomy(dataset: str) -> Taxonomy:
+    """The taxonomy of ``dataset`` (a key of ahiq.data.registry.READERS); an unknown one names codes as they are."""
+    return TAXONOMIES.get(dataset, TAXONOMIES["csv"])
