@@ -14,8 +14,8 @@ from typing import Callable
 
 from ahiq.messages import for_the_user
 from ahiq.nn.downloads import DownloadError, VerificationError, download
-from ahiq.nn.zoo import BACKBONES, ZOO, cache_dirs, find, weights_folder
-from ahiq.options import EVAL_CROPS, PRECISIONS, SCHEMA, OptionsError, load_options, plain_text
+from ahiq.nn.zoo import BACKBONES, METRIC_WEIGHTS, ZOO, cache_dirs, find, weights_folder
+from ahiq.options import BOOTSTRAP_UNITS, EVAL_CROPS, PRECISIONS, SCHEMA, OptionsError, load_options, plain_text
 from ahiq.runtime.signals import Stopped
 from ahiq.runtime.threads import applied, prepare_environment
 
@@ -196,6 +196,24 @@ def ahiq_parser() -> argparse.ArgumentParser:
                           help="zoo names or backbone tags (python -m ahiq zoo lists them; default: pipal)")
     download.add_argument("--dir", type=Path, metavar="DIR", help="the weights folder to fill (created)")
     download.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    compare = commands.add_parser("compare", help="compare test.py results of several models on the same images",
+                                  description="Each model's SROCC, PLCC, KROCC and RMSE with 95%% intervals, and every "
+                                              "pairwise difference tested at 95%% (Williams' test on SROCC and PLCC, "
+                                              "the F-test on the residuals): compare.md, compare.csv, compare.tex "
+                                              "and compare.png/.pdf in --out (docs/evaluation.md).")
+    compare.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
+                         help="test.py result folders (checkpoints/<name>/test, .../test/baselines/<metric>) or their "
+                              "results.txt; two or more")
+    compare.add_argument("--out", type=Path, metavar="DIR",
+                         help="where to write (created; default: compare/ in the folders' common folder)")
+    compare.add_argument("--resamples", type=_at_least(0), default=SCHEMA["test.bootstrap.resamples"].default,
+                         help="bootstrap resamples of the intervals (default %(default)s; 0: none)")
+    compare.add_argument("--by", choices=BOOTSTRAP_UNITS, default=SCHEMA["test.bootstrap.by"].default,
+                         help="what the bootstrap resamples (default %(default)s)")
+    compare.add_argument("--seed", type=_at_least(0), default=SCHEMA["test.bootstrap.seed"].default,
+                         help="seeds the bootstrap (default %(default)s)")
+    compare.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    compare.set_defaults(usage_error=compare.error)
     commands.add_parser("launch", add_help=False, help="torchrun whose signal stops end in one line per process "
                         "(python -m ahiq launch --help: torchrun's arguments)")
     zoo = commands.add_parser("zoo", help="list the released models and which are cached")
@@ -218,6 +236,8 @@ def main(argv=None) -> int:
             return _list_zoo()
         if args.command == "export":
             return _export(args)
+        if args.command == "compare":
+            return _compare(args)
         return _score(args)
     except Exception as exc:
         if args.debug or not expected(exc):
@@ -244,6 +264,10 @@ def _list_zoo() -> int:
     for tag, file in BACKBONES.items():
         found = find(file, folder)
         print(f"{tag}: backbone; {f'at {found}' if found else f'missing ({file.described()})'}")
+    for name, files in METRIC_WEIGHTS.items():
+        places = [(file, find(file, folder)) for file in files]
+        print(f"{name}: baseline metric weights; " + ", ".join(f"at {found}" if found else f"missing ({file.name})"
+                                                               for file, found in places))
     return 0
 
 
@@ -309,6 +333,15 @@ def _scorer(args, device, runtime=None):
                   _pretrained(args.cnn_pretrained), args.crops or "random",
                   20 if args.num_crops is None else args.num_crops, 0 if args.seed is None else args.seed, device,
                   getattr(args, "batch_size", 1), runtime or Runtime(), args.allow_random_backbones, args.weights)
+
+
+def _compare(args) -> int:
+    if len(args.results) < 2:
+        args.usage_error("give two or more result folders to compare")
+    from ahiq.engine.compare import compare
+
+    compare(args.results, args.out, args.resamples, args.by, args.seed)
+    return 0
 
 
 def _export(args) -> int:

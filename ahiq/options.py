@@ -29,6 +29,9 @@ PRECISIONS = ("fp32", "bf16", "auto")
 FUSIONS = ("deform+concat", "concat", "cnn", "vit")
 CNNS = ("resnet50", "resnet101", "resnet152", "hrnet_w18", "inception_resnet_v2")
 POOLINGS = ("patch", "spatial", "patch+spatial")
+# The baseline metrics test.py scores beside AHIQ (what each computes: ahiq.scoring.baselines.BASELINES).
+BASELINES = ("psnr", "ssim", "ms_ssim", "fsim", "vsi", "gmsd", "vif_p", "lpips", "dists")
+BOOTSTRAP_UNITS = ("reference", "pair")
 NULL = type(None)
 
 
@@ -38,7 +41,7 @@ class Option:
     default: Any
     meaning: str                    # one line, Markdown (docs/training.md's table; plain text in --help)
     types: tuple = ()               # allowed types when not just the default's; "source": a data set or null
-    choices: tuple = ()
+    choices: tuple = ()             # the allowed values; of each element for a list
     at_least: float | None = None   # numbers: the lowest value (every number must also be finite)
     above: bool = False             # ... and the lowest itself not allowed
     shown: str | None = None        # the default as the table shows it, when not the value itself
@@ -161,6 +164,15 @@ OPTIONS = [
            "scores mean nothing)"),
     Option("test.maps", 0, "N > 0: quality-map panels and arrays of the N pairs predicted worst and the N best in "
            "`test/maps/` (see [scoring.md](scoring.md#quality-maps))", at_least=0),
+    Option("test.baselines", [], "baseline metrics scored on the same test part, each into `test/baselines/<metric>/` "
+           "(results, metrics, tables, figures) for `python -m ahiq compare`: any of `" + "`, `".join(BASELINES) +
+           "` (the optional extra `pip install -e '.[baselines]'`; see [evaluation.md](evaluation.md#baselines))",
+           (list,), choices=BASELINES),
+    Option("test.bootstrap.resamples", 1000, "bootstrap resamples of the 95% intervals of SROCC and PLCC (0: none); "
+           "see [evaluation.md](evaluation.md)", at_least=0),
+    Option("test.bootstrap.by", "reference", "what the bootstrap resamples: `reference` (whole reference images: "
+           "pairs that share one are not independent) or `pair`", choices=BOOTSTRAP_UNITS),
+    Option("test.bootstrap.seed", 0, "seeds the bootstrap: a rerun gives the same intervals", at_least=0),
     Option("test.submission.runtime", None, "seconds per image for readme.txt; null: measured", (float, NULL),
            at_least=0),
     Option("test.submission.gpu", None, "readme.txt's CPU/GPU line; null: from the device used", (bool, NULL)),
@@ -250,7 +262,12 @@ def _check_value(option: Option, value: Any, where: str) -> None:
     if not ok:
         names = " or ".join("null" if t is NULL else t.__name__ for t in allowed)
         raise OptionsError(f"{where}: option '{key}' must be {names}, got {value!r} ({type(value).__name__})")
-    if option.choices and value not in option.choices:
+    if option.choices and isinstance(value, list):
+        unknown = [v for v in value if v not in option.choices]
+        if unknown or len(set(map(str, value))) < len(value):
+            what = f"unknown {', '.join(map(repr, unknown))}" if unknown else "a name repeated"
+            raise OptionsError(f"{where}: option '{key}': {what}; known: {', '.join(map(str, option.choices))}")
+    elif option.choices and value not in option.choices:
         raise OptionsError(f"{where}: option '{key}' must be one of {', '.join(map(str, option.choices))}, got "
                            f"{value!r}")
     if option.at_least is not None and value is not None:

@@ -5,8 +5,8 @@
 
 Split n trains experiment <name>_split<n> with data.split.seed=n (continuing it if it was interrupted;
 a finished split is not retrained) and tests its best checkpoint on the split's test part. Prints and saves (to
-checkpoints/<name>_splits/summary.md and summary.json) each split's SROCC and PLCC, their median and
-their mean +- std.
+checkpoints/<name>_splits/summary.md and summary.json) each split's SROCC and PLCC with their 95% intervals,
+and their spread across the splits: median, mean +- std, lowest to highest.
 """
 from __future__ import annotations
 
@@ -21,15 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def summarise(rows: list[dict]) -> str:
-    lines = ["| split | SROCC | PLCC |", "|---|---|---|"]
-    lines += [f"| {r['split']} | {r['srocc']:.4f} | {r['plcc']:.4f} |" for r in rows]
-    for label, fn in (("median", np.median), ("mean", np.mean)):
-        s, p = fn([r["srocc"] for r in rows]), fn([r["plcc"] for r in rows])
-        if label == "mean":
-            lines.append(f"| mean +- std | {s:.4f} +- {np.std([r['srocc'] for r in rows]):.4f} | "
-                         f"{p:.4f} +- {np.std([r['plcc'] for r in rows]):.4f} |")
-        else:
-            lines.append(f"| median | {s:.4f} | {p:.4f} |")
+    """Each split's SROCC and PLCC with its 95% interval (test.py's bootstrap within the split's test part), then
+    their spread across the splits: median, mean +- standard deviation, lowest to highest."""
+    def cell(row: dict, key: str) -> str:
+        bounds = row.get(f"{key}_ci")
+        return f"{row[key]:.4f}" + (f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else "")
+
+    lines = ["| split | SROCC [95% interval] | PLCC [95% interval] |", "|---|---|---|"]
+    lines += [f"| {r['split']} | {cell(r, 'srocc')} | {cell(r, 'plcc')} |" for r in rows]
+    values = {key: np.array([r[key] for r in rows]) for key in ("srocc", "plcc")}
+    lines.append("| median | " + " | ".join(f"{np.median(v):.4f}" for v in values.values()) + " |")
+    lines.append("| mean +- std | " + " | ".join(f"{v.mean():.4f} +- {v.std():.4f}" for v in values.values()) + " |")
+    lines.append("| lowest to highest | " + " | ".join(f"{v.min():.4f} to {v.max():.4f}" for v in values.values()) + " |")
     return "\n".join(lines)
 
 
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
         opt = load_options(args.opt, [*args.overrides, f"name={name}", f"data.split.seed={n}", "train.resume=auto"])
         train(opt, args.checkpoints)  # with resume=auto a finished split trains no further
         metrics = run_test(opt, args.checkpoints)
-        rows.append({"split": n, "srocc": metrics["srocc"], "plcc": metrics["plcc"], "krocc": metrics["krocc"]})
+        rows.append({"split": n, **{key: metrics.get(key) for key in ("srocc", "plcc", "krocc", "srocc_ci", "plcc_ci")}})
     table = summarise(rows)
     out = Path(args.checkpoints, f"{base['name']}_splits")
     out.mkdir(parents=True, exist_ok=True)

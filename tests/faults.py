@@ -13,6 +13,7 @@ FAULT is one of
     signal:NAME:N   the real signal NAME (SIGTERM, SIGINT) during the N-th training step
     journal:N       python -m ahiq score, killed right after the N-th reference's scores reach its journal
     journal:NAME:N  python -m ahiq score, sent the signal NAME right after the N-th journal write
+    test-journal:N  test.py (its baselines' scores are journaled as the score command's), killed likewise
 """
 from __future__ import annotations
 
@@ -112,13 +113,13 @@ def kill_while_saving(name: str, n: int) -> None:
 
 if __name__ == "__main__":
     kind, _, where = sys.argv[1].partition(":")
-    if kind == "journal":
-        from ahiq.cli import main
+    if kind in ("journal", "test-journal"):
+        from ahiq.cli import main, test_command
 
         signal_name, _, count = where.rpartition(":")
         after_journal_write(int(count), (lambda: os.kill(os.getpid(), getattr(signal, signal_name))) if signal_name
                             else die)
-        sys.exit(main(sys.argv[2:]))
+        sys.exit((main if kind == "journal" else test_command)(sys.argv[2:]))
     if kind == "step":
         kill_at_step(int(where))
     elif kind == "validation":

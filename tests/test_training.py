@@ -34,9 +34,12 @@ def test_training_writes_the_experiment_folder_and_test_scores_it(tmp_path, caps
     assert "epoch 2 loss" in (folder / "train.log").read_text()
 
     metrics = run_test(opt, tmp_path / "ckpt")
-    summary, wrote = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert summary.startswith(f"SROCC {metrics['srocc']:.4f} PLCC ") and summary.endswith("(25 pairs)")
-    assert wrote == f"wrote results.txt (each pair's score), metrics.json and scatter.png to {folder / 'test'}"
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = next(line for line in out if line.startswith("SROCC "))
+    assert summary.startswith(f"SROCC {metrics['srocc']:.4f} PLCC ") and summary.endswith("(25 pairs)")  # 1 reference:
+    assert metrics["srocc_ci"] is None  # no interval over references
+    assert out[-1] == (f"wrote results.txt, pairs.csv, metrics.json, distortions.csv, groups.csv, scatter.png/.pdf, "
+                       f"groups.png/.pdf to {folder / 'test'}")
     assert "num_crops" not in json.loads((folder / "test" / "metrics.json").read_text())  # five crops: no count
     results = (folder / "test" / "results.txt").read_text().splitlines()
     assert len(results) == 25 and all(len(r.split(",")) == 2 for r in results)
@@ -111,6 +114,7 @@ def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     srocc = [r["srocc"] for r in rows]
     assert f"| median | {np.median(srocc):.4f} |" in table
     assert f"| mean +- std | {np.mean(srocc):.4f} +- {np.std(srocc):.4f} |" in table
+    assert f"| lowest to highest | {min(srocc):.4f} to {max(srocc):.4f} |" in table  # the spread across splits
     assert table.strip() in capsys.readouterr().out
     assert run_splits.main(args) == 0  # finished splits are tested again, not retrained
     assert (tmp_path / "ckpt" / "demo_split0" / "train.log").read_text().count("epoch 1 loss") == 1

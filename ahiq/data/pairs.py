@@ -62,16 +62,17 @@ def pairs_from_csv(path: PathLike) -> Pairs:
     return Pairs(pairs)
 
 
-def check_images(pairs: Sequence[Pair], crop_size: int, whole: bool = False) -> None:
+def check_images(pairs: Sequence[Pair], crop_size: int, whole: bool = False, needs: str = "crop") -> None:
     """Every listed image exists, is a complete image file, matches its partner's size and holds a crop.
 
     Reads headers only (seconds for PIPAL's 23,200 pairs) and raises one DatasetError listing every problem.
-    ``whole``: images must be exactly crop_size square (evaluation on whole images).
+    ``whole``: images must be exactly crop_size square (evaluation on whole images). ``needs``: what needs the
+    size, for the message.
     """
-    check_parts({"": (pairs, whole)}, crop_size)
+    check_parts({"": (pairs, whole)}, crop_size, needs)
 
 
-def check_parts(parts: dict[str, tuple[Sequence[Pair], bool]], crop_size: int) -> None:
+def check_parts(parts: dict[str, tuple[Sequence[Pair], bool]], crop_size: int, needs: str = "crop") -> None:
     """check_images for several parts at once (name -> (pairs, whole)): one DatasetError with every part's
     problems, each named by its part, so that a run fixes them all before its next try."""
     sizes: dict[str, tuple[int, int] | None] = {}
@@ -96,7 +97,7 @@ def check_parts(parts: dict[str, tuple[Sequence[Pair], bool]], crop_size: int) -
                                 f"{crop_size}x{crop_size}")
             elif min(dist) < crop_size:
                 problems.append(f"{label}{pair.dist} is {dist[0]}x{dist[1]}, smaller than the {crop_size}x{crop_size} "
-                                f"crop")
+                                f"{needs}")
     problems = sorted(set(problems))
     if len(problems) == 1:
         raise DatasetError(f"{problems[0]}; fix or remove this pair, then run again")

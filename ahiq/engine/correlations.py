@@ -62,5 +62,9 @@ def correlate(pred, mos) -> dict:
 
 
 def summary_line(metrics: dict) -> str:
-    return (f"SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f} KROCC {metrics['krocc']:.4f} "
-            f"RMSE {metrics['rmse']:.4f} main {metrics['main']:.4f} ({metrics['n']} pairs)")
+    """One line of the metrics, with the 95% intervals of SROCC and PLCC where they have them."""
+    def interval(key: str) -> str:
+        bounds = metrics.get(f"{key}_ci")
+        return f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
+    return (f"SROCC {metrics['srocc']:.4f}{interval('srocc')} PLCC {metrics['plcc']:.4f}{interval('plcc')} "
+            f"KROCC {metrics['krocc']:.4f} RMSE {metrics['rmse']:.4f} main {metrics['main']:.4f} ({metrics['n']} pairs)")

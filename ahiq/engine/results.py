@@ -1,34 +1,189 @@
-"""What test.py writes: for a labelled set per-image predictions, metrics.json and a scatter plot; for an
-unlabelled one an NTIRE 2022 Perceptual IQA Challenge (full-reference track) submission for CodaLab."""
+"""What a test writes. For a labelled set: each pair's score (``results.txt``, the official format, and
+``pairs.csv`` with what the analysis needs: reference, distortion type and group, MOS, target), the analysis
+(``metrics.json`` with 95% intervals, ``distortions.csv``, ``groups.csv``) and its figures. For an unlabelled
+one: an NTIRE 2022 Perceptual IQA Challenge (full-reference track) submission for CodaLab. Every file is
+written atomically (ahiq.files). ``python -m ahiq compare`` reads the result folders back (``Results.read``)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
-import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import cv2
 import numpy as np
 
-from ahiq.engine.correlations import logistic4
+from ahiq.data import Part
+from ahiq.data.distortions import taxonomy
+from ahiq.engine import figures
+from ahiq.engine.correlations import correlate, logistic4, summary_line
+from ahiq.engine.statistics import by_group, interval, pearson, rating_spread_metrics, spearman
+from ahiq.files import write_atomically
+
+PAIRS_FILE = "pairs.csv"
+PAIRS_HEADER = ("name", "ref", "type", "group", "mos", "target", "mos_ci95", "score")
+TYPE_HEADER = ("type", "name", "group", "n", "srocc", "plcc", "krocc")
+GROUP_HEADER = ("group", "name", "n", "srocc", "plcc", "krocc")
 
 
-def write_predictions(path: Path, names: Sequence[str], scores: Sequence[float]) -> None:
-    """``name,score`` lines, the official results.txt format."""
-    path.write_text(_score_lines(zip(names, scores)))
+@dataclass
+class Results:
+    """One model's scores of a labelled test part, pair by pair, with what the analysis needs."""
+    label: str              # the model, as tables and legends name it
+    dataset: str
+    names: list[str]
+    refs: list[str]
+    types: list[str]        # the dataset's distortion codes ("" unknown)
+    mos: np.ndarray         # the published scores
+    target: np.ndarray      # the normalised scores, higher is better
+    mos_ci95: np.ndarray    # each MOS's 95% interval half-width (NaN: not given)
+    score: np.ndarray
+
+    @classmethod
+    def of(cls, part: Part, score: np.ndarray, label: str) -> "Results":
+        pairs = part.pairs
+        return cls(label, pairs.dataset, [p.name for p in pairs], [p.ref for p in pairs],
+                   [p.distortion for p in pairs], np.array([p.mos for p in pairs], float),
+                   np.asarray(part.targets, float), np.array([p.mos_ci95 for p in pairs], float),
+                   np.asarray(score, float))
+
+    @property
+    def groups(self) -> list[str]:
+        classes = taxonomy(self.dataset)
+        return [classes.group(t) if t else "" for t in self.types]
+
+    def write(self, folder: Path) -> None:
+        """``results.txt`` (``name,score``, the official format) and ``pairs.csv``."""
+        write_atomically(folder / "results.txt", _score_lines(self.names, self.score))
+        rows = zip(self.names, self.refs, self.types, self.groups, self.mos, self.target, self.mos_ci95, self.score)
+        write_atomically(folder / PAIRS_FILE, _csv([PAIRS_HEADER, *([n, r, t, g, repr(float(m)), repr(float(y)),
+                                                                     "" if math.isnan(c) else repr(float(c)),
+                                                                     repr(float(s))]
+                                                                    for n, r, t, g, m, y, c, s in rows)]))
+
+    @classmethod
+    def read(cls, path: Path) -> "Results":
+        """The results of a test.py folder (or its results.txt): its pairs.csv, labelled by its metrics.json."""
+        folder = path.parent if path.is_file() else path
+        pairs, metrics = folder / PAIRS_FILE, folder / "metrics.json"
+        if not pairs.is_file() or not metrics.is_file():
+            missing = " and ".join(str(p) for p in (pairs, metrics) if not p.is_file())
+            raise ValueError(f"{path} is not a test.py result folder: {missing} missing (written by python test.py "
+                             f"with a labelled test part)")
+        try:
+            info = json.loads(metrics.read_text())
+            with open(pairs, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+            if not rows or tuple(rows[0]) != PAIRS_HEADER:
+                raise ValueError(f"its header is not {','.join(PAIRS_HEADER)}")
+            numbers = {key: np.array([float(r[key]) if r[key] else math.nan for r in rows])
+                       for key in ("mos", "target", "mos_ci95", "score")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{pairs} cannot be read ({exc}); run python test.py again to rewrite it") from None
+        if not np.all(np.isfinite(numbers["score"])) or not np.all(np.isfinite(numbers["target"])):
+            raise ValueError(f"{pairs} holds a score or target that is not a finite number; run test.py again")
+        return cls(str(info.get("label") or folder.name), str(info.get("dataset", "")), [r["name"] for r in rows],
+                   [r["ref"] for r in rows], [r["type"] for r in rows], numbers["mos"], numbers["target"],
+                   numbers["mos_ci95"], numbers["score"])
 
 
-def _score_lines(named_scores) -> str:
-    return "".join(f"{name},{score:f}\n" for name, score in named_scores)
+@dataclass
+class Analysis:
+    metrics: dict            # metrics.json: the correlations, their intervals, P.1401's where it applies
+    types: list[dict]        # distortions.csv's rows
+    groups: list[dict]       # groups.csv's rows, each with its SROCC's interval
 
 
-def write_metrics(path: Path, metrics: dict, **info) -> None:
-    path.write_text(json.dumps({**info, **metrics}, indent=1, default=float))
+def analyse(results: Results, resamples: int, by: str, seed: int) -> Analysis:
+    """Correlations over the whole part and per type and group; 95% bootstrap intervals over ``by``
+    (``reference``: whole reference images; ``pair``) with ``resamples`` resamples and ``seed``."""
+    pred, target = results.score, results.target
+    metrics = correlate(pred, target)
+    units = results.refs if by == "reference" else results.names
+    classes = taxonomy(results.dataset)
+    logistic = metrics.get("logistic")
+    statistics = {"srocc": spearman, "plcc": pearson}
+    if logistic is not None:  # PLCC after the logistic fitted on the whole part, the mapping held fixed
+        statistics["plcc_fitted"] = lambda p, t: pearson(logistic4(p, *logistic), t)
+    for key, statistic in statistics.items():
+        metrics[f"{key}_ci"] = interval(statistic, pred, target, units, resamples, seed)
+    metrics["intervals"] = {"level": 0.95, "method": "BCa bootstrap (scipy.stats.bootstrap)", "by": by,
+                            "units": len(set(units)), "resamples": resamples, "seed": seed}
+    metrics.update(rating_spread_metrics(pred, results.mos, results.mos_ci95))
+    type_rows, group_rows = [], []
+    if any(results.types):
+        type_rows = by_group(pred, target, results.types, classes.order(t for t in results.types if t), logistic)
+        for row in type_rows:
+            row.update(name=classes.name(row["code"]), group=classes.group(row["code"]))
+        groups = results.groups
+        group_rows = by_group(pred, target, groups, classes.order(g for g in groups if g), logistic)
+        for row in group_rows:
+            member = np.asarray(groups) == row["code"]
+            row["name"] = classes.group_name(row["code"])
+            row["interval"] = interval(spearman, pred[member], target[member], np.asarray(units)[member], resamples,
+                                       seed) if row["srocc"] is not None else None
+    return Analysis(metrics, type_rows, group_rows)
 
 
-def write_ntire_submission(scores: Mapping[str, float], out_dir: str | os.PathLike, runtime: float, gpu: bool,
+def write_report(folder: Path, results: Results, analysis: Analysis, **info) -> None:
+    """metrics.json, distortions.csv, groups.csv and the figures into ``folder``; prints the summary."""
+    metrics = analysis.metrics
+    write_atomically(folder / "metrics.json", json.dumps({"label": results.label, "dataset": results.dataset, **info,
+                                                           **metrics}, indent=1, default=float).encode())
+    written = ["results.txt", PAIRS_FILE, "metrics.json"]
+    if analysis.types:
+        write_atomically(folder / "distortions.csv", _csv([TYPE_HEADER, *([r["code"], r["name"], r["group"], r["n"],
+                                                                           *_cells(r)] for r in analysis.types)]))
+        write_atomically(folder / "groups.csv", _csv([GROUP_HEADER, *([r["code"], r["name"], r["n"], *_cells(r)]
+                                                                      for r in analysis.groups)]))
+        written += ["distortions.csv", "groups.csv"]
+    title = f"{results.label} on {results.dataset} ({len(results.score)} pairs)"
+    scatter = figures.scatter_figure(results.score, results.target, metrics.get("logistic"), title, metrics,
+                                     results.groups, {r["code"]: r["name"] for r in analysis.groups})
+    figures.save(scatter, folder / "scatter")
+    written.append("scatter.png/.pdf")
+    if analysis.groups:
+        figures.save(figures.group_bars_figure(analysis.groups, f"{results.label}: SROCC per group, 95% intervals"),
+              folder / "groups")
+        written.append("groups.png/.pdf")
+    print(summary(results, analysis))
+    print(f"wrote {', '.join(written)} to {folder}")
+
+
+def summary(results: Results, analysis: Analysis) -> str:
+    """The printed summary: the overall line with its intervals, then the per-group table."""
+    m = analysis.metrics
+    lines = [summary_line(m)]
+    if "outlier_ratio" in m:
+        lines.append(f"outlier ratio {m['outlier_ratio']:.4f}, epsilon-insensitive RMSE {m['rmse_star']:.4f} "
+                     f"(ITU-T P.1401, on the MOS scale)")
+    if analysis.groups:
+        width = max(len(r["name"]) for r in analysis.groups) + 2
+        lines.append(f"{'group':<{width}}{'n':>6}  {'SROCC':>7}  {'PLCC':>7}  {'KROCC':>7}")
+        lines += [f"{r['name']:<{width}}{r['n']:>6}  " + "  ".join(f"{_text(v):>7}" for v in _cells(r))
+                  for r in analysis.groups]
+    return "\n".join(lines)
+
+
+def _cells(row: dict) -> list:
+    return [row["srocc"], row["plcc"], row["krocc"]]
+
+
+def _text(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _csv(rows) -> bytes:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([["" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)
+                                                      for v in row] for row in rows])
+    return text.getvalue().encode("utf-8")
+
+
+def write_ntire_submission(scores: Mapping[str, float], out_dir: Path, runtime: float, gpu: bool,
                            extra_data: bool, description: str) -> Path:
     """Write ``output.txt`` (``name,score`` per image, sorted by name), ``readme.txt`` (CodaLab's five lines)
     and ``submission.zip`` holding just those two files at its root; returns the zip's path."""
@@ -37,53 +192,22 @@ def write_ntire_submission(scores: Mapping[str, float], out_dir: str | os.PathLi
         raise ValueError(f"cannot submit: {'no scores' if not scores else f'non-finite scores for {bad[:5]}'}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    output = _score_lines(sorted(scores.items()))
+    output = _score_lines(*zip(*sorted(scores.items()))).decode()
     readme = (f"runtime per image [s] : {runtime:.4f}\n"
               f"CPU[1] / GPU[0] : {0 if gpu else 1}\n"
               f"Extra Data [1] / No Extra Data [0] : {1 if extra_data else 0}\n"
               f"Other description : {' '.join(description.split())}\n"
               f"Full-Reference [1] / Non-Reference [0] : 1\n")
-    (out_dir / "output.txt").write_text(output)
-    (out_dir / "readme.txt").write_text(readme)
-    path = out_dir / "submission.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+    write_atomically(out_dir / "output.txt", output.encode())
+    write_atomically(out_dir / "readme.txt", readme.encode())
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("readme.txt", readme)
         zf.writestr("output.txt", output)
-    return path
+    write_atomically(out_dir / "submission.zip", buffer.getvalue())
+    return out_dir / "submission.zip"
 
 
-def scatter_plot(path: Path, pred: np.ndarray, target: np.ndarray, logistic: Sequence[float] | None, title: str) -> None:
-    """Prediction (x) against normalised MOS (y) with the fitted logistic curve, as a PNG."""
-    cv2.imwrite(str(path), scatter_image(pred, target, logistic, title)[..., ::-1])
-
-
-def scatter_image(pred: np.ndarray, target: np.ndarray, logistic: Sequence[float] | None, title: str) -> np.ndarray:
-    """The scatter plot as an RGB array [H, W, 3]."""
-    width, height, margin = 640, 480, 60
-    canvas = np.full((height, width, 3), 255, np.uint8)
-    x0, x1 = float(np.min(pred)), float(np.max(pred))
-    y0, y1 = float(np.min(target)), float(np.max(target))
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-
-    def to_px(x, y):
-        px = margin + (np.asarray(x) - x0) / (x1 - x0) * (width - 2 * margin)
-        py = height - margin - (np.asarray(y) - y0) / (y1 - y0) * (height - 2 * margin)
-        return np.stack([px, py], -1).round().astype(np.int32)
-
-    black, grey = (0, 0, 0), (90, 90, 90)
-    cv2.rectangle(canvas, (margin, margin), (width - margin, height - margin), black, 1)
-    for px, py in to_px(pred, target):
-        cv2.circle(canvas, (int(px), int(py)), 3, (200, 120, 30), -1, cv2.LINE_AA)
-    if logistic is not None:
-        xs = np.linspace(x0, x1, 200)
-        ys = np.clip(logistic4(xs, *logistic), y0, y1)
-        cv2.polylines(canvas, [to_px(xs, ys)], False, (40, 40, 220), 2, cv2.LINE_AA)
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(canvas, title, (margin, 35), font, 0.5, black, 1, cv2.LINE_AA)
-    cv2.putText(canvas, "prediction", (width // 2 - 40, height - 15), font, 0.5, black, 1, cv2.LINE_AA)
-    cv2.putText(canvas, "MOS (normalised)", (5, margin - 8), font, 0.45, black, 1, cv2.LINE_AA)
-    for value, (px, py) in ((x0, to_px(x0, y0)), (x1, to_px(x1, y0))):
-        cv2.putText(canvas, f"{value:.3g}", (int(px) - 15, int(py) + 20), font, 0.4, grey, 1, cv2.LINE_AA)
-    for value, (px, py) in ((y0, to_px(x0, y0)), (y1, to_px(x0, y1))):
-        cv2.putText(canvas, f"{value:.3g}", (5, int(py) + 4), font, 0.4, grey, 1, cv2.LINE_AA)
-    return canvas
+def _score_lines(names: Sequence[str], scores: Sequence[float]) -> bytes:
+    """``name,score`` lines, the official results.txt format."""
+    return "".join(f"{name},{score:f}\n" for name, score in zip(names, scores)).encode()

@@ -9,14 +9,17 @@ import numpy as np
 import torch
 
 from ahiq.data import CropPlan, Part, check_images, load_parts
-from ahiq.engine.correlations import correlate, logistic4, summary_line
-from ahiq.engine.results import scatter_plot, write_metrics, write_ntire_submission, write_predictions
+from ahiq.engine.correlations import correlate, logistic4
+from ahiq.engine.results import Results, analyse, write_ntire_submission, write_report
+from ahiq.messages import create_folder
 from ahiq.nn.model import AHIQ
 from ahiq.nn.zoo import is_zoo_name
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, destroy, init_distributed
+from ahiq.scoring.baselines import BASELINES, BaselineScorer
 from ahiq.scoring.inference import maps_of, predict_shared
 from ahiq.scoring.maps import check_maps, write_panels
+from ahiq.scoring.output import barrier, read_scores, score_to_file
 
 
 def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
@@ -39,9 +42,9 @@ def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
 
 def run_default_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     """A bare ``python test.py``: the experiment's best checkpoint when there is one, else the released
-    ``pipal`` model; the first line says which."""
+    ``pipal`` model (else, with ``test.baselines``, the baselines alone); the first line says which."""
     best = Path(checkpoints_root) / opt["name"] / "best.pth"
-    if opt["test"]["checkpoint"] == "best" and not best.is_file():
+    if opt["test"]["checkpoint"] == "best" and not best.is_file() and not opt["test"]["baselines"]:
         opt["test"]["checkpoint"] = "pipal"
         print(f"testing the released model 'pipal' (no {best} yet: train with python train.py --opt ... first "
               f"to test your own)", flush=True)
@@ -61,10 +64,24 @@ def run_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
         destroy(job)
 
 
+def _trained_model_absent(opt: dict, experiment_dir: Path) -> bool:
+    """test.checkpoint is the experiment's best or latest, and the experiment has none yet."""
+    given = opt["test"]["checkpoint"]
+    return given in ("best", "latest") and not (experiment_dir / f"{given}.pth").is_file()
+
+
 def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -> dict:
     test_opt = opt["test"]
-    paths = checkpoint_paths(opt, experiment_dir)
+    baselines_alone = bool(test_opt["baselines"]) and _trained_model_absent(opt, experiment_dir)
+    paths = [] if baselines_alone else checkpoint_paths(opt, experiment_dir)
     part = load_parts(opt["data"], roles=("test",))["test"]
+    out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
+    baselines = _baseline_scorers(test_opt["baselines"], part, device, opt["model"]["weights"])  # before any scoring
+    if baselines_alone:
+        if job.main:
+            print(f"{opt['name']}: no {test_opt['checkpoint']}.pth in {experiment_dir}: scoring the baselines alone "
+                  f"({', '.join(baselines)}) on {len(part.pairs)} test pairs ({part.pairs.dataset})", flush=True)
+        return _score_baselines(baselines, part, out_dir, job, opt)
     runtime = Runtime(**opt["runtime"])
     models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
                                                   **opt["model"]), device) for p in paths]
@@ -75,9 +92,7 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
     if job.main:
         print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {runtime.describe(device)}; "
               f"{job.world} process(es)", flush=True)
-    out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
-    if job.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        create_folder(out_dir, "test.output")
     start = time.time()
     plan = CropPlan(crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"])
     pred = predict_shared(models, part, job, plan=plan, batch_size=test_opt["batch_size"],
@@ -96,18 +111,56 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
         return {"submission": str(zip_path)}
     metrics = correlate(pred, part.targets)
     if job.main:
-        write_predictions(out_dir / "results.txt", names, pred)
         random = {"num_crops": test_opt["num_crops"], "seed": test_opt["seed"]} if test_opt["crops"] == "random" else {}
-        write_metrics(out_dir / "metrics.json", metrics, checkpoints=[str(p) for p in paths],
-                      dataset=part.pairs.dataset, crops=test_opt["crops"], **random)
-        scatter_plot(out_dir / "scatter.png", pred, part.targets, metrics.get("logistic"),
-                     f"{opt['name']} on {part.pairs.dataset}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}")
-        print(summary_line(metrics))
-        print(f"wrote results.txt (each pair's score), metrics.json and scatter.png to {out_dir}")
+        metrics = _report(out_dir, Results.of(part, pred, opt["name"]), opt, checkpoints=[str(p) for p in paths],
+                          crops=test_opt["crops"], **random)
         if test_opt["maps"]:
             _extreme_maps(out_dir / "maps", models[0], part, pred, metrics.get("logistic"), test_opt["maps"], plan,
                           device, runtime)
+    if baselines:
+        _score_baselines(baselines, part, out_dir, job, opt)
     return metrics
+
+
+def _report(folder: Path, results: Results, opt: dict, **info) -> dict:
+    """Write a labelled test's results, analysis and figures into ``folder``; its metrics."""
+    bootstrap = opt["test"]["bootstrap"]
+    analysis = analyse(results, bootstrap["resamples"], bootstrap["by"], bootstrap["seed"])
+    results.write(folder)
+    write_report(folder, results, analysis, **info)
+    return analysis.metrics
+
+
+def _baseline_scorers(names: list[str], part: Part, device: torch.device, weights) -> dict:
+    """A scorer of each baseline metric, its weights found and every test image checked against its size
+    needs, before anything is scored."""
+    if names and part.targets is None:
+        raise ValueError(f"test.baselines: the test part ({part.pairs.dataset}) is unlabelled; baselines are compared "
+                         f"on a labelled one (leave test.baselines out for an NTIRE submission)")
+    scorers = {name: BaselineScorer(name, device, weights) for name in names}
+    for scorer in scorers.values():
+        scorer.check(part.pairs)
+    return scorers
+
+
+def _score_baselines(scorers: dict, part: Part, out_dir: Path, job: Job, opt: dict) -> dict:
+    """Each baseline scored into ``<out_dir>/baselines/<name>/`` (scores.csv journaled as the scorer's: a rerun
+    continues it), then reported as AHIQ is; the metrics of each."""
+    out = {}
+    for name, scorer in scorers.items():
+        folder = out_dir / "baselines" / name
+        if job.main:
+            create_folder(folder, "test.output")
+        if job.world > 1:
+            barrier()
+        scores_csv = folder / "scores.csv"
+        score_to_file(scorer, part.pairs, scores_csv, job, resume=True, progress=job.main,
+                      heading=f"{BASELINES[name].label}: {len(part.pairs)} pairs")
+        if job.main:
+            scores = read_scores(scores_csv, part.pairs)
+            out[name] = _report(folder, Results.of(part, scores, BASELINES[name].label), opt, metric=name,
+                                settings=scorer.settings())
+    return out
 
 
 def _extreme_maps(folder: Path, model: AHIQ, part: Part, pred: np.ndarray, logistic, n: int, plan: CropPlan,

@@ -22,7 +22,8 @@ from ahiq.engine.correlations import correlate, summary_line
 from ahiq.engine.experiment import (close_logging, load_training_checkpoint, lock_folder, log, nonfinite_loss_error,
                                     remove_stale_temporaries, resume_path, save_training_checkpoint, set_rng_state,
                                     setup_logging)
-from ahiq.engine.results import scatter_image
+from ahiq.engine.figures import scatter_figure
+from ahiq.engine.results import Results
 from ahiq.nn.model import AHIQ, build_model
 from ahiq.options import save_options
 from ahiq.runtime.device import Runtime
@@ -342,9 +343,10 @@ class Trainer:
         of four fixed validation pairs, scored again with their maps (four pairs, not a pass over the set), on
         the score range of the first validation, so that the maps are comparable as training goes."""
         part, step = self.parts["val"], epoch + 1
-        title = f"epoch {step}: SROCC {metrics['srocc']:.4f} PLCC {metrics['plcc']:.4f}"
-        self.writer.add_image("val/scatter", scatter_image(pred, part.targets, metrics.get("logistic"), title), step,
-                              dataformats="HWC")
+        groups = Results.of(part, pred, self.opt["name"]).groups
+        self.writer.add_figure("val/scatter", scatter_figure(pred, part.targets, metrics.get("logistic"),
+                                                             f"{self.opt['name']}, epoch {step}", metrics, groups),
+                               step, close=True)
         if self.model.no_maps:  # a pooling without maps (model.pooling spatial): the scatter plot alone
             return
         shown = sorted(set(np.linspace(0, len(part.pairs) - 1, 4).round().astype(int).tolist()))

@@ -1,7 +1,7 @@
 """The weight files AHIQ needs and where they are found (ahiq.nn.downloads fetches and verifies them).
 
-The files: the released AHIQ models, by name (``pipal``), and the timm backbone weights their heads were
-trained with. The rule that finds any of them (the only one; every message follows it):
+The files: the released AHIQ models, by name (``pipal``), the timm backbone weights their heads were
+trained with, and the weights of the learned baseline metrics (``lpips``, ``dists``). The rule that finds any of them (the only one; every message follows it):
 
 1. A **weights folder**, when one is given (``weights=`` in Python, ``--weights`` on the command lines, the
    option ``model.weights``, or the environment variable ``AHIQ_WEIGHTS``, in that order): the files are
@@ -75,6 +75,16 @@ _OTHER_CNNS = {"resnet101.a1h_in1k": ("resnet101_a1h-36d3f2aa.pth",), "resnet152
                "hrnet_w18.ms_in1k": (), "inception_resnet_v2.tf_in1k": ()}
 BACKBONES.update({tag: WeightFile(f"{tag}.safetensors", also_named=old, hf_repo=f"timm/{tag}")
                   for tag, old in _OTHER_CNNS.items()})
+
+# The weights of the baseline metrics test.py scores beside AHIQ (ahiq.scoring.baselines), under the names piq and
+# torchvision download them by: torchvision's ImageNet VGG16 and piq's learned layer weights.
+_VGG16 = WeightFile("vgg16-397923af.pth", ("https://download.pytorch.org/models/vgg16-397923af.pth",))
+METRIC_WEIGHTS = {
+    "lpips": (_VGG16, WeightFile("lpips_weights.pt", ("https://github.com/photosynthesis-team/photosynthesis.metrics/"
+                                                      "releases/download/v0.4.0/lpips_weights.pt",))),
+    "dists": (_VGG16, WeightFile("dists_weights.pt", ("https://github.com/photosynthesis-team/piq/releases/download/"
+                                                      "v0.4.1/dists_weights.pt",))),
+}
 
 
 @dataclass(frozen=True)
@@ -183,19 +193,24 @@ def download_names(files: Iterable[WeightFile]) -> list[str]:
     backbones) and the backbone tags no named model brings."""
     files = list(files)
     names = [name for name, model in ZOO.items() if model.file in files]
-    brought = {file for name in names for file in ZOO[name].files()}
+    names += [name for name, weights in METRIC_WEIGHTS.items() if weights[-1] in files]
+    brought = {file for name in names for file in files_for([name])}
     return names + [tag for tag, file in BACKBONES.items() if file in files and file not in brought]
 
 
 def files_for(names: Sequence[str]) -> list[WeightFile]:
-    """The files of zoo names (each model and its backbones) and backbone tags, without repeats."""
+    """The files of zoo names (each model and its backbones), backbone tags and baseline metrics (lpips, dists),
+    without repeats."""
     files: list[WeightFile] = []
     for name in names:
         if name in BACKBONES:
             wanted = [BACKBONES[name]]
         elif name in ZOO:
             wanted = ZOO[name].files()
+        elif name in METRIC_WEIGHTS:
+            wanted = list(METRIC_WEIGHTS[name])
         else:
-            raise ValueError(f"no released model or backbone named {name!r}; known: {', '.join([*ZOO, *BACKBONES])}")
+            raise ValueError(f"no released model, backbone or metric named {name!r}; known: "
+                             f"{', '.join([*ZOO, *BACKBONES, *METRIC_WEIGHTS])}")
         files += [file for file in wanted if file not in files]
     return files
