@@ -173,12 +173,52 @@ def test_a_damaged_partial_or_foreign_export_is_one_line_naming_the_file(exporte
     assert f"{data} is missing (the export is incomplete)" in error(copy)
     settings = json.loads((folder / "p8" / SETTINGS).read_text())
     (copy / SETTINGS).write_text(json.dumps({**settings, "version": 2}))
-    assert f"{copy / SETTINGS} is ahiq-onnx version 2; this ahiq reads ahiq-onnx version 1" in error(copy)
+    assert f"{copy / SETTINGS} is ahiq-onnx version 2; this ahiq reads version 1" in error(copy)
     (copy / SETTINGS).write_text("{not json")
-    assert f"{copy / SETTINGS} is damaged" in error(copy)
+    assert f"{copy / SETTINGS} cannot be read (JSONDecodeError" in error(copy)
     (copy / SETTINGS).unlink()
     assert f"{copy} holds no {SETTINGS}" in error(copy)
     assert "is not a folder" in error(tmp_path / "nowhere")
+
+
+def _edited(settings: dict, edit) -> dict:
+    copied = json.loads(json.dumps(settings))
+    edit(copied)
+    return copied
+
+
+# A hand-edited ahiq_onnx.json: (what is done to it, the field the one line must name and what it needs).
+EDITS = [
+    (lambda s: s.pop("crop_size"), "field 'crop_size' must be a whole number of at least 1, got nothing"),
+    (lambda s: s.update(crop_size="64"), "field 'crop_size' must be a whole number of at least 1, got \"64\""),
+    (lambda s: s.update(version="1"), "field 'version' must be the whole number 1, got \"1\""),
+    (lambda s: s.update(models=[]), "field 'models' must be a list of one or more models, got []"),
+    (lambda s: s["crops"].update(count="20"), "field 'crops.count' must be a whole number of at least 1"),
+    (lambda s: s["crops"].update(mode="all"), "field 'crops.mode' must be one of five, nine, random, centre, whole"),
+    (lambda s: s["crops"].update(seed=-1), "field 'crops.seed' must be a whole number of at least 0, got -1"),
+    (lambda s: s.update(files={}), "field 'files' must be an object naming each graph file, got {}"),
+    (lambda s: s.update(files={f"../{k}": v for k, v in s["files"].items()}), "field 'files' must be plain file names"),
+    (lambda s: s["models"][0]["score"].pop("file"), "field 'models[0].score.file' must be one of the files listed"),
+    (lambda s: s["models"][0]["config"].update(img_size=32), "field 'models[0].config.img_size' must be the crop_size"),
+    (lambda s: s["models"][0]["config"].update(fusion=None), "field 'models[0].config.fusion' must be one of"),
+    (lambda s: s.clear(), "field 'format' must be \"ahiq-onnx\""),
+]
+
+
+@pytest.mark.parametrize("edit, named", EDITS, ids=[named.split("'")[1] + f"-{i}" for i, (_, named) in enumerate(EDITS)])
+def test_a_hand_edited_settings_file_is_one_line_naming_the_field(exported, tmp_path, capsys, edit, named):
+    """Never a traceback, never a NaN score with exit status 0 (an emptied model list averaged nothing)."""
+    import shutil
+
+    folder, _ = exported
+    shutil.copytree(folder / "p8", tmp_path / "copy")
+    settings = json.loads((folder / "p8" / SETTINGS).read_text())
+    (tmp_path / "copy" / SETTINGS).write_text(json.dumps(_edited(settings, edit)))
+    code = main(["score", "--onnx", str(tmp_path / "copy"), "--dist", str(folder / "images" / "dist" / "a0_0.png"),
+                 "--ref", str(folder / "images" / "refs" / "a0.png")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+    assert named in captured.err and f"{tmp_path / 'copy' / SETTINGS}" in captured.err
 
 
 def test_onnx_refuses_what_it_cannot_do_and_reports_bad_pairs_as_pytorch_does(exported, tmp_path, capsys):
@@ -234,3 +274,44 @@ def test_a_full_size_vit_b8_exports_and_scores_as_pytorch(tmp_path):
     scorer = Scorer(checkpoint, vit_pretrained=tmp_path / "weights" / "vit.pth",
                     cnn_pretrained=tmp_path / "weights" / "resnet.pth", crops="centre")
     np.testing.assert_allclose(onnx, scorer.score_pairs(pairs), rtol=0, atol=1e-5)
+
+
+def test_export_faults_leave_the_earlier_export_whole_and_say_so_in_one_line(exported, tmp_path, capsys, monkeypatch):
+    """A full disk, Ctrl-C and a second export into the same folder, while --out holds an earlier export; and
+    the exporter's packages missing, found before any model is loaded."""
+    import errno
+    import shutil
+
+    from ahiq.files import take_lock
+    from ahiq.scoring import export
+
+    folder, exports = exported
+    out = tmp_path / "out"
+    shutil.copytree(folder / "p8", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = ["export", "--checkpoint", str(exports["p8"][0]), *NO_BACKBONE_DOWNLOAD, "--out", str(out)]
+
+    def fails(error):
+        def export_model(*args, **kwargs):
+            raise error
+        return export_model
+
+    for error, code, said in ((OSError(errno.ENOSPC, "No space left on device"), 2, "No space left on device"),
+                              (KeyboardInterrupt(), 130, "interrupted: no export was written")):
+        monkeypatch.setattr(export, "_export_model", fails(error))
+        assert main(command) == code
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err and "Traceback" not in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier export, byte for byte
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written left beside it
+    held = take_lock(tmp_path / ".out.export.lock", "a test's export", "")
+    try:
+        assert main(command) == 2
+        assert "is in use by process" in capsys.readouterr().err
+    finally:
+        held.close()
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxscript" else object())
+    monkeypatch.setattr(AHIQ, "from_pretrained", fails(AssertionError("a model was loaded before the check")))
+    assert main(command) == 2
+    assert "needs onnxscript; install them with pip install onnx onnxscript 'onnxruntime>=1.25'" in \
+        capsys.readouterr().err

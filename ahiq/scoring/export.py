@@ -11,8 +11,10 @@ import contextlib
 import copy
 import io
 import json
+import os
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -22,13 +24,15 @@ import torch
 from torch import nn
 
 from ahiq.data.crops import CropPlan
-from ahiq.files import write_atomically
-from ahiq.messages import create_folder
+from ahiq.files import release_and_remove, take_lock, write_atomically
+from ahiq.messages import create_folder, last_line
 from ahiq.nn.downloads import sha256_of
 from ahiq.nn.model import AHIQ, ReferenceFeatures
 from ahiq.scoring.onnx_scorer import FORMAT, SETTINGS, VERSION, ExportFolderError, OnnxScorer
 
 OPSET = 19  # DeformConv, the deformable convolution, is ONNX's from opset 19
+# The onnx extra's packages, by a command that works wherever ahiq was installed from (a checkout or a wheel).
+EXPORTER_INSTALL = "install them with pip install onnx onnxscript 'onnxruntime>=1.25' (the onnx extra)"
 EXPORT_TOLERANCE = 1e-4  # onnxruntime against PyTorch on the export's own check; measured far below (tests)
 
 
@@ -65,8 +69,19 @@ def export(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:
     sizes = {m.config["img_size"] for m in models}
     if len(sizes) > 1:
         raise ValueError(f"an ensemble's models must take one crop size; these take {sorted(sizes)}")
-    check_export_folder(out)
-    building = out.with_name(f".{out.name}.exporting")
+    out = check_export_folder(out)
+    lock = take_lock(out.with_name(f".{out.name}.export.lock"), f"--out {out}", "choose another --out")
+    try:
+        return _export_into(models, out, plan)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: nothing of the new export is kept
+        raise ExportFolderError(f"cannot write the export into {out.parent} ({exc.strerror or exc}); nothing was "
+                                f"kept{' (the earlier export there is as it was)' if out.exists() else ''}") from None
+    finally:
+        release_and_remove(lock, out.with_name(f".{out.name}.export.lock"))
+
+
+def _export_into(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:
+    building = out.with_name(f".{out.name}.exporting")  # this process's: the lock keeps other exports out
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir()
     try:
@@ -90,18 +105,37 @@ def export(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
+    earlier = out.with_name(f".{out.name}.replaced")
+    shutil.rmtree(earlier, ignore_errors=True)
+    if out.exists():  # the earlier export is set aside, not deleted, until the new one is in its place
+        out.rename(earlier)
     building.rename(out)
+    shutil.rmtree(earlier, ignore_errors=True)
     return settings
 
 
-def check_export_folder(out: Path) -> None:
-    """``out`` can take an export: new, empty, or an earlier export (replaced); its parent is created."""
+def check_exporter() -> None:
+    """torch's ONNX exporter's packages and onnxruntime are importable: checked before a model is loaded."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"exporting to ONNX needs {', '.join(missing)}; {EXPORTER_INSTALL}")
+
+
+def check_export_folder(out: Path) -> Path:
+    """``out`` can take an export: new, empty, or an earlier export (replaced); its parent is created and can be
+    written. Returns the folder, a symbolic link followed to the folder it names."""
+    out = Path(os.path.realpath(out))
     if out.exists() and not (out.is_dir() and ((out / SETTINGS).is_file() or not any(out.iterdir()))):
         what = "a folder that holds other files than an AHIQ export" if out.is_dir() else "a file"
         raise ValueError(f"--out {out} is {what}; give an empty or new folder (an earlier export there is replaced)")
     create_folder(out.parent, "--out's parent")
+    try:
+        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.").cleanup()
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from None
+    return out
 
 
 def deform_conv(input, weight, offset, mask, bias, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dil_h: int,
@@ -149,11 +183,13 @@ def _quietly(run, path: Path) -> None:
             warnings.simplefilter("ignore")
             run()
     except ImportError as exc:
-        raise ImportError(f"exporting to ONNX needs torch's exporter and its packages ({exc}); install them with "
-                          f"pip install 'ahiq[onnx]' (onnx, onnxscript, onnxruntime)") from None
-    except Exception:
+        raise ImportError(f"exporting to ONNX needs torch's exporter and its packages ({exc}); {EXPORTER_INSTALL}") from None
+    except OSError:
+        raise  # the disk: export() says so in one line
+    except Exception as exc:
         sys.stderr.write(said.getvalue())
-        raise RuntimeError(f"torch.onnx.export failed writing {path} (its output above)")
+        raise ExportFolderError(f"torch.onnx.export failed writing {path} ({type(exc).__name__}: "
+                                f"{last_line(str(exc))[:200]}; its output above)") from None
 
 
 def _check_against_pytorch(models: Sequence[AHIQ], folder: Path) -> dict:

@@ -11,11 +11,12 @@ from typing import Callable
 
 import numpy as np
 
-from ahiq.data.crops import CropPlan
+from ahiq.data.crops import EVAL_CROPS, CropPlan
 from ahiq.data.images import read_image
 from ahiq.data.pairs import check_images, pair_files, reference_groups
 from ahiq.data.labels import Pairs
 from ahiq.runtime.memory import cpu_budget, crops_in_budget
+from ahiq.options import FUSIONS
 from ahiq.runtime.threads import choose_threads
 
 FORMAT = "ahiq-onnx"
@@ -40,13 +41,10 @@ def read_settings(folder: Path) -> dict:
         raise ExportFolderError(f"{folder} holds no {SETTINGS}: not an AHIQ export (or an incomplete one); make one "
                                 f"with python -m ahiq export --out {folder}")
     try:
-        settings = json.loads(path.read_text())
-        found = (settings["format"], settings["version"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ExportFolderError(f"{path} is damaged ({type(exc).__name__}: {exc}); export again") from None
-    if found != (FORMAT, VERSION):
-        raise ExportFolderError(f"{path} is {found[0]} version {found[1]}; this ahiq reads {FORMAT} version {VERSION}: "
-                                f"export again with this version (python -m ahiq export)")
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ExportFolderError(f"{path} cannot be read ({type(exc).__name__}: {exc}); export again") from None
+    _check_settings(settings, path)
     for name, expected in settings["files"].items():
         file = folder / name
         if not file.is_file():
@@ -54,6 +52,67 @@ def read_settings(folder: Path) -> dict:
         if file.stat().st_size != expected["size"] or sha256_of(file) != expected["sha256"]:
             raise ExportFolderError(f"{file} is damaged (not the bytes {SETTINGS} lists for it): export again")
     return settings
+
+
+def _check_settings(settings, path: Path) -> None:
+    """Every field the scorer reads, with its type and range: one ExportFolderError naming the first wrong one."""
+    def wrong(field: str, value, needs: str) -> ExportFolderError:
+        shown = json.dumps(value)[:60] if not isinstance(value, _Missing) else "nothing (the field is missing)"
+        return ExportFolderError(f"{path}: field '{field}' must be {needs}, got {shown}; export again (python -m ahiq "
+                                 f"export) or restore the file")
+
+    def field(parent, key: str):
+        return parent.get(key, _Missing()) if isinstance(parent, dict) else _Missing()
+
+    def whole(value, field_name: str, low: int) -> None:
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise wrong(field_name, value, f"a whole number of at least {low}")
+
+    if not isinstance(settings, dict):
+        raise wrong("(the whole file)", settings, "a JSON object")
+    fmt, version = field(settings, "format"), field(settings, "version")
+    if fmt != FORMAT:
+        raise wrong("format", fmt, f'"{FORMAT}" (not an AHIQ export?)')
+    if not (isinstance(version, int) and not isinstance(version, bool)):
+        raise wrong("version", version, f"the whole number {VERSION}")
+    if version != VERSION:
+        raise ExportFolderError(f"{path} is {FORMAT} version {version}; this ahiq reads version {VERSION}: export again "
+                                f"with this version (python -m ahiq export)")
+    whole(field(settings, "crop_size"), "crop_size", 1)
+    crops = field(settings, "crops")
+    if field(crops, "mode") not in EVAL_CROPS:
+        raise wrong("crops.mode", field(crops, "mode"), f"one of {', '.join(EVAL_CROPS)}")
+    whole(field(crops, "count"), "crops.count", 1)
+    whole(field(crops, "seed"), "crops.seed", 0)
+    files = field(settings, "files")
+    if not isinstance(files, dict) or not files:
+        raise wrong("files", files, "an object naming each graph file")
+    for name, entry in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise wrong("files", name, "plain file names in the export folder")
+        whole(field(entry, "size"), f"files.{name}.size", 0)
+        digest = field(entry, "sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise wrong(f"files.{name}.sha256", digest, "a SHA-256 in 64 hexadecimal digits")
+    models = field(settings, "models")
+    if not isinstance(models, list) or not models:
+        raise wrong("models", models, "a list of one or more models")
+    for i, model in enumerate(models):
+        config = field(model, "config")
+        if field(config, "fusion") not in FUSIONS:
+            raise wrong(f"models[{i}].config.fusion", field(config, "fusion"), f"one of {', '.join(FUSIONS)}")
+        for key in ("img_size", "vit_dim", "cnn_width"):
+            whole(field(config, key), f"models[{i}].config.{key}", 1)
+        if config["img_size"] != settings["crop_size"]:
+            raise wrong(f"models[{i}].config.img_size", config["img_size"], f"the crop_size, {settings['crop_size']}")
+        for role in ("reference", "score"):
+            file = field(field(model, role), "file")
+            if not isinstance(file, str) or file not in files:
+                raise wrong(f"models[{i}].{role}.file", file, "one of the files listed under 'files'")
+
+
+class _Missing:
+    """A field the settings lack."""
 
 
 class OnnxScorer:
@@ -69,7 +128,7 @@ class OnnxScorer:
         try:
             import onnxruntime
         except ImportError:
-            raise ImportError("scoring with an ONNX export needs onnxruntime: pip install onnxruntime") from None
+            raise ImportError("scoring with an ONNX export needs onnxruntime: pip install 'onnxruntime>=1.25'") from None
         self.folder = Path(folder)
         self.export = read_settings(self.folder)
         found = tuple(int(part) for part in onnxruntime.__version__.split(".")[:2] if part.isdigit())
