@@ -181,7 +181,7 @@ def ahiq_parser() -> argparse.ArgumentParser:
                                              "batch and ahiq_onnx.json (crop size, normalisation, crop ensemble, "
                                              "digests) into --out, checked against PyTorch's scores with "
                                              "onnxruntime. Score with them: python -m ahiq score --onnx DIR ... "
-                                             "(needs pip install 'ahiq[onnx]' here; numpy, OpenCV and onnxruntime "
+                                             "(needs pip install onnx onnxscript 'onnxruntime>=1.25' here; numpy, OpenCV and onnxruntime "
                                              "where it scores).")
     export.add_argument("--out", type=Path, metavar="DIR", required=True, help="the export folder (created)")
     _model_arguments(export, "exported")
@@ -244,6 +244,19 @@ def main(argv=None) -> int:
             raise
         print(f"error: {for_the_user(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {INTERRUPTED[args.command]}", file=sys.stderr)
+        return 130
+
+
+# What an interrupted command (Ctrl-C; the score command's second one) leaves, and how to go on.
+INTERRUPTED = {
+    "score": "the scores journaled so far are kept with --out; the same command with --resume scores the rest",
+    "export": "no export was written (an earlier one in --out is as it was); run the command again",
+    "compare": "run the command again (each file it wrote is whole)",
+    "download": "no partial file was kept; run the command again to fetch what is missing",
+    "zoo": "nothing was changed",
+}
 
 
 def _download(names: list[str], folder: Path | None) -> int:
@@ -347,9 +360,10 @@ def _compare(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from ahiq.scoring.export import check_export_folder, export
+    from ahiq.scoring.export import check_export_folder, check_exporter, export
 
-    check_export_folder(args.out)  # before a model is loaded or downloaded
+    check_exporter()  # the exporter's packages and the folder before a model is loaded or downloaded
+    check_export_folder(args.out)
     scorer = _scorer(args, torch.device("cpu"))
     settings = export(scorer.models, args.out, scorer.plan)
     plan, verified = scorer.plan, settings["verified"]

@@ -12,17 +12,24 @@ result is kept in the experiment's ablation.json). --jobs N runs N rows at once,
 (on a CPU each with its share of the threads). The table goes to checkpoints/<name>_table<N>/table.md and
 table.csv, and is printed; each row's output to logs/<experiment>.log beside them. Every row's options and
 the pretrained weights every row needs are checked (fetched where they are missing, as train.py would)
-before the first row trains. Exit status 1 when a row failed (its cell in the table says why), 2 for a
-problem found before any row trained.
+before the first row trains, and so is every option the rows would not honour (model.fusion, model.cnn,
+model.pooling, model.patch_size, train.resume, test.output and test.checkpoint: each row sets them itself).
+One run at a time takes a table (a second is refused at once); a row shared with another table's run waits
+for it. Ctrl-C or SIGTERM stops every row as train.py stops (latest.pth written); the same command continues.
+Exit status 1 when a row failed (its cell in the table says why), 2 for a problem found before any row
+trained, 130 (Ctrl-C) or 143 (SIGTERM) when stopped.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ahiq.messages import for_the_user  # noqa: E402
+from ahiq.files import release_and_remove, take_lock, waiting_for_lock, write_atomically  # noqa: E402
+from ahiq.messages import create_folder, for_the_user  # noqa: E402
+from ahiq.nn.downloads import DownloadError  # noqa: E402
 from ahiq.options import OptionsError, load_options  # noqa: E402
 
 CHECKPOINTS = Path("checkpoints")  # where train.py and test.py keep the experiments: in the current folder
@@ -43,6 +52,7 @@ class Row:
     cells: tuple[str, ...]        # the paper's first columns
     variant: dict                 # the model options that differ from AHIQ
     paper: tuple[float, ...]      # the paper's PLCC, SROCC and, where it gives it, main score (NTIRE 2022 test set)
+    fixed: tuple = ()             # (model option, value, why) the row sets whatever the options say
 
     @property
     def name(self) -> str:
@@ -55,7 +65,8 @@ class Row:
         return f"{base}_{self.name}"
 
     def overrides(self) -> list[str]:
-        return [f"model.{key}={value}" for key, value in {**AHIQ, **self.variant}.items()]
+        fixed = {key: value for key, value, _ in self.fixed}
+        return [f"model.{key}={value}" for key, value in {**AHIQ, **self.variant, **fixed}.items()]
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,8 @@ TABLES = {
         Row(("ResNet101", "ViT-B/8"), {"cnn": "resnet101"}, (0.802, 0.788, 1.590)),
         Row(("ResNet152", "ViT-B/8"), {"cnn": "resnet152"}, (0.807, 0.793, 1.600)),
         Row(("HRNet (W18)", "ViT-B/8"), {"cnn": "hrnet_w18"}, (0.806, 0.796, 1.601)),
-        Row(("InceptionResNetV2", "ViT-B/8"), {"cnn": "inception_resnet_v2"}, (0.806, 0.793, 1.599)),
+        Row(("InceptionResNetV2", "ViT-B/8"), {"cnn": "inception_resnet_v2"}, (0.806, 0.793, 1.599),
+            (("cnn_width", 64, "timm's InceptionResNetV2 has no width to narrow"),)),
         Row(("ResNet50", "ViT-B/16"), {"patch_size": 16}, (0.811, 0.803, 1.614)),
     )),
     8: Table("Table 8: pooling", ("pooling",), (
@@ -109,34 +121,92 @@ def row_options(args, row: Row, threads: int | None) -> list[str]:
             "train.resume=auto", *([f"runtime.threads={threads}"] if threads else [])]
 
 
-def run_row(args, row: Row, threads: int | None, log_dir: Path) -> dict:
+class Children:
+    """The rows' train.py and test.py processes, each in a session of its own (a Ctrl-C at the terminal reaches
+    the runner alone), and the stop the runner passes on to them: each row's run stops as train.py stops, with
+    latest.pth written, and no row starts after it."""
+
+    def __init__(self):
+        self.running: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopped = 0  # the signal that stopped the runner
+
+    def run(self, command: list[str], out) -> int | None:
+        """The command's exit status; None when the runner was stopped before it started."""
+        with self.lock:
+            if self.stopped:
+                return None
+            child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.running.add(child)
+        try:
+            return child.wait()
+        finally:
+            with self.lock:
+                self.running.discard(child)
+
+    def stop(self, signum: int, frame=None) -> None:
+        """A signal handler: pass the signal on to every running child (a second one too: train.py then stops
+        at once)."""
+        with self.lock:
+            self.stopped = self.stopped or signum
+            for child in self.running:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
+
+
+def run_row(args, row: Row, threads: int | None, log_dir: Path, children: Children) -> dict:
     """Train and test one row (or take its earlier result): {"plcc", "srocc", ...} or {"submission": path}, or
-    {"failed": what}."""
+    {"failed": what}, or {"stopped": signal}. One run at a time trains a row: a row shared with another table
+    being run waits for it (then takes its result)."""
     experiment = CHECKPOINTS / row.experiment(args.base)
     options = load_options(args.opt, row_options(args, row, threads)[2:])
-    record = experiment / "ablation.json"
-    if record.is_file():
-        kept = json.loads(record.read_text())
-        if kept.get("options") == _comparable(options):
+    if children.stopped:  # rows waiting for a place in the pool when the runner was stopped
+        return {"stopped": children.stopped}
+    with waiting_for_lock(CHECKPOINTS / f".{experiment.name}.ablation.lock",
+                          f"{experiment.name}: waiting for another run_ablations.py training this row"):
+        kept = _recorded(experiment / "ablation.json", options)
+        if kept is not None:
             say(f"{experiment.name}: trained and tested before with these options, not run again")
-            return kept["result"]
-    log = log_dir / f"{experiment.name}.log"
-    say(f"{experiment.name}: training and testing (output in {log})")
-    with open(log, "a") as out:
-        for script in ("train.py", "test.py"):
-            command = [sys.executable, str(ROOT / script), *row_options(args, row, threads)]
-            out.write(f"$ {' '.join(command)}\n")
-            out.flush()
-            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
-            if done.returncode:
-                last = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-                what = f"{script} exited with {done.returncode}: {last[0] if last else ''}"
-                say(f"{experiment.name}: {what} (see {log})")
-                return {"failed": what}
-    result = _test_result(options, experiment)
-    record.write_text(json.dumps({"options": _comparable(options), "result": result}, indent=1))
-    say(f"{experiment.name}: done")
-    return result
+            return kept
+        log = log_dir / f"{experiment.name}.log"
+        say(f"{experiment.name}: training and testing (output in {log})")
+        with open(log, "a") as out:
+            for script in ("train.py", "test.py"):
+                command = [sys.executable, str(ROOT / script), *row_options(args, row, threads)]
+                out.write(f"$ {' '.join(command)}\n")
+                out.flush()
+                code = children.run(command, out)
+                if children.stopped:
+                    return {"stopped": children.stopped}
+                if code:
+                    last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
+                    what = f"{script} exited with {code}: {last[0] if last else ''}"
+                    say(f"{experiment.name}: {what} (see {log})")
+                    return {"failed": what}
+        result = _test_result(options, experiment)
+        if "failed" not in result:
+            write_atomically(experiment / "ablation.json",
+                             json.dumps({"options": _comparable(options), "result": result}, indent=1).encode())
+        say(f"{experiment.name}: done")
+        return result
+
+
+def _recorded(path: Path, options: dict) -> dict | None:
+    """The row's result kept in its ablation.json when it was trained and tested with these options; None
+    otherwise, a damaged file included (the row then runs again: train.py continues it)."""
+    if not path.is_file():
+        return None
+    try:
+        kept = json.loads(path.read_text())
+        result = kept["result"]
+        if kept["options"] != _comparable(options):
+            return None
+        if "submission" in result or all(isinstance(result[k], (int, float)) for k in ("plcc", "srocc", "main")):
+            return result
+        raise ValueError("its result is incomplete")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        say(f"{path} cannot be read ({type(exc).__name__}: {exc}): running its row again")
+        return None
 
 
 def _comparable(options: dict) -> dict:
@@ -148,11 +218,17 @@ def _comparable(options: dict) -> dict:
 
 
 def _test_result(options: dict, experiment: Path) -> dict:
-    out = Path(options["test"]["output"]) if options["test"]["output"] else experiment / "test"
+    """What the row's test.py wrote into its own folder, experiment/test."""
+    out = experiment / "test"
     if (out / "metrics.json").is_file():
-        metrics = json.loads((out / "metrics.json").read_text())
-        return {key: metrics[key] for key in ("plcc", "srocc", "krocc", "rmse", "main", "n")}
-    return {"submission": str(out / "submission.zip")}  # an unlabelled test set: an NTIRE submission
+        try:
+            metrics = json.loads((out / "metrics.json").read_text())
+            return {key: metrics[key] for key in ("plcc", "srocc", "krocc", "rmse", "main", "n")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return {"failed": f"{out / 'metrics.json'} cannot be read ({type(exc).__name__})"}
+    if (out / "submission.zip").is_file():
+        return {"submission": str(out / "submission.zip")}  # an unlabelled test set: an NTIRE submission
+    return {"failed": f"test.py wrote neither metrics.json nor submission.zip in {out}"}
 
 
 def rendered(table: Table, results: list[dict], base: str, tested_on: str) -> tuple[str, str]:
@@ -175,6 +251,40 @@ def rendered(table: Table, results: list[dict], base: str, tested_on: str) -> tu
     return "\n".join(markdown) + "\n", text.getvalue()
 
 
+def check_table(args, base: dict, rows: list[dict]) -> None:
+    """Every option the rows cannot honour, and every row that cannot run, before the first row trains. The
+    rows set the model options they vary (any given for them would be replaced), continue where they stopped
+    (train.resume=auto), and test the model they trained into their own folder."""
+    for key in AHIQ:
+        given = [text for text in args.overrides if text.split("=", 1)[0].strip() == f"model.{key}"]
+        if given or base["model"][key] != AHIQ[key]:
+            where = f"the override {given[-1]!r}" if given else f"{args.opt}: model.{key} {base['model'][key]!r}"
+            raise OptionsError(f"{where}: every row of Table {args.table} sets model.{key} itself (AHIQ's "
+                               f"{AHIQ[key]!r}, one change per row); leave it out")
+    refused = {"train.resume": (base["train"]["resume"] not in (None, "auto"), "each row continues where it "
+                                "stopped (train.resume=auto)"),
+               "test.output": (base["test"]["output"] is not None, "each row is tested into its own folder, "
+                               "checkpoints/<experiment>/test"),
+               "test.checkpoint": (base["test"]["checkpoint"] not in ("best", "latest"), "each row tests the model "
+                                   "it trained (best or latest)")}
+    for key, (wrong, why) in refused.items():
+        if wrong:
+            group, leaf = key.split(".")
+            raise OptionsError(f"{key} {base[group][leaf]!r} (from {args.opt} or its overrides): {why}; leave it out")
+    from ahiq.nn.model import check_model_options
+
+    for opt in rows:
+        check_model_options(opt["model"])
+
+
+def table_folder(out: Path) -> None:
+    """Create the table's folder and its logs/, or one line naming the file in the way."""
+    for folder in (*reversed(out.parents), out):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{folder} is a file where the table's folder {out} goes: move it away, then run again")
+    create_folder(out / "logs", "the table's folder")
+
+
 def main(argv=None) -> int:
     args = arguments().parse_args(argv)
     if args.jobs < 1:
@@ -185,29 +295,59 @@ def main(argv=None) -> int:
         args.base = base["name"]
         # every row's options, and the pretrained weights of them all, before the first row trains
         rows = [load_options(args.opt, row_options(args, row, None)[2:]) for row in table.rows]
-        from ahiq.nn.downloads import DownloadError, locate
+        check_table(args, base, rows)
+        from ahiq.engine.training import checked_parts
+        from ahiq.nn.downloads import locate
         from ahiq.nn.model import backbone_files
 
+        checked_parts(base)  # the labels and every image, as each row's train.py will check them
         wanted = {file: None for opt in rows for file in backbone_files(opt["model"]).values()}
         locate(list(wanted), base["model"]["weights"])
-    except (OptionsError, FileNotFoundError, ValueError, DownloadError) as exc:
+        out = CHECKPOINTS / f"{args.base}_table{args.table}"
+        table_folder(out)
+        lock = take_lock(out / ".lock", f"Table {args.table}'s folder {out}", "run another --table meanwhile")
+    except (OptionsError, FileNotFoundError, ValueError, DownloadError, OSError) as exc:  # the data's errors too
         print(f"error: {for_the_user(exc)}", file=sys.stderr)
         return 2
+    try:
+        return _run_table(args, table, base, out)
+    finally:
+        release_and_remove(lock, out / ".lock")
+
+
+def _run_table(args, table: Table, base: dict, out: Path) -> int:
+    for row in table.rows:
+        for key, value, why in row.fixed:
+            if base["model"][key] != value:
+                say(f"{row.experiment(args.base)}: model.{key} {value}, not {base['model'][key]}: {why}")
     threads = None
     if args.jobs > 1 and base["runtime"]["threads"] is None:
         from ahiq.runtime.threads import usable_cpus
 
         threads = max(1, usable_cpus()[0] // args.jobs)
-    out = CHECKPOINTS / f"{args.base}_table{args.table}"
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda row: run_row(args, row, threads, out / "logs"), table.rows))
+    children = Children()
+    previous = {s: signal.signal(s, children.stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            results = list(pool.map(lambda row: run_row(args, row, threads, out / "logs", children), table.rows))
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if children.stopped:
+        print(f"stopped by {signal.Signals(children.stopped).name}: every finished row is kept (its ablation.json), "
+              f"an interrupted one continues; run the same command again to complete the table", file=sys.stderr)
+        return 128 + children.stopped
     data = base["data"]
     test = data["test"] or data["val"] or data  # the test part as ahiq.data.parts takes it
     markdown, rows = rendered(table, results, args.base,
                               f"the test part of {args.opt} ({test['dataset']} at {test['root']})")
-    (out / "table.md").write_text(markdown)
-    (out / "table.csv").write_text(rows)
+    try:
+        write_atomically(out / "table.md", markdown.encode())
+        write_atomically(out / "table.csv", rows.encode())
+    except OSError as exc:
+        print(f"error: cannot write the table into {out} ({exc.strerror or exc}); every row's result is kept (its "
+              f"ablation.json): run the same command again once the folder can be written", file=sys.stderr)
+        return 2
     print(markdown + f"\nsaved {out / 'table.md'} and {out / 'table.csv'}")
     return 1 if any("failed" in result for result in results) else 0
 

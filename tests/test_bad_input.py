@@ -378,14 +378,23 @@ def test_the_options_for_own_pairs_train_as_they_say(tmp_path, monkeypatch, caps
         run_cli(train, args, monkeypatch, capsys)
 
 
+def snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_resume_with_another_architecture_says_which_options_to_use(tmp_path, monkeypatch, capsys):
     args = [*own_pairs(tmp_path / "mine"), "name=mine", "train.epochs=1", "train.batch_size=2"]
     monkeypatch.chdir(tmp_path)
     assert run("test", train, args) == 0
     capsys.readouterr()
+    files = snapshot(tmp_path / "checkpoints" / "mine")
     code, err = run_cli(train, [*args, "train.epochs=2", "train.resume=auto", "model.patch_size=8"], monkeypatch,
                         capsys)
     assert code == 2 and err[-1].startswith("error: checkpoint ") and "Traceback" not in "".join(err), err
     assert "was saved for another architecture: patch_size=16 (this model: 8). Resume it with the model options it " \
            f"was trained with (model.* in {Path('checkpoints') / 'mine' / 'options.yaml'}), or start anew under " \
            "another name=" in err[-1], err
+    # the refused resume changed nothing on disk: options.yaml (the file the error names) still says patch 16
+    assert files == snapshot(tmp_path / "checkpoints" / "mine")
+    assert "patch_size: 16" in (tmp_path / "checkpoints" / "mine" / "options.yaml").read_text()

@@ -138,6 +138,13 @@ def test_compare_refuses_results_over_other_images(demo_results, tmp_path, capsy
                            str(other / "test" / "baselines" / "psnr")], capture_output=True, text=True, cwd=tmp_path)
     assert code.returncode == 2 and "Traceback" not in code.stderr
     assert len(code.stderr.strip().splitlines()) == 1 and "pair names differ" in code.stderr, code.stderr
+    psnr = demo_results / "test" / "baselines" / "psnr"
+    capsys.readouterr()
+    for args, said in (([psnr, psnr / "results.txt"], "are the same result folder: give each model's once"),
+                       ([psnr, tmp_path], f"{tmp_path} is not a test.py result folder: {tmp_path / 'pairs.csv'} and")):
+        assert main(["compare", *map(str, args)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err, err
     with pytest.raises(SystemExit) as usage:  # one folder: the usage
         main(["compare", str(demo_results / "test" / "baselines" / "psnr")])
     assert usage.value.code == 2 and "give two or more result folders" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_the_model_runs_on_cuda_in_every_setting(patch_size, deform_impl, runtim
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_of_the_ablations_runs_on_cuda_in_bf16(variant):
-    model = AHIQ(8, False, False, **TINY, **VARIANTS[variant][0])
+    model = AHIQ(8, False, False, **{**TINY, **VARIANTS[variant][0]})
     runtime = RUNTIMES["bf16_channels_last"]
     with fake_cuda(), torch.no_grad():
         net = runtime.prepare(model, CUDA)

@@ -42,7 +42,7 @@ VARIANTS = {
     "spatial": ({"pooling": "spatial"}, ("head.regress.",), ("head.score.", "head.attention.")),
     "patch+spatial": ({"pooling": "patch+spatial"}, ("head.regress.", "head.score.", "head.attention."), ()),
     "hrnet": ({"cnn": "hrnet_w18"}, ("cnn.layer1.3.",), ()),  # HRNet's stride-4 stage has four blocks
-    "inception": ({"cnn": "inception_resnet_v2"}, ("cnn.layer1.1.conv.",), ("cnn.layer1.2.",)),
+    "inception": ({"cnn": "inception_resnet_v2", "cnn_width": 64}, ("cnn.layer1.1.conv.",), ("cnn.layer1.2.",)),
 }
 
 
@@ -63,7 +63,7 @@ def images(tmp_path_factory):
 def test_a_variant_builds_only_its_parts_trains_and_scores_the_same_after_loading(variant, images, tmp_path):
     options, present, absent = VARIANTS[variant]
     torch.manual_seed(0)
-    model = AHIQ(8, False, False, **TINY, **options, freeze_backbones=False)
+    model = AHIQ(8, False, False, **{**TINY, **options}, freeze_backbones=False)
     keys = list(model.state_dict())
     for prefix in present:
         assert any(k.startswith(prefix) for k in keys), prefix
@@ -80,7 +80,8 @@ def test_a_variant_builds_only_its_parts_trains_and_scores_the_same_after_loadin
     model.save_checkpoint(tmp_path / "model.pth")
     saved = torch.load(tmp_path / "model.pth", weights_only=True)
     assert {k: saved["config"][k] for k in ("fusion", "cnn", "pooling")} == \
-        {"fusion": "deform+concat", "cnn": "resnet50", "pooling": "patch", **options} | (
+        {"fusion": "deform+concat", "cnn": "resnet50", "pooling": "patch",
+         **{k: v for k, v in options.items() if k in ("fusion", "cnn", "pooling")}} | (
             {"cnn": None} if options.get("fusion") == "vit" else {})
     # the options say AHIQ; the checkpoint says what it is
     loaded = AHIQ.from_pretrained(tmp_path / "model.pth", vit_pretrained=False, cnn_pretrained=False)
@@ -98,7 +99,7 @@ def test_a_variant_builds_only_its_parts_trains_and_scores_the_same_after_loadin
 
 @pytest.mark.parametrize("variant", ["concat", "vit", "spatial"])
 def test_the_score_command_takes_a_variant_and_its_maps_where_they_mean_something(variant, images, tmp_path, capsys):
-    model = AHIQ(8, False, False, **TINY, **VARIANTS[variant][0], freeze_backbones=False)
+    model = AHIQ(8, False, False, **{**TINY, **VARIANTS[variant][0]}, freeze_backbones=False)
     model.save_checkpoint(tmp_path / "model.pth")
     d, r = images
     command = ["score", "--dist", str(d), "--ref", str(r), "--checkpoint", str(tmp_path / "model.pth"),
@@ -203,10 +204,16 @@ def test_a_table_names_every_missing_weight_file_of_its_rows_before_training(tmp
     sys.path.insert(0, str(ROOT / "scripts"))
     import run_ablations
 
+    from test_bad_input import pipal_tree, write_image
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights").mkdir()
+    pipal_tree(tmp_path / "PIPAL")  # the data is checked first (in seconds): a small PIPAL that passes
+    for image in (tmp_path / "PIPAL").rglob("*.bmp"):
+        write_image(image, 224, 224)
     code = run_ablations.main(["--table", "7", "--opt", str(ROOT / "options" / "pipal.yaml"),
-                               f"model.weights={tmp_path / 'weights'}"])
+                               f"model.weights={tmp_path / 'weights'}", f"data.root={tmp_path / 'PIPAL'}",
+                               "data.val=null"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "checkpoints").exists()
     for name in CNNS:
@@ -222,40 +229,14 @@ def test_bad_combinations_are_one_line_before_torch(tmp_path, capsys):
             (["model.pooling=average"], "option 'model.pooling' must be one of patch, spatial, patch+spatial, got "
                                         "'average'"),
             (["model.cnn=resnet18"], "option 'model.cnn' must be one of resnet50, resnet101, resnet152, hrnet_w18, "
-                                     "inception_resnet_v2")):
+                                     "inception_resnet_v2"),
+            (["model.cnn=inception_resnet_v2", "model.cnn_width=8"], "model.cnn_width 8: timm's InceptionResNetV2 has "
+                                                                     "no width to narrow"),
+            (["model.cnn=inception_resnet_v2", "model.cnn_width=64", "model.img_size=16", "model.patch_size=16"],
+             "model.img_size 16 is too small for model.cnn inception_resnet_v2: its unpadded stem needs crops of at "
+             "least 19 pixels; set model.img_size=32 or more")):
         assert train_command(["--opt", demo, *overrides]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expected in err, err
     with pytest.raises(OptionsError):
         load_options(demo, ["model.fusion=deform"])
-
-
-def test_run_ablations_trains_tests_writes_the_table_and_skips_what_is_done(tmp_path, monkeypatch, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import run_ablations
-
-    monkeypatch.chdir(tmp_path)
-    size = [f"model.{k}={v}" for k, v in TINY.items()]
-    args = ["--table", "8", "--opt", str(ROOT / "options" / "demo.yaml"), "--jobs", "2", f"data.root={tmp_path / 'data'}",
-            "data.options={references: 5, size: 72}", "train.epochs=1", "train.batch_size=8", *size]
-    assert run_ablations.main(args) == 0
-    out = capsys.readouterr().out
-    table = (tmp_path / "checkpoints" / "demo_table8" / "table.md").read_text()
-    assert table in out
-    rows = [line for line in table.splitlines() if line.startswith("| patch") or line.startswith("| spatial")]
-    assert len(rows) == 3
-    for row, experiment in zip(rows, ("demo_ahiq", "demo_spatial", "demo_patch+spatial")):
-        metrics = json.loads((tmp_path / "checkpoints" / experiment / "test" / "metrics.json").read_text())
-        assert f"| {metrics['plcc']:.4f} | {metrics['srocc']:.4f} | {metrics['main']:.4f} | {experiment} |" in row
-        saved = torch.load(tmp_path / "checkpoints" / experiment / "best.pth", weights_only=True)
-        assert saved["config"]["pooling"] == {"demo_ahiq": "patch", "demo_spatial": "spatial"}.get(experiment,
-                                                                                                    "patch+spatial")
-    assert "| patch | 0.823 | 0.813 | 1.636 |" in table and "| patch + spatial | 0.801 | 0.791 | 1.593 |" in table
-    csv_rows = (tmp_path / "checkpoints" / "demo_table8" / "table.csv").read_text().splitlines()
-    assert csv_rows[0] == "pooling,paper PLCC,paper SROCC,paper main,ours PLCC,ours SROCC,ours main,experiment"
-    # a rerun trains and tests nothing; more epochs resume each row from where it stopped
-    assert run_ablations.main(args) == 0
-    assert capsys.readouterr().out.count("not run again") == 3
-    assert run_ablations.main([a.replace("train.epochs=1", "train.epochs=2") for a in args]) == 0
-    log = (tmp_path / "checkpoints" / "demo_spatial" / "train.log").read_text()
-    assert log.count("resumed from") == 1 and log.count("epoch 2 loss") == 1

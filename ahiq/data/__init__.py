@@ -9,7 +9,7 @@ _HOMES = {
     "ahiq.data.images": ("ImageError", "image_size", "read_image"),
     "ahiq.data.labels": ("DatasetError", "Pair", "Pairs"),
     "ahiq.data.pairs": ("check_images", "check_parts", "pair_files", "pairs_from_csv"),
-    "ahiq.data.parts": ("Part", "load_parts"),
+    "ahiq.data.parts": ("Part", "Parts", "load_parts"),
     "ahiq.data.registry": ("READERS", "read_labels"),
     "ahiq.data.splits": ("load_split", "save_split", "split_by_reference"),
 }

@@ -41,23 +41,34 @@ def whole(pairs: Pairs) -> Part:
     return subset(pairs, TargetScale.fit(pairs) if pairs.labelled else None)
 
 
-def load_parts(data: dict, experiment_dir: Path | None = None,
-               roles: Sequence[str] = ("train", "val", "test")) -> dict[str, Part]:
+class Parts(dict):
+    """role -> Part, and the split drawn for them (if one was), which ``save_split`` writes: a run writes it
+    only once everything is checked."""
+    drawn: tuple[Pairs, tuple, dict] | None = None
+
+    def save_split(self, path: Path) -> None:
+        if self.drawn is not None:
+            pairs, indices, info = self.drawn
+            save_split(path, pairs, indices, **info)
+
+
+def load_parts(data: dict, roles: Sequence[str] = ("train", "val", "test")) -> Parts:
     """train/val/test parts. Each labelled source is normalised over all of its own pairs, before any split
     (``data.targets: dataset``), or each part over its own pairs as the official code normalises each of
     its list files (``data.targets: part``).
 
-    Without ``data.val`` the main source is split by reference (``data.split``; the split is saved in the
-    experiment folder, or read from ``data.split.file``); with it, the main source is all training data.
+    Without ``data.val`` the main source is split by reference (``data.split``: drawn, and kept for
+    ``Parts.save_split``, or read from ``data.split.file``); with it, the main source is all training data.
     ``data.test`` (if set) replaces the test part; with ``data.val`` and no ``data.test``, test is val.
     When only the test part is asked for and ``data.test`` is set, the main source is not read at all (an
     NTIRE test set can be scored without the training data).
     """
+    parts = Parts()
     if data.get("test") and set(roles) == {"test"}:
-        return {"test": whole(read_source(data["test"]))}
+        parts["test"] = whole(read_source(data["test"]))
+        return parts
     main = read_source(data)
     scale = TargetScale.fit(main)
-    parts: dict[str, Part] = {}
     if data.get("val"):
         parts["train"] = subset(main, scale)
         parts["val"] = whole(read_source(data["val"]))
@@ -68,9 +79,7 @@ def load_parts(data: dict, experiment_dir: Path | None = None,
             indices = load_split(split["file"], main)
         else:
             indices = split_by_reference(main, split["ratios"], split["seed"])
-            if experiment_dir is not None:
-                save_split(experiment_dir / "split.json", main, indices, dataset=main.dataset, seed=split["seed"],
-                           ratios=split["ratios"])
+            parts.drawn = (main, indices, {"dataset": main.dataset, "seed": split["seed"], "ratios": split["ratios"]})
         if len(indices) not in (2, 3):
             raise DatasetError(f"data.split must give 2 parts (train, test) or 3 (train, val, test), got {len(indices)}")
         for role, part_indices in zip(("train", "val", "test"), (indices[0], indices[1], indices[-1])):

@@ -40,10 +40,10 @@ def scatter_figure(pred: np.ndarray, target: np.ndarray, logistic: Sequence[floa
         present = list(dict.fromkeys(groups)) if groups is not None and any(groups) else []
         if present:
             codes = np.asarray(groups)
-            for code, colour in zip(present, _colours(len(present))):
-                member = codes == code
+            for i, (code, colour) in enumerate(zip(present, _colours(len(present)))):
+                member = codes == code  # past 20 groups the colours repeat: the marker tells them apart
                 axes.scatter(pred[member], target[member], s=9, alpha=0.75, color=colour, linewidths=0,
-                             label=(group_names or {}).get(code, code))
+                             marker="o^sD"[i // 20 % 4], label=(group_names or {}).get(code, code))
         else:
             axes.scatter(pred, target, s=9, alpha=0.75, color="#1f77b4", linewidths=0, label="pairs")
         if logistic is not None:

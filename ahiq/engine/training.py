@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ahiq.data import CropPlan, DatasetError, TrainPairs, check_parts, load_parts
+from ahiq.data import CropPlan, DatasetError, Parts, TrainPairs, check_parts, load_parts
 from ahiq.data.images import read_image
 from ahiq.engine.correlations import correlate, summary_line
 from ahiq.engine.experiment import (close_logging, load_training_checkpoint, lock_folder, log, nonfinite_loss_error,
@@ -24,7 +24,8 @@ from ahiq.engine.experiment import (close_logging, load_training_checkpoint, loc
                                     setup_logging)
 from ahiq.engine.figures import scatter_figure
 from ahiq.engine.results import Results
-from ahiq.nn.model import AHIQ, build_model
+from ahiq.files import release_and_remove
+from ahiq.nn.model import AHIQ, build_model, check_model_options
 from ahiq.options import save_options
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, Weighted, destroy, init_distributed, rank_batches
@@ -144,9 +145,32 @@ def train(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
                 raise
             return trainer.run()
     finally:
-        if lock is not None:
-            lock.close()
+        if lock is not None:  # no lock file is left behind: a refused start changes nothing in the folder
+            release_and_remove(lock, experiment_dir / ".lock")
         destroy(job)
+
+
+def checked_parts(opt: dict) -> Parts:
+    """The train, validation and test parts of ``opt`` with what a run checks before its first step: the parts
+    not empty and labelled, and every image of every part at once (the test part's too: found now, not by
+    test.py after days of training)."""
+    train_opt, data_opt = opt["train"], opt["data"]
+    parts = load_parts(data_opt)
+    for role in ("train", "val"):
+        if not parts[role].pairs:
+            raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
+        if parts[role].targets is None:
+            raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs "
+                               f"labelled data")
+    if train_opt["drop_last"] and len(parts["train"].pairs) < train_opt["batch_size"]:
+        raise DatasetError(f"train.drop_last is set and the {len(parts['train'].pairs)} training pairs are fewer "
+                           f"than train.batch_size {train_opt['batch_size']}: no batch would be left")
+    checked = {"training": (parts["train"].pairs, False),
+               "validation": (parts["val"].pairs, train_opt["val_crops"] == "whole")}
+    if parts["test"] is not parts["val"]:
+        checked["test"] = (parts["test"].pairs, opt["test"]["crops"] == "whole")
+    check_parts(checked, opt["model"]["img_size"])
+    return parts
 
 
 class Trainer:
@@ -156,28 +180,33 @@ class Trainer:
         self.opt, self.experiment_dir, self.job, self.device, self.signals = opt, experiment_dir, job, device, signals
         self.map_range = None  # the quality maps' score range in TensorBoard, fixed at the first validation
         train_opt = opt["train"]
+        # Everything is checked (the data, the model, a checkpoint to resume) before anything in the folder is
+        # written: a run refused at its start leaves the folder as it was (options.yaml, split.json, train.log).
         resume_from = resume_path(train_opt["resume"], experiment_dir)
-        if job.main:
-            setup_logging(experiment_dir)
-            save_options(opt, experiment_dir / "options.yaml")
-            remove_stale_temporaries(experiment_dir)
-        else:
-            log.setLevel("WARNING")
+        check_model_options(opt["model"])  # in a moment, not after the data's check
         if train_opt["batch_size"] % job.world:
             raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of "
                              f"the {job.world} processes")
         self.runtime = Runtime(**opt["runtime"])
         seed_everything(train_opt["seed"])
         self.parts, self.train_set = self._data()
-        log.info(f"{opt['name']}: {len(self.parts['train'].pairs)} training pairs, {len(self.parts['val'].pairs)} "
-                 f"validation pairs ({opt['data']['dataset']} at {opt['data']['root']}); "
-                 f"{self.runtime.describe(device)}; {job.world} process(es)")
         self.val_plan = CropPlan(opt["model"]["img_size"], train_opt["val_crops"])
         self.model = self.runtime.prepare(build_model(opt["model"]), device)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_opt)
         self.start_epoch, self.best, self.partial = 0, {"main": -math.inf}, None
-        if resume_from is not None:
-            self._resume(resume_from)
+        resumed = self._resume(resume_from) if resume_from is not None else None
+        if job.main:
+            setup_logging(experiment_dir)
+            save_options(opt, experiment_dir / "options.yaml")
+            self.parts.save_split(experiment_dir / "split.json")
+            remove_stale_temporaries(experiment_dir)
+        else:
+            log.setLevel("WARNING")
+        log.info(f"{opt['name']}: {len(self.parts['train'].pairs)} training pairs, {len(self.parts['val'].pairs)} "
+                 f"validation pairs ({opt['data']['dataset']} at {opt['data']['root']}); "
+                 f"{self.runtime.describe(device)}; {job.world} process(es)")
+        if resumed:
+            log.info(resumed)
         self.stepper = make_stepper(self.model, job, device, self.runtime)
         batch = train_opt["batch_size"]
         self.steps_per_epoch = len(self.train_set) // batch if train_opt["drop_last"] else -(-len(self.train_set) // batch)
@@ -185,28 +214,15 @@ class Trainer:
 
     def _data(self):
         """The parts, every image checked, and the training set."""
-        train_opt, data_opt = self.opt["train"], self.opt["data"]
-        parts = load_parts(data_opt, self.experiment_dir if self.job.main else None)
-        for role in ("train", "val"):
-            if not parts[role].pairs:
-                raise DatasetError(f"the {role} part is empty: check data.split.ratios {data_opt['split']['ratios']}")
-            if parts[role].targets is None:
-                raise DatasetError(f"the {role} set ({parts[role].pairs.dataset}) has no labels: training needs "
-                                   f"labelled data")
-        if train_opt["drop_last"] and len(parts["train"].pairs) < train_opt["batch_size"]:
-            raise DatasetError(f"train.drop_last is set and the {len(parts['train'].pairs)} training pairs are fewer "
-                               f"than train.batch_size {train_opt['batch_size']}: no batch would be left")
-        crop = self.opt["model"]["img_size"]
-        # every part's images at once, the test part's too: found now, not by test.py after days of training
-        checked = {"training": (parts["train"].pairs, False), "validation": (parts["val"].pairs, train_opt["val_crops"] == "whole")}
-        if parts["test"] is not parts["val"]:
-            checked["test"] = (parts["test"].pairs, self.opt["test"]["crops"] == "whole")
-        check_parts(checked, crop)
-        train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, crop, data_opt["flip"], train_opt["seed"],
-                               check=False, crop_positions=data_opt["random_crop"])
+        data_opt = self.opt["data"]
+        parts = checked_parts(self.opt)
+        train_set = TrainPairs(parts["train"].pairs, parts["train"].targets, self.opt["model"]["img_size"],
+                               data_opt["flip"], self.opt["train"]["seed"], check=False,
+                               crop_positions=data_opt["random_crop"])
         return parts, train_set
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path) -> str:
+        """Restore the run from the checkpoint at ``path``; the line to log about it."""
         path, saved = load_training_checkpoint(path, self.experiment_dir)
         self.model.restore(saved, path, advice=f"Resume it with the model options it was trained with (model.* in "
                                                 f"{self.experiment_dir / 'options.yaml'}), or start anew under another name=")
@@ -216,7 +232,7 @@ class Trainer:
         self.start_epoch, self.best = saved["epoch"] + 1, saved["best"]
         self.partial = saved.get("partial")  # a run stopped within an epoch
         within = f", step {self.partial['steps']} of epoch {self.start_epoch + 1}" if self.partial else ""
-        log.info(f"resumed from {path} after epoch {saved['epoch'] + 1}{within}")
+        return f"resumed from {path} after epoch {saved['epoch'] + 1}{within}"
 
     def _save(self, name: str, epoch: int, partial: dict | None = None) -> None:
         """A training checkpoint; ``epoch`` is the last whole epoch (0-based), ``partial`` the steps of the

@@ -73,6 +73,9 @@ def vit_overrides(img_size: int = 224, dim: int = 768, heads: int = 12) -> dict:
     return {} if (img_size, dim, heads) == (224, 768, 12) else dict(img_size=img_size, embed_dim=dim, num_heads=heads)
 
 
+FULL_WIDTH = 64  # a ResNet's and an HRNet's base width: the real networks
+
+
 def resnet_overrides(width: int = 64) -> dict:
     """timm keyword arguments for a narrower ResNet; none for the real one."""
     return {} if width == 64 else dict(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
@@ -111,6 +114,21 @@ class CNNBackbone:
     stage: Callable[[nn.Module], tuple[nn.Module, nn.Module]]
     channels: Callable[[int], int]
     narrowed: Callable[[int], dict]
+    min_crop: int = 1        # the smallest input its stem and stage take
+    narrowable: bool = True  # timm takes a base width for it (model.cnn_width)
+
+
+def check_cnn(cnn: str, img_size: int, patch_size: int, width: int) -> None:
+    """A ValueError naming the option when ``model.cnn`` cannot honour ``model.img_size`` or
+    ``model.cnn_width``: checked from the options alone, before a model is built or an ablation row trains."""
+    backbone = CNN_BACKBONES[cnn]
+    if img_size < backbone.min_crop:
+        raise ValueError(f"model.img_size {img_size} is too small for model.cnn {cnn}: its unpadded stem needs crops of "
+                         f"at least {backbone.min_crop} pixels; set model.img_size="
+                         f"{-(-backbone.min_crop // patch_size) * patch_size} or more")
+    if not backbone.narrowable and width != FULL_WIDTH:
+        raise ValueError(f"model.cnn_width {width}: timm's {backbone.label} has no width to narrow; leave "
+                         f"model.cnn_width at {FULL_WIDTH} with model.cnn {cnn}")
 
 
 # The weights are timm 0.5.4's defaults (what the official code's timm.create_model(..., pretrained=True)
@@ -121,8 +139,9 @@ CNN_BACKBONES = {
     "resnet152": CNNBackbone("ResNet152", "resnet152.a1h_in1k", _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
     "hrnet_w18": CNNBackbone("HRNet-W18", "hrnet_w18.ms_in1k", _hrnet_stage, lambda w: 4 * 4 * w, hrnet_overrides),
     # timm's InceptionResNetV2 has no width argument; its stride-4 stage is small (0.14M weights) as it is
+    # its unpadded 3x3 convolutions and pooling (conv2d_1a, 2a, maxpool_3a, conv2d_4a) need 19 pixels
     "inception_resnet_v2": CNNBackbone("InceptionResNetV2", "inception_resnet_v2.tf_in1k", _inception_resnet_stage,
-                                       lambda w: 80 + 192, lambda w: {}),
+                                       lambda w: 80 + 192, lambda w: {}, min_crop=19, narrowable=False),
 }
 
 

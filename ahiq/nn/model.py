@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ahiq.messages import listed
-from ahiq.nn.backbones import CNN_BACKBONES, CNNFeatures, Pretrained, ViTFeatures, vit_overrides
+from ahiq.nn.backbones import CNN_BACKBONES, CNNFeatures, Pretrained, ViTFeatures, check_cnn, vit_overrides
 from ahiq.nn.downloads import locate
 from ahiq.nn.fusion import FUSIONS, CNNFusion
 from ahiq.nn.head import POOLINGS, Pooled, QualityHead
@@ -120,6 +120,8 @@ class AHIQ(nn.Module):
         branches = FUSIONS[fusion]
         if branches.cnn and cnn not in CNN_BACKBONES:
             raise ValueError(f"cnn must be one of {', '.join(CNN_BACKBONES)}, got {cnn!r}")
+        if branches.cnn:
+            check_cnn(cnn, img_size, patch_size, cnn_width)
         # What a checkpoint must agree on; pretrained sources and implementation choices are not part of it.
         self.config = dict(patch_size=patch_size, img_size=img_size, vit_dim=vit_dim, vit_heads=vit_heads,
                            cnn_width=cnn_width, fusion_hidden=fusion_hidden, head_dim=head_dim,
@@ -394,6 +396,13 @@ def _released_in(folder: Path) -> str:
 
 SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
 ARCHITECTURE_KEYS = (*SIZE_KEYS, *AHIQ_VARIANT)
+
+
+def check_model_options(model_opt: dict) -> None:
+    """What the ``model`` options' network could not honour, as one ValueError naming the option, before it is
+    built (a CNN branch's crop size and width: ahiq.nn.backbones.check_cnn)."""
+    if FUSIONS[model_opt["fusion"]].cnn:
+        check_cnn(model_opt["cnn"], model_opt["img_size"], model_opt["patch_size"], model_opt["cnn_width"])
 
 
 def build_model(model_opt: dict) -> AHIQ:

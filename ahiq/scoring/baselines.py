@@ -83,8 +83,8 @@ def import_piq():
     try:
         import piq
     except ImportError:
-        raise ImportError("the baseline metrics need the optional package piq: pip install -e '.[baselines]' "
-                          "(or pip install piq)") from None
+        raise ImportError("the baseline metrics need the optional package piq: pip install piq (the baselines "
+                          "extra)") from None
     return piq
 
 
