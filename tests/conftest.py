@@ -71,8 +71,9 @@ def tiny_options(tmp_path, *overrides):
 
 # The slowest files first: pytest -n N hands whole files to its workers in this order, and a long file
 # handed out last would keep one worker busy while the others idle.
-SLOWEST_FIRST = ["test_reliability.py", "test_slurm.py", "test_distributed.py", "test_zoo.py", "test_gpu_check.py",
-                 "test_known_answers.py", "test_runtime.py", "test_model.py"]
+SLOWEST_FIRST = ["test_reliability.py", "test_distributed.py", "test_gpu_check.py", "test_ablations.py", "test_onnx.py",
+                 "test_known_answers.py", "test_slurm.py", "test_zoo.py", "test_package.py", "test_runtime.py",
+                 "test_training.py", "test_model.py", "test_distortions.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -64,6 +64,7 @@ def test_a_row_that_cannot_run_and_a_table_folder_in_the_way_are_refused(tmp_pat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["demo_table8"]  # no row started
 
 
+@pytest.mark.slow
 def test_a_table_stopped_by_ctrl_c_continues_then_skips_what_is_done(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the first row trains: one line, exit 130, the row's latest.pth; the same command completes
     the table (the row resumed), a rerun trains nothing, a damaged row record runs its row again, a full disk

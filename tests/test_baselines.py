@@ -192,6 +192,7 @@ def test_images_too_small_for_a_metric_are_refused_before_any_pair(tmp_path, cap
     assert not (tmp_path / "test" / "baselines").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_baseline_run_continues_where_it_stopped(tmp_path):
     command = [sys.executable, str(ROOT / "tests" / "faults.py"), "test-journal:1", "--opt",
                str(ROOT / "options" / "demo.yaml"), f"data.root={tmp_path / 'data'}", f"test.output={tmp_path / 'test'}",

@@ -177,6 +177,7 @@ def test_tables_on_generated_label_files(tmp_path, dataset):
     assert ("outlier_ratio" in metrics) == (dataset == "kadid10k")  # the one generated set with rating spreads
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not META.is_dir(), reason=f"{META} not available")
 @pytest.mark.parametrize("dataset", list(EXPECTED))
 def test_tables_on_the_real_label_files(tmp_path, dataset):

@@ -32,6 +32,7 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_processes_train_like_one(tmp_path):
     # Frozen backbones: BatchNorm uses its running statistics, so no statistic depends on the per-process
@@ -96,6 +97,7 @@ def pairs_to_score(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_processes_score_like_one(pairs_to_score):
     """torchrun -m ahiq score: the processes share the pairs by reference and rank 0 writes one CSV, in
@@ -118,6 +120,7 @@ def test_two_processes_score_like_one(pairs_to_score):
     assert not list(folder.glob("*.part*"))
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_test_py_under_two_processes_writes_what_one_writes(pairs_to_score, tmp_path):
     """test.py under torchrun: the test part shared by reference, rank 0 writes the same predictions."""
@@ -133,6 +136,7 @@ def test_test_py_under_two_processes_writes_what_one_writes(pairs_to_score, tmp_
     assert max(abs(float(a.split(",")[1]) - float(b.split(",")[1])) for a, b in zip(one, two)) <= 1.01e-6
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_a_cpu_run_under_torchrun_on_a_gpu_host_touches_no_cuda(tmp_path):
     """Two gloo processes with train.device=cpu on a machine whose CUDA looks available (tests/gpu_host.py:
@@ -201,6 +205,7 @@ def test_a_training_step_holds_one_collective_its_loss_and_stop_vote(tmp_path, m
     assert steps == 10 and reduced == [(2,)] * steps  # 75 pairs, global batches of 8: (loss, stop vote) a step
 
 
+@pytest.mark.slow
 def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
     """Under DDP the DistributedDataParallel wrapper itself is compiled (dynamo's DDP graph splitting lets
     gradient all-reduce overlap the backward pass). A one-process gloo group stands in for the job."""
@@ -227,6 +232,7 @@ def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_nodes_with_fine_tuned_backbones_train_like_one_process(tmp_path):
     """The demo's trainable backbones, one process against a two-node job (two torchrun agents, --nnodes 2,
@@ -260,6 +266,7 @@ def test_two_nodes_with_fine_tuned_backbones_train_like_one_process(tmp_path):
     assert first.endswith("CPU threads: 1 (runtime.threads), GOMP_SPINCOUNT=10000; 2 process(es)"), first
 
 
+@pytest.mark.slow
 def test_the_launcher_passes_sigterm_on_and_ends_in_one_line_per_process(tmp_path):
     """python -m ahiq launch, signalled itself as Kubernetes signals a container's first process (its workers,
     in sessions of their own, get no signal but the one it passes on): both workers stop at a step with

@@ -4,11 +4,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 RUNTIMES = ("fp32", "tf32", "bf16", "channels_last", "compiled")
 
 
+@pytest.mark.slow
 def test_the_cpu_dry_run_writes_every_row_of_the_report(tmp_path):
     """Into a folder that does not exist yet (made before the work, not after it)."""
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick",
@@ -29,6 +32,7 @@ def test_the_cpu_dry_run_writes_every_row_of_the_report(tmp_path):
     assert "| pipal_82_2crop_compiled |" in markdown and "Finished: yes" in markdown
 
 
+@pytest.mark.slow
 def test_the_time_limit_stops_cleanly_with_what_was_measured(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick",
                            "--minutes", "0.2", "--out", str(tmp_path / "report")], cwd=tmp_path, capture_output=True,

@@ -63,6 +63,7 @@ def as_batch(images):
     return torch.stack([torch.from_numpy(image).permute(2, 0, 1).float() / 255 for image in images])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch_size", [8, 16])
 def test_full_size_scores_equal_the_official_code(known, patch_size, tmp_path):
     answers, expected = known
@@ -77,6 +78,7 @@ def test_full_size_scores_equal_the_official_code(known, patch_size, tmp_path):
     torch.testing.assert_close(scores, official, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_three_training_steps_equal_the_official_losses(known, tmp_path):
     answers, expected = known
     recipe = expected["train"]

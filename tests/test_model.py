@@ -20,6 +20,7 @@ def _official_setup(tmp_path, patch_size, tiny):
     return random_official_setup(patch_size, tmp_path, **(TINY if tiny else {}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch_size", [8, 16])
 def test_full_size_model_matches_official_compute_pattern(tmp_path, patch_size):
     reference, model, _ = _official_setup(tmp_path, patch_size, tiny=False)

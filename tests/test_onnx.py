@@ -253,6 +253,7 @@ def test_export_refuses_random_backbones_and_an_occupied_folder(exported, tmp_pa
     assert (tmp_path / "occupied" / "notes.txt").read_text() == "mine" and not (tmp_path / "e").exists()
 
 
+@pytest.mark.slow
 def test_a_full_size_vit_b8_exports_and_scores_as_pytorch(tmp_path):
     """The paper's network (random weights, generated backbone files): the exported graphs score a
     240 x 224 pair's centre crop as PyTorch does."""

@@ -3,6 +3,7 @@ temporary folder, gives the `ahiq` command and the package from outside the chec
 reuses this one's dependencies (torch and the rest) instead of downloading them."""
 import importlib.util
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -14,14 +15,23 @@ from conftest import ROOT
 
 
 def _run(command, cwd):
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    """``command``, as from a fresh shell: the caller's PYTHONPATH (a checkout on it would be taken for an
+    installed ahiq) is left out."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 
 
 def test_a_built_wheel_installs_the_package_and_the_command(tmp_path):
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "dist"), str(ROOT)], tmp_path)
+    # built from a copy of the checkout's sources: a build in place would leave build/ and ahiq.egg-info in it
+    source = tmp_path / "source"
+    kept = ("ahiq", "pyproject.toml", "README.md", "LICENSE")
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [n for n in names if n == "__pycache__" or (
+        folder == str(ROOT) and n not in kept)])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path / "dist"), str(source)],
+         tmp_path)
     wheel = next((tmp_path / "dist").glob("ahiq-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {"ahiq/nn/zoo.py", "ahiq/engine/training.py", "ahiq/data/labels.py"} <= set(names)
@@ -77,6 +87,7 @@ print(a, b, ahiq.runtime.threads.usable_cpus()[0])
     assert float(a) == pytest.approx(float(b), abs=1e-6) and int(cpus) == (os.cpu_count() or 1)
 
 
+@pytest.mark.slow
 def test_spawned_loader_workers_train_and_predict_as_in_process(tmp_path):
     """DataLoader workers started by spawn, the default on macOS and Windows, receive the dataset and the
     collate function pickled: a training epoch with loader workers (its validation too) runs, and prediction

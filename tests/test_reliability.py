@@ -82,6 +82,7 @@ def check_like_uninterrupted(experiment, uninterrupted):
 
 # ---- crashes ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [f"step:{random.Random(6).randint(2, STEPS)}", "validation:2", "save:latest.pth:2"])
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(fault, uninterrupted, tmp_path):
     experiment = kill_and_resume(tmp_path, fault)
@@ -90,6 +91,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(fault, uninterr
         assert "removing" in (experiment / "train.log").read_text()  # the half-written temporary file
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_best_keeps_the_previous_best(uninterrupted, tmp_path):
     log = (uninterrupted / "checkpoints" / "straight" / "train.log").read_text()
     last_best = log.count(" best True")  # the last write of best.pth in the uninterrupted run
@@ -105,6 +107,7 @@ def test_sigkill_while_writing_best_keeps_the_previous_best(uninterrupted, tmp_p
     check_like_uninterrupted(experiment, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(uninterrupted, tmp_path):
     latest = tmp_path / "checkpoints" / "killed" / "latest.pth"
     job = train_process(tmp_path, "killed")
@@ -206,6 +209,7 @@ def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
 
 # ---- stop signals, two runs on one folder ---------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,status", [("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", 128 + signal.SIGINT)])
 def test_stop_signal_writes_latest_and_resume_ends_with_the_uninterrupted_weights(name, status, uninterrupted,
                                                                                   tmp_path):
@@ -225,6 +229,7 @@ def test_stop_signal_writes_latest_and_resume_ends_with_the_uninterrupted_weight
     check_like_uninterrupted(experiment, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_job_with_loader_workers_then_resume(uninterrupted, tmp_path):
     """SLURM's scancel signals every process of the job step, DataLoader workers included: whether the main
     process or a worker sees it first, the run stops with latest.pth written and resumes exactly."""
@@ -244,6 +249,7 @@ def test_sigterm_to_the_whole_job_with_loader_workers_then_resume(uninterrupted,
     check_like_uninterrupted(latest.parent, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_fails_at_once_and_a_killed_run_leaves_no_stale_lock(tmp_path):
     """Cluster job resubmission starts train.resume=auto while the first run still runs."""
     first = train_process(tmp_path, "busy")
@@ -293,6 +299,7 @@ def score_process(command, out, fault=None, *extra):
                           capture_output=True, text=True, timeout=300, env=QUIET_BF16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault,status", [("journal:2", SIGKILLED), ("journal:SIGTERM:2", 128 + signal.SIGTERM)],
                          ids=["sigkill", "sigterm"])
 def test_killed_scoring_resumes_to_the_same_csv(fault, status, scoring, tmp_path):
@@ -321,6 +328,7 @@ def test_killed_scoring_resumes_to_the_same_csv(fault, status, scoring, tmp_path
     assert not list(tmp_path.glob("scores.csv.part*")) and not (tmp_path / ".scores.csv.lock").exists()
 
 
+@pytest.mark.slow
 def test_a_second_scoring_run_on_the_same_output_is_refused_at_once(scoring, tmp_path):
     """Two runs on one --out would each take the other's journal for its own (the second, finding the first's
     rows unfinished, would end in 'the journals lack 6 pairs'). This process holds the lock as a first run

@@ -80,6 +80,7 @@ def test_channels_last_equals_contiguous(model_and_pairs):
     torch.testing.assert_close(scores(model, dist, ref, runtime), scores(model, dist, ref), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_model_equals_eager_and_keeps_checkpoint_keys(model_and_pairs):
     model, dist, ref = model_and_pairs
     graphs = []
@@ -132,6 +133,7 @@ def test_bf16_training_step_keeps_fp32_weights(model_and_pairs):
     assert torch.equal(after["vit.vit.blocks.0.attn.qkv.weight"], before["vit.vit.blocks.0.attn.qkv.weight"])  # frozen
 
 
+@pytest.mark.slow
 def test_compiled_training_steps_equal_eager(model_and_pairs):
     """aot_eager: dynamo and AOT autograd, the forward and backward graphs inductor would get (with the
     fusion's activation checkpoints inside), run without code generation."""
@@ -264,6 +266,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native_and_faster(native, secon
         auto_cpu_bf16.cache_clear()
 
 
+@pytest.mark.slow
 def test_auto_precision_on_this_cpu_is_the_faster_of_the_two_and_is_remembered(tmp_path):
     """The real measurement on this machine, in a process of its own with an empty cache folder: auto takes
     bf16 exactly where it measured faster; a second process reads the remembered times, measuring nothing."""

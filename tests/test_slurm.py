@@ -92,6 +92,7 @@ def stopped_cleanly(text: str, stops: int, stopping_line: str) -> None:
     assert text.count("requeueing job") == stops, text
 
 
+@pytest.mark.slow
 def test_a_training_job_signalled_twice_is_requeued_and_ends_as_if_never_stopped(cluster, submit_dir):
     """Two jobs of the same training on two nodes: one never stopped, one stopped twice mid-epoch."""
     training = ["scripts/slurm/train.sbatch", str(ROOT / "options" / "demo.yaml"), f"data.root={submit_dir / 'data'}",
@@ -118,6 +119,7 @@ def test_a_training_job_signalled_twice_is_requeued_and_ends_as_if_never_stopped
     assert not list(submit_dir.glob(".ahiq-stopped-*"))
 
 
+@pytest.mark.slow
 def test_a_scoring_job_signalled_mid_run_is_requeued_and_scores_each_pair_once(cluster, submit_dir):
     from ahiq.nn.model import AHIQ
     from trees import noisy_pairs
@@ -151,6 +153,7 @@ def test_a_scoring_job_signalled_mid_run_is_requeued_and_scores_each_pair_once(c
     assert not list(submit_dir.glob("slurm.csv.*")) and not list(submit_dir.glob(".ahiq-stopped-*"))
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_for_a_real_reason_is_not_requeued(cluster, submit_dir):
     job_id = sbatch(submit_dir, "scripts/slurm/train.sbatch", str(ROOT / "options" / "demo.yaml"), "name=bad",
                     *DEMO, "train.epochs=0")

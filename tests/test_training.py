@@ -50,6 +50,7 @@ def test_training_writes_the_experiment_folder_and_test_scores_it(tmp_path, caps
     assert run_test(whole, tmp_path / "ckpt")["n"] == 125
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(tmp_path):
     straight = tiny_options(tmp_path, "name=straight", "train.epochs=3")
     train(straight, tmp_path / "ckpt")
@@ -97,6 +98,7 @@ def test_one_step_equals_the_official_training_step(tmp_path):
     assert scheduler.get_last_lr() == official_sched.get_last_lr()[:1] == official_sched.get_last_lr()[1:]
 
 
+@pytest.mark.slow
 def test_run_splits_trains_tests_and_summarises(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import run_splits

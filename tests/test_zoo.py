@@ -289,6 +289,7 @@ def released(tmp_path_factory, monkeypatch):
     served.close()
 
 
+@pytest.mark.slow
 def test_download_dir_then_score_and_test_py_offline_from_that_folder(released, tmp_path, monkeypatch, capsys):
     from ahiq.data.synthetic import distort, reference_image
     import cv2
