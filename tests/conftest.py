@@ -69,6 +69,17 @@ def tiny_options(tmp_path, *overrides):
         "train.batch_size=8", "train.save_interval=2", "train.resume=null", *size, *overrides])
 
 
+def wait_for_line(process, log: Path, text: str, timeout: float = 300) -> None:
+    """Wait until the file ``log`` (which ``process`` writes) holds ``text``; fail with the process's output if
+    the process ends first or the time runs out."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not (log.is_file() and text in log.read_text()):
+        assert process.poll() is None and time.monotonic() < end, process.communicate(timeout=60)
+        time.sleep(0.2)
+
+
 # The slowest files first: pytest -n N hands whole files to its workers in this order, and a long file
 # handed out last would keep one worker busy while the others idle.
 SLOWEST_FIRST = ["test_reliability.py", "test_distributed.py", "test_gpu_check.py", "test_ablations.py", "test_onnx.py",

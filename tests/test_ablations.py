@@ -6,13 +6,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from ahiq.files import take_lock
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, wait_for_line
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import run_ablations  # noqa: E402
@@ -73,10 +72,7 @@ def test_a_table_stopped_by_ctrl_c_continues_then_skips_what_is_done(tmp_path, m
     runner = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_ablations.py"), *args], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "checkpoints" / "demo_ahiq" / "train.log"
-    deadline = time.time() + 300
-    while not (log.is_file() and "epoch 1 loss" in log.read_text()) and time.time() < deadline:
-        assert runner.poll() is None, runner.communicate()
-        time.sleep(0.2)
+    wait_for_line(runner, log, "epoch 1 loss")
     runner.send_signal(signal.SIGINT)
     out, err = runner.communicate(timeout=300)
     assert runner.returncode == 130 and "Traceback" not in err, err

@@ -16,7 +16,7 @@ from ahiq.engine.training import train
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, init_distributed
 from ahiq.scoring.inference import predict
-from conftest import TINY, tiny_options
+from conftest import TINY, tiny_options, wait_for_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,7 +272,6 @@ def test_the_launcher_passes_sigterm_on_and_ends_in_one_line_per_process(tmp_pat
     in sessions of their own, get no signal but the one it passes on): both workers stop at a step with
     latest.pth written, each says so in one line, the launcher in one more, exit 143, no traceback."""
     import signal
-    import time
 
     options = [f"data.root={tmp_path / 'data'}", "data.options={references: 10, size: 72}", "train.epochs=3",
                "train.device=cpu", "data.num_workers=0", "train.resume=null",
@@ -280,11 +279,7 @@ def test_the_launcher_passes_sigterm_on_and_ends_in_one_line_per_process(tmp_pat
     launcher = subprocess.Popen([sys.executable, "-m", "ahiq", "launch", "--standalone", "--nproc_per_node", "2",
                                  str(ROOT / "train.py"), "--opt", str(ROOT / "options" / "demo.yaml"), *options],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "checkpoints" / "demo" / "train.log"
-    end = time.monotonic() + 300
-    while not (log.is_file() and " epoch 1 loss" in log.read_text()) and time.monotonic() < end:
-        assert launcher.poll() is None, launcher.communicate()
-        time.sleep(0.2)
+    wait_for_line(launcher, tmp_path / "checkpoints" / "demo" / "train.log", " epoch 1 loss")
     launcher.send_signal(signal.SIGTERM)
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 143, err[-3000:]

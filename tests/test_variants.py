@@ -3,7 +3,6 @@ goes through every path a trained model takes (checkpoint, from_pretrained, the 
 the metric, maps where they mean something); the CNN backbones of Table 7 reach the fusion on the ViT grid;
 bad combinations are one line."""
 import copy
-import json
 import sys
 
 import numpy as np

@@ -3,8 +3,8 @@ intervals, and every pairwise difference tested (Williams' test on SROCC and on 
 residuals), as compare.md, compare.csv, compare.tex (the table as a paper prints it) and a figure."""
 from __future__ import annotations
 
-import io
 import csv
+import io
 import os
 from dataclasses import dataclass
 from itertools import combinations
@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ahiq.engine import figures
+from ahiq.engine.correlations import bracket, number
 from ahiq.engine.results import Analysis, Results, analyse
 from ahiq.engine.statistics import LEVEL, f_test, fitted, pearson, spearman, williams
 from ahiq.files import write_atomically
@@ -145,9 +146,9 @@ def _markdown(results: list[Results], analyses: list[Analysis], tests: list[Test
              "| model | SROCC | PLCC | KROCC | RMSE |", "|---|---|---|---|---|"]
     for r, a in zip(results, analyses):
         m = a.metrics
-        lines.append(f"| {r.label} | {_value(m['srocc'])}{_interval(m.get('srocc_ci'))} | "
-                     f"{_value(m['plcc_fitted'])}{_interval(m.get('plcc_fitted_ci'))} | {_value(m['krocc'])} | "
-                     f"{_value(m['rmse_fitted'])} |")
+        lines.append(f"| {r.label} | {number(m['srocc'])}{bracket(m.get('srocc_ci'))} | "
+                     f"{number(m['plcc_fitted'])}{bracket(m.get('plcc_fitted_ci'))} | {number(m['krocc'])} | "
+                     f"{number(m['rmse_fitted'])} |")
     labels = [r.label for r in results]
     for name in TESTS:
         matrix = {(t.a, t.b): t.significant for t in tests if t.test == name}
@@ -162,16 +163,8 @@ def _markdown(results: list[Results], analyses: list[Analysis], tests: list[Test
                   "|---|---" + "|---" * len(labels) + "|"]
         for g, (_, name) in enumerate(groups):
             lines.append(f"| {name} | {analyses[0].groups[g]['n']} | "
-                         + " | ".join(_value(a.groups[g]["srocc"]) for a in analyses) + " |")
+                         + " | ".join(number(a.groups[g]["srocc"]) for a in analyses) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _value(value) -> str:
-    return "" if value is None or not np.isfinite(value) else f"{value:.4f}"
-
-
-def _interval(bounds) -> str:
-    return f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

@@ -61,10 +61,18 @@ def correlate(pred, mos) -> dict:
     return out
 
 
+def number(value) -> str:
+    """A correlation in a table: 4 decimals; empty where it is undefined (None or NaN)."""
+    return "" if value is None or not np.isfinite(value) else f"{value:.4f}"
+
+
+def bracket(bounds) -> str:
+    """An interval after its estimate, `` [low, high]``; nothing where there is none."""
+    return f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
+
+
 def summary_line(metrics: dict) -> str:
     """One line of the metrics, with the 95% intervals of SROCC and PLCC where they have them."""
-    def interval(key: str) -> str:
-        bounds = metrics.get(f"{key}_ci")
-        return f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else ""
-    return (f"SROCC {metrics['srocc']:.4f}{interval('srocc')} PLCC {metrics['plcc']:.4f}{interval('plcc')} "
-            f"KROCC {metrics['krocc']:.4f} RMSE {metrics['rmse']:.4f} main {metrics['main']:.4f} ({metrics['n']} pairs)")
+    return (f"SROCC {metrics['srocc']:.4f}{bracket(metrics.get('srocc_ci'))} PLCC {metrics['plcc']:.4f}"
+            f"{bracket(metrics.get('plcc_ci'))} KROCC {metrics['krocc']:.4f} RMSE {metrics['rmse']:.4f} main "
+            f"{metrics['main']:.4f} ({metrics['n']} pairs)")

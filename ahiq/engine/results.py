@@ -19,7 +19,7 @@ import numpy as np
 from ahiq.data import Part
 from ahiq.data.distortions import taxonomy
 from ahiq.engine import figures
-from ahiq.engine.correlations import correlate, logistic4, summary_line
+from ahiq.engine.correlations import correlate, logistic4, number, summary_line
 from ahiq.engine.statistics import by_group, interval, pearson, rating_spread_metrics, spearman
 from ahiq.files import write_atomically
 
@@ -163,17 +163,13 @@ def summary(results: Results, analysis: Analysis) -> str:
     if analysis.groups:
         width = max(len(r["name"]) for r in analysis.groups) + 2
         lines.append(f"{'group':<{width}}{'n':>6}  {'SROCC':>7}  {'PLCC':>7}  {'KROCC':>7}")
-        lines += [f"{r['name']:<{width}}{r['n']:>6}  " + "  ".join(f"{_text(v):>7}" for v in _cells(r))
+        lines += [f"{r['name']:<{width}}{r['n']:>6}  " + "  ".join(f"{number(v):>7}" for v in _cells(r))
                   for r in analysis.groups]
     return "\n".join(lines)
 
 
 def _cells(row: dict) -> list:
     return [row["srocc"], row["plcc"], row["krocc"]]
-
-
-def _text(value) -> str:
-    return "" if value is None else f"{value:.4f}"
 
 
 def _csv(rows) -> bytes:
