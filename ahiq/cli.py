@@ -206,6 +206,9 @@ def ahiq_parser() -> argparse.ArgumentParser:
                               "results.txt; two or more")
     compare.add_argument("--out", type=Path, metavar="DIR",
                          help="where to write (created; default: compare/ in the folders' common folder)")
+    compare.add_argument("--names", nargs="+", metavar="NAME",
+                         help="the models' names in the tables, one per folder (default: each experiment's name, or "
+                              "the metric's)")
     compare.add_argument("--resamples", type=_at_least(0), default=SCHEMA["test.bootstrap.resamples"].default,
                          help="bootstrap resamples of the intervals (default %(default)s; 0: none)")
     compare.add_argument("--by", choices=BOOTSTRAP_UNITS, default=SCHEMA["test.bootstrap.by"].default,
@@ -353,7 +356,7 @@ def _compare(args) -> int:
         args.usage_error("give two or more result folders to compare")
     from ahiq.engine.compare import compare
 
-    compare(args.results, args.out, args.resamples, args.by, args.seed)
+    compare(args.results, args.out, args.resamples, args.by, args.seed, args.names)
     return 0
 
 

@@ -160,6 +160,10 @@ def test_compare_tex_is_a_tabular_latex_accepts(demo_results, tmp_path):
     body = [line for line in lines if line.endswith(r"\\")]
     assert [line.count("&") for line in body[1:]] == [columns - 1] * (len(body) - 1)
     assert tex.count("{") == tex.count("}") and r"\textbf{" in tex
+    assert main(["compare", *(str(demo_results / "test" / "baselines" / n) for n in ("psnr", "ssim")), "--out",
+                 str(tmp_path / "named"), "--resamples", "0", "--names", "PSNR (dB)", "SSIM_rgb"]) == 0
+    assert "\nPSNR (dB) & " in (tmp_path / "named" / "compare.tex").read_text()
+    assert "\nSSIM\\_rgb & " in (tmp_path / "named" / "compare.tex").read_text()  # escaped for LaTeX
     assert latex_escape("a_b & 50% #1") == r"a\_b \& 50\% \#1"
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex is not installed here: the table's structure was checked, not compiled")

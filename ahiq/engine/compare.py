@@ -87,13 +87,18 @@ def pairwise(results: list[Results]) -> list[Test]:
     return tests
 
 
-def compare(paths: Sequence[Path], out: Path | None, resamples: int, by: str, seed: int) -> Path:
-    """Compare the result folders ``paths``; write into ``out`` (default: ``compare/`` in their common
-    folder); returns the folder written."""
+def compare(paths: Sequence[Path], out: Path | None, resamples: int, by: str, seed: int,
+            names: Sequence[str] | None = None) -> Path:
+    """Compare the result folders ``paths``, the models called ``names`` (default: each folder's label, the
+    experiment's name or the metric's); write into ``out`` (default: ``compare/`` in their common folder);
+    returns the folder written."""
     if len(paths) < 2:
         raise ValueError("compare needs at least two result folders")
+    if names is not None and (len(names) != len(paths) or len(set(names)) < len(names)):
+        raise ValueError(f"--names: give one distinct name per result folder ({len(paths)}), got {len(names)}: "
+                         f"{', '.join(names)}")
     results = aligned(paths)
-    labels = _unique_labels(results, paths)
+    labels = list(names) if names is not None else _unique_labels(results, paths)
     for result, label in zip(results, labels):
         result.label = label
     out = out or Path(os.path.commonpath([str(Path(p).resolve().parent if Path(p).is_file() else Path(p).resolve())
