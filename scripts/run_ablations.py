@@ -29,6 +29,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,6 +159,15 @@ def run_row(args, row: Row, threads: int | None, log_dir: Path, children: Childr
     """Train and test one row (or take its earlier result): {"plcc", "srocc", ...} or {"submission": path}, or
     {"failed": what}, or {"stopped": signal}. One run at a time trains a row: a row shared with another table
     being run waits for it (then takes its result)."""
+    try:
+        return _run_row(args, row, threads, log_dir, children)
+    except OSError as exc:  # its log or record could not be written (a full disk): the row's cell says so
+        what = f"{exc.filename or 'a file'} could not be written ({exc.strerror or exc})"
+        say(f"{row.experiment(args.base)}: {what}")
+        return {"failed": what}
+
+
+def _run_row(args, row: Row, threads: int | None, log_dir: Path, children: Children) -> dict:
     experiment = CHECKPOINTS / row.experiment(args.base)
     options = load_options(args.opt, row_options(args, row, threads)[2:])
     if children.stopped:  # rows waiting for a place in the pool when the runner was stopped
@@ -283,6 +293,10 @@ def table_folder(out: Path) -> None:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"{folder} is a file where the table's folder {out} goes: move it away, then run again")
     create_folder(out / "logs", "the table's folder")
+    try:
+        tempfile.NamedTemporaryFile(dir=out / "logs").close()
+    except OSError as exc:
+        raise ValueError(f"cannot write in the table's folder {out / 'logs'} ({exc.strerror or exc})") from None
 
 
 def main(argv=None) -> int:
