@@ -109,8 +109,9 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
                                               sub["extra_data"], sub["description"])
             print(f"wrote {zip_path} ({len(names)} images, {seconds_per_image:.3f} s per image)")
         return {"submission": str(zip_path)}
-    metrics = correlate(pred, part.targets)
-    if job.main:
+    if not job.main:
+        metrics = correlate(pred, part.targets)
+    else:
         random = {"num_crops": test_opt["num_crops"], "seed": test_opt["seed"]} if test_opt["crops"] == "random" else {}
         metrics = _report(out_dir, Results.of(part, pred, opt["name"]), opt, checkpoints=[str(p) for p in paths],
                           crops=test_opt["crops"], **random)
