@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -129,3 +130,42 @@ def test_a_table_stopped_by_ctrl_c_continues_then_skips_what_is_done(tmp_path, m
     assert run_ablations.main([a.replace("train.epochs=2", "train.epochs=3") for a in args]) == 0
     log = spatial.read_text()
     assert log.count("resumed from") == resumed + 1 and log.count("epoch 3 loss") == 1
+
+
+def test_a_row_another_run_is_training_is_waited_for_then_taken_not_trained_again(tmp_path, monkeypatch, capsys):
+    """AHIQ's row is every table's: a second table's run waits for the first's (the row's lock), then finds the
+    row's record and trains nothing."""
+    import threading
+
+    from ahiq.files import release_and_remove
+
+    monkeypatch.chdir(tmp_path)
+    args = run_ablations.arguments().parse_args(table_args(tmp_path, "6"))
+    args.base = "demo"
+    row = run_ablations.TABLES[6].rows[0]
+    assert row.experiment(args.base) == "demo_ahiq" == run_ablations.TABLES[8].rows[0].experiment(args.base)
+    options = run_ablations.load_options(args.opt, run_ablations.row_options(args, row, None)[2:])
+    result = {"plcc": 0.5, "srocc": 0.4, "krocc": 0.3, "rmse": 0.2, "main": 0.9, "n": 25}
+    lock = tmp_path / "checkpoints" / ".demo_ahiq.ablation.lock"
+    lock.parent.mkdir()
+    held = take_lock(lock, "the other table's run", "")
+
+    def the_other_run_finishes_the_row():
+        time.sleep(1.0)
+        (tmp_path / "checkpoints" / "demo_ahiq").mkdir()
+        (tmp_path / "checkpoints" / "demo_ahiq" / "ablation.json").write_text(
+            json.dumps({"options": run_ablations._comparable(options), "result": result}))
+        release_and_remove(held, lock)
+
+    class NoTraining(run_ablations.Children):
+        def run(self, command, out):
+            raise AssertionError(f"the row was run again: {command}")
+
+    other = threading.Thread(target=the_other_run_finishes_the_row)
+    other.start()
+    assert run_ablations.run_row(args, row, None, tmp_path, NoTraining()) == result
+    other.join()
+    captured = capsys.readouterr()
+    assert "demo_ahiq: waiting for another run_ablations.py training this row" in captured.err
+    assert "demo_ahiq: trained and tested before with these options, not run again" in captured.out
+    assert not lock.exists()
