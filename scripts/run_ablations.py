@@ -193,7 +193,7 @@ def _run_row(args, row: Row, threads: int | None, log_dir: Path, children: Child
                     what = f"{script} exited with {code}: {last[0] if last else ''}"
                     say(f"{experiment.name}: {what} (see {log})")
                     return {"failed": what}
-        result = _test_result(options, experiment)
+        result = _test_result(experiment)
         if "failed" not in result:
             write_atomically(experiment / "ablation.json",
                              json.dumps({"options": _comparable(options), "result": result}, indent=1).encode())
@@ -227,7 +227,7 @@ def _comparable(options: dict) -> dict:
     return kept
 
 
-def _test_result(options: dict, experiment: Path) -> dict:
+def _test_result(experiment: Path) -> dict:
     """What the row's test.py wrote into its own folder, experiment/test."""
     out = experiment / "test"
     if (out / "metrics.json").is_file():

@@ -255,3 +255,10 @@ def test_the_learned_metrics_weights_are_found_by_the_projects_rule_and_handed_t
         touch(tmp_path / name, rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
     score = scorer.score_pairs(Pairs([Pair(str(tmp_path / "r.png"), str(tmp_path / "d.png"), float("nan"), "d")]))[0]
     assert np.isfinite(score) and score < 0  # a distance, negated
+
+
+def test_the_option_names_are_the_table_of_the_metrics():
+    from ahiq.options import BASELINES as NAMES
+    from ahiq.scoring.baselines import BASELINES
+
+    assert tuple(BASELINES) == NAMES

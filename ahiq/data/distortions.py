@@ -46,6 +46,10 @@ class Taxonomy:
     def group(self, code: str) -> str:
         return next((g for g, (_, members) in self.groups.items() if code in members), code)
 
+    def groups_of(self, codes) -> list[str]:
+        """The group of each type code ("" for an unknown type)."""
+        return [self.group(code) if code else "" for code in codes]
+
     def group_name(self, group: str) -> str:
         return self.groups[group][0] if group in self.groups else self.name(group)
 

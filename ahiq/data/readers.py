@@ -25,6 +25,14 @@ def _path(root: Path, name: str | os.PathLike) -> Path:
     return Path(name) if Path(name).is_absolute() else root / name
 
 
+def coded(name: str) -> str:
+    """The distortion's code in the middle of a name of three ``_``-separated fields: PIPAL's ``bb`` of
+    ``A0001_bb_cc.bmp``, TID's ``TT`` of ``i01_TT_1.bmp``, KADID-10k's of ``I01_TT_01.png``, the demo's
+    ``R000_jpeg_4.png``; "" for a name of another form."""
+    fields = Path(name).stem.split("_")
+    return fields[1] if len(fields) == 3 else ""
+
+
 # ---- PIPAL ----------------------------------------------------------------------------------------------
 
 PIPAL_DIST_DIRS = ("Distortion_1", "Distortion_2", "Distortion_3", "Distortion_4")
@@ -47,7 +55,7 @@ def read_pipal(root: Path, labels: str | None = "Train_Label", ref_dir: str = "T
             if ref is None:
                 missing.append(f"{dist.name[:5]}.bmp (reference of {dist.name})")
             else:
-                out.append(Pair(str(ref), str(dist), float("nan"), dist.name, pipal_class(dist.name)))
+                out.append(Pair(str(ref), str(dist), float("nan"), dist.name, coded(dist.name)))
         if missing:
             raise DatasetError(f"PIPAL references not found in {refs.description}: {listed(missing, 5)}")
         if not out:
@@ -70,14 +78,8 @@ def read_pipal(root: Path, labels: str | None = "Train_Label", ref_dir: str = "T
                 continue
             name = fields[0].strip()
             reader.add(where, name, refs.find(name[:5] + ".bmp"), dists.find(name), reader.score(fields[1], where),
-                       name[:5] + ".bmp", dists.description, pipal_class(name))
+                       name[:5] + ".bmp", dists.description, coded(name))
     return reader.result(True, "pipal")
-
-
-def pipal_class(name: str) -> str:
-    """``bb`` of ``Aaaaa_bb_cc.bmp``; "" for a name not of that form."""
-    fields = name.split("_")
-    return fields[1] if len(fields) == 3 and fields[1].isdigit() else ""
 
 
 # ---- LIVE ------------------------------------------------------------------------------------------------
@@ -217,9 +219,9 @@ def _read_tid(dataset: str, root: Path, labels: str, ref_dir: str, dist_dir: str
             continue
         mos, name = reader.score(fields[0], where), fields[1]
         ref_name = name.split("_")[0] + ".bmp"  # i01_01_1.bmp -> I01.BMP on disk
-        kind = name.split("_")[1] if name.count("_") == 2 else ""  # i01_01_1.bmp: type 01
         ci95 = NORMAL_95 * spreads[count] if spreads else math.nan
-        reader.add(where, name, refs.find(ref_name), dists.find(name), mos, ref_name, dists.description, kind, ci95)
+        reader.add(where, name, refs.find(ref_name), dists.find(name), mos, ref_name, dists.description, coded(name),
+                   ci95)
     return reader.result(True, dataset)
 
 
@@ -313,8 +315,7 @@ def read_kadid10k(root: Path, labels: str = "dmos.csv", image_dir: str = "images
     images = Folders(root, [image_dir], "KADID-10k image", "image_dir")
 
     def described(row: dict[str, str], where: str) -> tuple[str, float]:
-        name = row["dist_img"].strip()
-        kind = name.split("_")[1] if name.count("_") == 2 else ""  # I01_01_01.png: type 01
+        kind = coded(row["dist_img"].strip())
         text = (row.get("var") or "").strip()
         if not text:
             return kind, math.nan

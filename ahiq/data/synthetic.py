@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from ahiq.data.labels import Pairs
-from ahiq.data.readers import read_custom_csv
+from ahiq.data.readers import coded, read_custom_csv
 from ahiq.files import write_atomically
 
 DISTORTIONS = {  # five levels each, mild to strong
@@ -106,5 +106,4 @@ def read_synthetic(root: Path, references: int = 24, size: int = 96, seed: int =
     if not (root / LABELS).is_file():
         make_synthetic_dataset(root, references, size, seed)
     pairs = read_custom_csv(root, LABELS, higher_is_better=True)
-    # R000_jpeg_4.png: distortion jpeg
-    return Pairs([replace(p, distortion=Path(p.name).stem.split("_")[1]) for p in pairs], True, "synthetic")
+    return Pairs([replace(p, distortion=coded(p.name)) for p in pairs], True, "synthetic")

@@ -52,8 +52,7 @@ class Results:
 
     @property
     def groups(self) -> list[str]:
-        classes = taxonomy(self.dataset)
-        return [classes.group(t) if t else "" for t in self.types]
+        return taxonomy(self.dataset).groups_of(self.types)
 
     def write(self, folder: Path) -> None:
         """``results.txt`` (``name,score``, the official format) and ``pairs.csv``."""

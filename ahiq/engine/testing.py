@@ -19,7 +19,8 @@ from ahiq.runtime.distributed import Job, destroy, init_distributed
 from ahiq.scoring.baselines import BASELINES, BaselineScorer
 from ahiq.scoring.inference import maps_of, predict_shared
 from ahiq.scoring.maps import check_maps, write_panels
-from ahiq.scoring.output import barrier, read_scores, score_to_file
+from ahiq.scoring.journal import read_scores
+from ahiq.scoring.output import barrier, score_to_file
 
 
 def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ahiq.data import CropPlan, DatasetError, Parts, TrainPairs, check_parts, load_parts
+from ahiq.data.distortions import taxonomy
 from ahiq.data.images import read_image
 from ahiq.engine.correlations import correlate, summary_line
 from ahiq.engine.experiment import (close_logging, load_training_checkpoint, lock_folder, log, nonfinite_loss_error,
                                     remove_stale_temporaries, resume_path, save_training_checkpoint, set_rng_state,
                                     setup_logging)
 from ahiq.engine.figures import scatter_figure
-from ahiq.engine.results import Results
 from ahiq.files import release_and_remove
 from ahiq.nn.model import AHIQ, build_model, check_model_options
 from ahiq.options import save_options
@@ -359,7 +359,7 @@ class Trainer:
         of four fixed validation pairs, scored again with their maps (four pairs, not a pass over the set), on
         the score range of the first validation, so that the maps are comparable as training goes."""
         part, step = self.parts["val"], epoch + 1
-        groups = Results.of(part, pred, self.opt["name"]).groups
+        groups = taxonomy(part.pairs.dataset).groups_of(p.distortion for p in part.pairs)
         self.writer.add_figure("val/scatter", scatter_figure(pred, part.targets, metrics.get("logistic"),
                                                              f"{self.opt['name']}, epoch {step}", metrics, groups),
                                step, close=True)

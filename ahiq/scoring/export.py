@@ -70,14 +70,15 @@ def export(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:
     if len(sizes) > 1:
         raise ValueError(f"an ensemble's models must take one crop size; these take {sorted(sizes)}")
     out = check_export_folder(out)
-    lock = take_lock(out.with_name(f".{out.name}.export.lock"), f"--out {out}", "choose another --out")
+    lock_path = out.with_name(f".{out.name}.export.lock")
+    lock = take_lock(lock_path, f"--out {out}", "choose another --out")
     try:
         return _export_into(models, out, plan)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: nothing of the new export is kept
         raise ExportFolderError(f"cannot write the export into {out.parent} ({exc.strerror or exc}); nothing was "
                                 f"kept{' (the earlier export there is as it was)' if out.exists() else ''}") from None
     finally:
-        release_and_remove(lock, out.with_name(f".{out.name}.export.lock"))
+        release_and_remove(lock, lock_path)
 
 
 def _export_into(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:

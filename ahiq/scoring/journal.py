@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from ahiq.files import write_atomically
 
 HEADER = ("dist", "ref", "score")
@@ -123,3 +125,13 @@ def finish(out: Path, pairs: Sequence) -> None:
     for path in journal_paths(out):
         path.unlink()
     settings_path(out).unlink(missing_ok=True)
+
+
+def read_scores(out: Path, pairs: Sequence) -> np.ndarray:
+    """The scores of ``pairs``, in their order, from the finished CSV ``out`` (``finish``'s)."""
+    with open(out, newline="", encoding="utf-8") as f:
+        scores = {(row["dist"], row["ref"]): float(row["score"]) for row in csv.DictReader(f)}
+    missing = [p.dist for p in pairs if (p.dist, p.ref) not in scores]
+    if missing:
+        raise ValueError(f"{out} lacks the scores of {len(missing)} pairs (first: {missing[0]}); delete it and run again")
+    return np.array([scores[(p.dist, p.ref)] for p in pairs])

@@ -2,12 +2,9 @@
 the PyTorch scorer and the ONNX one: no torch is imported here (torchrun's barrier only under torchrun)."""
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 from ahiq.data import Pairs
 from ahiq.data.pairs import reference_shares
@@ -159,12 +156,3 @@ def barrier() -> None:
 
     tdist.barrier()
 
-
-def read_scores(out: Path, pairs: Pairs) -> np.ndarray:
-    """The scores of ``pairs``, in their order, from the finished CSV ``out`` (score_to_file's)."""
-    with open(out, newline="", encoding="utf-8") as f:
-        scores = {(row["dist"], row["ref"]): float(row["score"]) for row in csv.DictReader(f)}
-    missing = [p.dist for p in pairs if (p.dist, p.ref) not in scores]
-    if missing:
-        raise ValueError(f"{out} lacks the scores of {len(missing)} pairs (first: {missing[0]}); delete it and run again")
-    return np.array([scores[(p.dist, p.ref)] for p in pairs])
