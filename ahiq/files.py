@@ -9,6 +9,8 @@ experiment folder or output file fails at once, naming the process that holds it
 (``waiting_for_lock``: one download per machine while the others wait). They are the operating system's
 locks (flock on POSIX, a byte-range lock on Windows): released when the process ends in any way (SIGKILL
 included), so a lock is never stale.
+
+And where torch.hub keeps files (``hub_dir``), found without loading torch.
 """
 from __future__ import annotations
 
@@ -32,6 +34,15 @@ except ImportError:
 
 TEMPORARY_PATTERN = ".*.tmp"  # what atomic_file writes before the rename; a killed write leaves one behind
 _LOCKED_BYTE = 1 << 30  # Windows locks a byte range; far past the holder's line, which stays readable
+
+
+def hub_dir() -> Path:
+    """torch.hub's folder, ``torch.hub.get_dir()``, found as torch finds it, without loading torch: where weight files
+    are cached (ahiq.nn.zoo) and what a CPU measured is remembered (ahiq.runtime.device)."""
+    if "torch" in sys.modules:  # honours torch.hub.set_dir
+        return Path(sys.modules["torch"].hub.get_dir())
+    xdg = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(xdg, "torch")))) / "hub"
 
 
 def _umask() -> int:

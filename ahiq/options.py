@@ -19,19 +19,14 @@ from typing import Any
 
 import yaml
 
+from ahiq.registry import Registry
+from ahiq.registry.baselines import BASELINES
+from ahiq.registry.datasets import DATASETS, dataset
+from ahiq.registry.released import RELEASED
+from ahiq.registry.settings import BOOTSTRAP_UNITS, DEFORM_IMPLS, EVAL_CROPS, FLIPS, PRECISIONS, RANDOM_CROPS
+from ahiq.registry.variants import CNNS, FULL_WIDTH, FUSIONS, POOLINGS, VITS
+
 SOURCE = ("dataset", "root", "options")  # the keys of one labelled or unlabelled set of pairs (data.val, data.test)
-# Domains that the code beside the options checks too (ahiq.data.crops, ahiq.runtime.device, the command lines).
-EVAL_CROPS = ("five", "nine", "random", "centre", "whole")
-RANDOM_CROPS = ("all", "official")
-PRECISIONS = ("fp32", "bf16", "auto")
-# The paper's ablations (Tables 6, 7, 8), the first of each AHIQ; what each builds: the tables of ahiq.nn
-# (fusion.FUSIONS, backbones.CNN_BACKBONES, head.POOLINGS).
-FUSIONS = ("deform+concat", "concat", "cnn", "vit")
-CNNS = ("resnet50", "resnet101", "resnet152", "hrnet_w18", "inception_resnet_v2")
-POOLINGS = ("patch", "spatial", "patch+spatial")
-# The baseline metrics test.py scores beside AHIQ (what each computes: ahiq.scoring.baselines.BASELINES).
-BASELINES = ("psnr", "ssim", "ms_ssim", "fsim", "vsi", "gmsd", "vif_p", "lpips", "dists")
-BOOTSTRAP_UNITS = ("reference", "pair")
 NULL = type(None)
 
 
@@ -52,6 +47,13 @@ class Option:
         return (*self.types, int) if float in self.types else self.types
 
 
+def _chosen(key: str, kind: Registry, before: str = "", after: str = "", named: bool = False, **details) -> Option:
+    """An option whose values are the choices of ``kind`` (ahiq.registry), its first the default, each described
+    (``named``: only named)."""
+    choices = kind.listed() if named else kind.described()
+    return Option(key, kind.default.name, before + choices + after, choices=kind.names, **details)
+
+
 def _pretrained(part: str) -> str:
     return (f"the {part}'s weights: true: the released backbone weights, found as [weights.md](weights.md) says; "
             f"false: random; a path: a local weight file")
@@ -63,34 +65,30 @@ def _size(what: str) -> str:
 
 OPTIONS = [
     Option("name", None, "experiment name: the folder `checkpoints/<name>/`", (str,), shown="(required)"),
-    Option("model.patch_size", 8, "8 (ViT-B/8) or 16 (ViT-B/16)", choices=(8, 16)),
-    Option("model.fusion", FUSIONS[0], "the paper's Table 6: `deform+concat` (AHIQ), `concat` (no deformable "
-           "convolution), `cnn` (the CNN branch alone), `vit` (the ViT branch alone); see "
-           "[reproducing.md](reproducing.md#tables-6-8-ablations-pipal-ntire-2022-test-set)", choices=FUSIONS),
-    Option("model.cnn", CNNS[0], "the CNN branch (Table 7), read at its stride-4 stage: `resnet50`, `resnet101`, "
-           "`resnet152`, `hrnet_w18`, `inception_resnet_v2`; not read by `model.fusion: vit`", choices=CNNS),
-    Option("model.pooling", POOLINGS[0], "the paper's Table 8: `patch` (score map weighted by the weight map, "
-           "AHIQ), `spatial` (features averaged, then regressed), `patch+spatial` (the mean of both)",
-           choices=POOLINGS),
+    _chosen("model.patch_size", VITS, "the ViT: "),
+    _chosen("model.fusion", FUSIONS, "the paper's Table 6: ",
+            "; see [reproducing.md](reproducing.md#tables-6-8-ablations-pipal-ntire-2022-test-set)"),
+    _chosen("model.cnn", CNNS, "the CNN branch (Table 7), read at its stride-4 stage: ",
+            "; not read by `model.fusion: vit`", named=True),
+    _chosen("model.pooling", POOLINGS, "the paper's Table 8: "),
     Option("model.vit_pretrained", True, _pretrained("ViT"), (bool, str)),
     Option("model.cnn_pretrained", True, _pretrained("CNN"), (bool, str)),
     Option("model.weights", None, "a weights folder (`python -m ahiq download --dir`): every weight file from there "
            "and no download; null: `$AHIQ_WEIGHTS`, else torch's hub cache ([weights.md](weights.md)); also "
            "`--weights DIR`", (str, NULL)),
     Option("model.freeze_backbones", True, "false fine-tunes the backbones too"),
-    Option("model.deform_impl", "bilinear", "`bilinear` (fast, exact) or `torchvision` (the reference kernel)",
-           choices=("bilinear", "torchvision")),
+    _chosen("model.deform_impl", DEFORM_IMPLS, "the deformable convolution: "),
     Option("model.img_size", 224, _size("the input crop size, a multiple of the patch size"), at_least=16),
     Option("model.vit_dim", 768, _size("the ViT's width, a multiple of its heads"), at_least=1),
     Option("model.vit_heads", 12, _size("the ViT's attention heads"), at_least=1),
-    Option("model.cnn_width", 64, _size("the CNN's base width (a ResNet's stride-4 stage gives 12 times as many "
+    Option("model.cnn_width", FULL_WIDTH, _size("the CNN's base width (a ResNet's stride-4 stage gives 12 times as many "
                                         "channels, HRNet's 16; timm's InceptionResNetV2 has no width)"),
            at_least=1),
     Option("model.fusion_hidden", 512, _size("the fusion's hidden channels"), at_least=1),
     Option("model.head_dim", 256, _size("the head's channels per image after its 1x1 reduction"), at_least=1),
     Option("model.head_hidden", 1024, _size("the head's hidden channels"), at_least=1),
-    Option("data.dataset", None, "`pipal`, `live`, `csiq`, `tid2013`, `tid2008`, `kadid10k`, `csv`, `synthetic`",
-           (str,), shown="(required)"),
+    Option("data.dataset", None, DATASETS.described() + " (written in any case, with or without `-`)", (str,),
+           shown="(required)"),
     Option("data.root", None, "the folder the dataset was unpacked in", (str,), shown="(required)"),
     Option("data.options", {}, "the reader's keyword arguments (label file, folders, direction; see "
            "[datasets.md](datasets.md))", (dict,)),
@@ -103,11 +101,8 @@ OPTIONS = [
            "validation); then all of `data` trains", ("source",)),
     Option("data.test", None, "a separate set for test.py `{dataset, root, options}`; unlabelled gives an NTIRE "
            "submission", ("source",)),
-    Option("data.flip", "width", "paired horizontal flip; `height` is the official code's (upside-down) flip; null "
-           "for none", (str, NULL), choices=("width", "height", None)),
-    Option("data.random_crop", "all", "training crops at every position, the last row and column included; "
-           "`official`: as the official `np.random.randint(0, size - 224)`, which never reaches them",
-           choices=RANDOM_CROPS),
+    _chosen("data.flip", FLIPS, "the training pairs' random flip: ", types=(str, NULL)),
+    _chosen("data.random_crop", RANDOM_CROPS),
     Option("data.targets", "dataset", "targets normalised over the whole labelled source before splitting; `part`: "
            "each part (train, val, test) over its own pairs, as the official code normalises each of its list files",
            choices=("dataset", "part")),
@@ -121,12 +116,12 @@ OPTIONS = [
     Option("train.eta_min", 0.0, "CosineAnnealingLR's eta_min", at_least=0),
     Option("train.seed", 1919, "seeds the initialisation, the epoch order and the crops", at_least=0),
     Option("train.val_crops", "five", "validation crops (see [datasets.md](datasets.md#evaluation-crops))",
-           choices=EVAL_CROPS),
+           choices=EVAL_CROPS.names),
     Option("train.val_every", 1, "validate every N epochs (and after the last)", at_least=1),
     Option("train.save_interval", 5, "write `epoch_<N>.pth` every N epochs", at_least=1),
     Option("train.resume", None, "null: a new run; `auto`: continue from `latest.pth` if there is one; a path",
            (str, NULL)),
-    Option("train.device", "auto", "`auto` (CUDA if available), `cpu`, `cuda`, `cuda:1` ..."),
+    Option("train.device", "auto", "`auto` (CUDA if available), `cpu`, `cuda`, `cuda:1` ...; also `--device D`"),
     Option("train.log_every", 20, "TensorBoard loss/learning-rate interval in steps", at_least=1),
     Option("train.nonfinite_loss", "stop", "a NaN/inf loss: `stop` the run, or `skip` the batch (logged); the "
            "weights are never updated by such a batch", choices=("stop", "skip")),
@@ -134,11 +129,8 @@ OPTIONS = [
            "loader's `drop_last=True`)"),
     Option("train.best", "main", "`best.pth` when the validation main score (abs(PLCC) + abs(SROCC)) improves; "
            "`official`: when SROCC or PLCC alone improves, as the official train.py", choices=("main", "official")),
-    Option("runtime.precision", "fp32", "`bf16`: autocast for training and evaluation (convolutions and matmuls in "
-           "bf16; deformable sampling positions and the final weighted mean in fp32); `auto`: bf16 where the device "
-           "has it natively (GPUs with bf16; CPUs with AVX512-BF16 or AMX where a first-use measurement finds bf16 "
-           "faster), fp32 elsewhere. See [performance.md](performance.md#runtime-settings) for when to choose what",
-           choices=PRECISIONS),
+    _chosen("runtime.precision", PRECISIONS, "", ". See [performance.md](performance.md#runtime-settings) for when to "
+            "choose what"),
     Option("runtime.tf32", False, "let fp32 matmuls and convolutions use TF32 on GPUs that have it (false: strict "
            "fp32, the reference numbers)"),
     Option("runtime.channels_last", False, "NHWC weights and inputs for the convolutions (what tensor cores want)"),
@@ -151,10 +143,10 @@ OPTIONS = [
            "`OMP_NUM_THREADS` when set, else the CPUs this process may use (affinity, cgroup quota, Slurm's "
            "allocation), shared among torchrun's processes on the node. The demo sets 1 "
            "([performance.md](performance.md#several-jobs-on-one-machine))", (int, NULL), at_least=1),
-    Option("test.checkpoint", "best", "`best`, `latest`, a path, a released model's name (`pipal`, see "
-           "[scoring.md](scoring.md#released-models)), or a list of them (an ensemble)", (str, list)),
-    Option("test.crops", "random", "evaluation crops (see [datasets.md](datasets.md#evaluation-crops))",
-           choices=EVAL_CROPS),
+    Option("test.checkpoint", "best", f"`best`, `latest`, a path, a released model's name (`{RELEASED.default.name}`, "
+           f"see [scoring.md](scoring.md#released-models)), or a list of them (an ensemble)", (str, list)),
+    Option("test.crops", "random", "evaluation crops: " + EVAL_CROPS.described() + " (see "
+           "[datasets.md](datasets.md#evaluation-crops))", choices=EVAL_CROPS.names),
     Option("test.num_crops", 20, "random crops per pair (`test.crops=random`)", at_least=1),
     Option("test.seed", 0, "seeds the random crops, with the reference image's name", at_least=0),
     Option("test.batch_size", 2, "pairs per batch (each with all its crops)", at_least=1),
@@ -167,11 +159,10 @@ OPTIONS = [
     Option("test.baselines", [], "baseline metrics scored on the same test part, each into `test/baselines/<metric>/` "
            "(results, metrics, tables, figures) for `python -m ahiq compare`: any of `" + "`, `".join(BASELINES) +
            "` (the optional extra `pip install -e '.[baselines]'`; see [evaluation.md](evaluation.md#baselines))",
-           (list,), choices=BASELINES),
+           (list,), choices=BASELINES.names),
     Option("test.bootstrap.resamples", 1000, "bootstrap resamples of the 95% intervals of SROCC and PLCC (0: none); "
            "see [evaluation.md](evaluation.md)", at_least=0),
-    Option("test.bootstrap.by", "reference", "what the bootstrap resamples: `reference` (whole reference images: "
-           "pairs that share one are not independent) or `pair`", choices=BOOTSTRAP_UNITS),
+    _chosen("test.bootstrap.by", BOOTSTRAP_UNITS, "what the bootstrap resamples: "),
     Option("test.bootstrap.seed", 0, "seeds the bootstrap: a rerun gives the same intervals", at_least=0),
     Option("test.submission.runtime", None, "seconds per image for readme.txt; null: measured", (float, NULL),
            at_least=0),
@@ -216,14 +207,17 @@ def markdown_table() -> str:
 LINK = re.compile(r"\[([^\]]+)\]\(([^)#]+)[^)]*\)")  # a Markdown link within docs/
 
 
+def plain(meaning: str) -> str:
+    """An option's Markdown meaning as plain text (--help): links as their page's path, no backquotes."""
+    return LINK.sub(lambda m: f"docs/{m[2]}" if m[1] == m[2] else f"{m[1]} (docs/{m[2]})", meaning).replace("`", "")
+
+
 def plain_text(width: int = 100) -> str:
     """Every option, its default and its meaning as text (train.py's and test.py's --help)."""
     lines = []
     for o in OPTIONS:
-        meaning = LINK.sub(lambda m: f"docs/{m[2]}" if m[1] == m[2] else f"{m[1]} (docs/{m[2]})", o.meaning)
-        meaning = meaning.replace("`", "")
         lines.append(f"  {o.key} = {o.shown or _yaml(o.default)}")
-        lines += textwrap.wrap(meaning, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        lines += textwrap.wrap(plain(o.meaning), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -282,16 +276,37 @@ def _check_value(option: Option, value: Any, where: str) -> None:
                            f"no '/' or '\\', not '.' or '..', no surrounding spaces), got {value!r}")
 
 
+def check_option(key: str, value: Any, where: str) -> None:
+    """One option's value against its declaration (type, choices, range) as the option files are checked, for the
+    Python API's settings (ahiq.runtime.Runtime): an OptionsError naming ``where``."""
+    option = SCHEMA[key]
+    _check_value(option, _coerce_number(option, value), where)
+
+
 def _plain_folder_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and name.strip() == name
 
 
 def _check_relations(options: dict, where: str) -> None:
-    """What no single option can check: sizes that must divide, and the split's shares."""
+    """What no single option can check: the datasets named, a CNN branch the fusion has, what the CNN takes, sizes
+    that must divide, and the split's shares."""
+    data = options["data"]
+    for source, label in ((data, "data.dataset"), (data["val"], "data.val.dataset"), (data["test"], "data.test.dataset")):
+        if isinstance(source, dict) and source.get("dataset") is not None:
+            try:
+                dataset(source["dataset"], f"option '{label}'")
+            except ValueError as exc:
+                raise OptionsError(f"{where}: {exc}") from None
     model = options["model"]
-    if model["fusion"] == "vit" and model["cnn"] != CNNS[0]:
-        raise OptionsError(f"{where}: model.cnn {model['cnn']} names a CNN branch, but model.fusion vit has none; "
-                           f"leave model.cnn out, or choose model.fusion {', '.join(f for f in FUSIONS if f != 'vit')}")
+    if FUSIONS[model["fusion"]].cnn:
+        try:
+            CNNS[model["cnn"]].check(model["img_size"], model["patch_size"], model["cnn_width"])
+        except ValueError as exc:
+            raise OptionsError(f"{where}: {exc}") from None
+    elif model["cnn"] != CNNS.default.name:
+        with_cnn = [name for name, fusion in FUSIONS.items() if fusion.cnn]
+        raise OptionsError(f"{where}: model.cnn {model['cnn']} names a CNN branch, but model.fusion {model['fusion']} "
+                           f"has none; leave model.cnn out, or choose model.fusion {', '.join(with_cnn)}")
     if model["img_size"] % model["patch_size"]:
         raise OptionsError(f"{where}: model.img_size {model['img_size']} must be a multiple of model.patch_size "
                            f"{model['patch_size']}")

@@ -120,6 +120,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
     from scipy.stats import spearmanr
 
     from ahiq.data import CropPlan, EvalPairs, Pair, Pairs, Part
+    from ahiq.scoring.ensemble import Ensemble, resolve
     from ahiq.scoring.inference import predict
 
     sizes = sizes or {}
@@ -132,7 +133,8 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
         checkpoint = Path(tmp) / "ahiq.pth"  # this project's format: it carries the sizes the metric needs
         model.save_checkpoint(checkpoint)
         reference = reference.to(device)
-        models = {name: runtime.prepare(copy.deepcopy(model), device) for name, runtime in runtimes.items()}
+        resolved = {name: resolve(runtime, device, [model]) for name, runtime in runtimes.items()}
+        models = {name: run.prepare(copy.deepcopy(model)) for name, run in resolved.items()}
         rng = np.random.default_rng(0)
         cases = {f"pipal_{scaled(288)}_{crops}crop": (scaled(288), scaled(288), 2, distortions),
                  f"live_{scaled(768)}x{scaled(512)}_{crops}crop": (scaled(512), scaled(768), 1, 1)}
@@ -165,18 +167,17 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
             # cuBLAS workspace): otherwise whichever runs first pays for them.
             with torch.no_grad():
                 reference(items[0][0][:1].to(device), items[0][1][:1].to(device))
-                for name, runtime in runtimes.items():
-                    predict([models[name]], Part(Pairs(pairs[:1]), None), CropPlan(size, "random", 1), device=device,
-                            runtime=runtime)
+                for name, run in resolved.items():
+                    predict(Ensemble([models[name]], CropPlan(size, "random", 1), run), Pairs(pairs[:1]))
             mem_ref = PeakMemory(device)
             expected, t_ref = measured(official, mem_ref)
             expected = expected.double().cpu().numpy()
             results = {}
-            for name, runtime in runtimes.items():
+            for name, run in resolved.items():
                 def ours():
-                    return predict([models[name]], part, plan, batch_size=per_ref, device=device, runtime=runtime)
+                    return predict(Ensemble([models[name]], plan, run), part.pairs, batch_size=per_ref)
 
-                if runtime.compile:
+                if run.compile:
                     measured(ours, PeakMemory(device))  # compiling is not timed
                 mem_ours = PeakMemory(device)
                 results[name], t_ours = measured(ours, mem_ours)
@@ -243,13 +244,15 @@ def chunk_suite(device: torch.device, sizes: list[int]) -> None:
         _, model, _ = random_official_setup(8, tmp)
     model = model.to(device).eval()
     from ahiq.data import CropPlan
-    from ahiq.scoring.ensemble import score_group
+    from ahiq.scoring.ensemble import Ensemble, resolve
 
     ref, dist = torch.rand(2, 3, 288, 288)
     plan = CropPlan(224, "random", 20)
     for size in sizes:
+        ensemble = Ensemble([model], plan, resolve(Runtime(crop_chunk=size), device, [model]))
+
         def run():
-            return score_group([model], plan, ref, [dist], "r.png", Runtime(), device, size).scores
+            return ensemble.score_group(ref, [dist], "r.png").scores
 
         with torch.no_grad():
             run()
@@ -257,7 +260,7 @@ def chunk_suite(device: torch.device, sizes: list[int]) -> None:
                 seconds = best_time(run, 2, device)
         print(f"chunk_{size}: {seconds:.2f} s per pair of 20 crops, peak memory {memory.mib:.0f} MiB", flush=True)
     with torch.no_grad():  # as evaluation asks (under autograd a crop counts as four)
-        print(f"# automatic choice here: {Runtime().crops_per_pass(model, device)} crops per pass", flush=True)
+        print(f"# automatic choice here: {resolve(Runtime(), device, [model]).crops()} crops per pass", flush=True)
 
 
 def official_stepper(reference: torch.nn.Module, device: torch.device):
@@ -282,11 +285,14 @@ def official_stepper(reference: torch.nn.Module, device: torch.device):
 
 def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device):
     """ahiq.engine.training.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
-    net = runtime.prepare(copy.deepcopy(model), device).train()
+    from ahiq.scoring.ensemble import resolve
+
+    run = resolve(runtime, device, [model])
+    net = run.prepare(copy.deepcopy(model)).train()
     optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-    stepper = runtime.compiled(net)
-    return lambda dist, ref, target: train_step(stepper, optimizer, scheduler, runtime.inputs(dist, device),
-                                                runtime.inputs(ref, device), target, runtime=runtime)
+    stepper = run.compiled(net)
+    return lambda dist, ref, target: train_step(stepper, optimizer, scheduler, run.inputs(dist), run.inputs(ref),
+                                                target, run)
 
 
 def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime], sizes: dict | None = None,
@@ -375,14 +381,13 @@ def flops_suite(crops: int, per_reference: int) -> None:
 def variants_suite() -> None:
     """Per variant of the ablation tables (each once, full size, random weights): GFLOP per reference crop
     and per distorted crop, as in flops_suite, and the weights built (all; trained, i.e. fusion and head)."""
-    from run_ablations import AHIQ as AHIQ_VARIANT, TABLES
-
     from ahiq.nn.model import AHIQ
+    from ahiq.registry.variants import AHIQ as AHIQ_VARIANT, TABLES
 
     seen = {}
     for number, table in TABLES.items():
-        for row in table.rows:
-            seen.setdefault(row.name, (number, row.variant))
+        for row in table.rows():
+            seen.setdefault(row.slug, (number, row.variant))
     dist, ref = torch.rand(2, 1, 3, 224, 224)
     for name, (number, variant) in seen.items():
         options = {**AHIQ_VARIANT, **variant}
@@ -481,7 +486,11 @@ def main() -> None:
         args.precision or ("all" if native_bf16(device) else "fp32")]
     runtimes = {p: Runtime(precision=p, channels_last=args.channels_last, compile=args.compile) for p in precisions}
     if "auto" in runtimes:
-        print(f"# runtime.precision=auto here: {runtimes['auto'].describe(device).split(';')[0]}", flush=True)
+        from ahiq.nn.model import AHIQ
+        from ahiq.scoring.ensemble import resolve
+
+        chosen = resolve(runtimes["auto"], device, [AHIQ(8, False, False)])
+        print(f"# runtime.precision=auto here: {chosen.describe().split(';')[0]}", flush=True)
     if args.suite in ("model", "all"):
         model_suite(device, args.repeats)
     if args.suite in ("eval", "all"):

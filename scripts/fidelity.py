@@ -53,6 +53,7 @@ def measure(dtype: str) -> dict:
     from ahiq.engine.training import make_optimizer, train_step
     from ahiq.nn.official import OfficialAHIQ, OfficialFusion, OfficialHead
     from ahiq.options import DEFAULTS
+    from ahiq.runtime.device import ResolvedRuntime
     from benchmark import official_stepper
 
     expected = json.loads((ROOT / "tests" / "data" / "official_known_answers.json").read_text())
@@ -98,7 +99,8 @@ def measure(dtype: str) -> dict:
                 batch = batches[2 * i:2 * i + 2]
                 d, r = (as_batch([p[k] for p in batch]).to(getattr(torch, dtype)) for k in (1, 0))
                 target = torch.tensor([0.3 + 0.2 * i, 0.8 - 0.1 * i], dtype=getattr(torch, dtype))
-                out["losses"].append(train_step(model, optimizer, scheduler, d, r, target))
+                out["losses"].append(train_step(model, optimizer, scheduler, d, r, target,
+                                                ResolvedRuntime(torch.device("cpu"), False, "fp32")))
                 if step_official is not None:
                     out["official_losses"].append(step_official(d, r, target))
     return out

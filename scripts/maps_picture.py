@@ -32,18 +32,20 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from ahiq.data import CropPlan, load_parts
+    from ahiq.data import load_parts
     from ahiq.data.images import read_image
-    from ahiq.nn.model import AHIQ
     from ahiq.options import load_options
+    from ahiq.scoring.ensemble import load_ensemble
     from ahiq.scoring.inference import maps_of
     from ahiq.scoring.maps import panel
 
     opt = load_options(ROOT / "options" / "demo.yaml", [f"data.root={ROOT / 'data' / 'demo'}"])
     test = load_parts(opt["data"], roles=("test",))["test"]
     index = next(i for i, p in enumerate(test.pairs) if Path(p.dist).stem.endswith(args.distortion))
-    model = AHIQ.from_pretrained(args.checkpoint, allow_random_backbones=True, **opt["model"])  # the demo trains its backbones
-    maps = maps_of(model, test.pairs, [index], CropPlan(model.config["img_size"], "nine"), torch.device("cpu"))[0]
+    # the demo trains its backbones: its checkpoint holds them
+    ensemble = load_ensemble(args.checkpoint, torch.device("cpu"), crops="nine", allow_random_backbones=True,
+                             **opt["model"])
+    maps = maps_of(ensemble, test.pairs, [index])[0]
     score_map, weight_map, _ = maps.image_maps()
     picture = panel(read_image(test.pairs[index].dist), score_map, weight_map,
                     (float(np.nanmin(score_map)), float(np.nanmax(score_map))),

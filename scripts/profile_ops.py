@@ -41,9 +41,10 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ahiq.data import CropPlan, Pair, Pairs, Part
+    from ahiq.data import CropPlan, Pair, Pairs
     from ahiq.nn.official import random_official_setup
     from ahiq.runtime.device import Runtime
+    from ahiq.scoring.ensemble import Ensemble, resolve
     from ahiq.scoring.inference import predict
     from measure import machine, write_noisy_pairs
 
@@ -54,10 +55,10 @@ def main() -> None:
         written = write_noisy_pairs(Path(tmp), "", 288, 288, 2, args.distortions, np.random.default_rng(0))
         pairs = [Pair(str(ref), str(dist), float("nan"), f"{i // args.distortions}_{i % args.distortions}")
                  for i, (ref, dist, _) in enumerate(written)]
-        part, plan = Part(Pairs(pairs), None), CropPlan(224, "random", args.crops)
+        pairs, plan = Pairs(pairs), CropPlan(224, "random", args.crops)
         for precision in args.precisions:
-            runtime = Runtime(precision=precision)
-            run = lambda: predict([model], part, plan, batch_size=args.distortions, runtime=runtime)  # noqa: E731
+            ensemble = Ensemble([model], plan, resolve(Runtime(precision=precision), torch.device("cpu"), [model]))
+            run = lambda: predict(ensemble, pairs, batch_size=args.distortions)  # noqa: E731
             run()  # warm-up: oneDNN creates its kernels on first use
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 start = time.perf_counter()

@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,63 +41,21 @@ from ahiq.files import release_and_remove, take_lock, waiting_for_lock, write_at
 from ahiq.messages import create_folder, for_the_user  # noqa: E402
 from ahiq.nn.downloads import DownloadError  # noqa: E402
 from ahiq.options import OptionsError, load_options  # noqa: E402
+from ahiq.registry.variants import AHIQ, TABLES, AblationRow, AblationTable  # noqa: E402
 
 CHECKPOINTS = Path("checkpoints")  # where train.py and test.py keep the experiments: in the current folder
-# What every row sets: the paper's ablations are of ViT-B/8 AHIQ on PIPAL, one choice changed per row.
-AHIQ = {"fusion": "deform+concat", "cnn": "resnet50", "pooling": "patch", "patch_size": 8}
 
 
-@dataclass(frozen=True)
-class Row:
-    cells: tuple[str, ...]        # the paper's first columns
-    variant: dict                 # the model options that differ from AHIQ
-    paper: tuple[float, ...]      # the paper's PLCC, SROCC and, where it gives it, main score (NTIRE 2022 test set)
-    fixed: tuple = ()             # (model option, value, why) the row sets whatever the options say
-
-    @property
-    def name(self) -> str:
-        """The variant's name: ``ahiq``, or what it changes (``concat``, ``resnet101``, ``vit-b16`` ...)."""
-        names = {"fusion": {"concat": "concat", "cnn": "cnn-only", "vit": "vit-only"}, "patch_size": {16: "vit-b16"}}
-        return "_".join(names.get(key, {}).get(value, str(value)) for key, value in self.variant.items()) or "ahiq"
-
-    def experiment(self, base: str) -> str:
-        """<base>_<variant>: the same variant has the same experiment in every table."""
-        return f"{base}_{self.name}"
-
-    def overrides(self) -> list[str]:
-        fixed = {key: value for key, value, _ in self.fixed}
-        return [f"model.{key}={value}" for key, value in {**AHIQ, **self.variant, **fixed}.items()]
+def experiment_name(row: AblationRow, base: str) -> str:
+    """<base>_<variant>: the same variant has the same experiment in every table."""
+    return f"{base}_{row.slug}"
 
 
-@dataclass(frozen=True)
-class Table:
-    title: str
-    columns: tuple[str, ...]
-    rows: tuple[Row, ...]
-
-
-TABLES = {
-    6: Table("Table 6: feature fusion (CNN: ResNet50, ViT: ViT-B/8)", ("No", "CNN", "ViT", "fusion"), (
-        Row(("1", "yes", "yes", "deform+concat"), {}, (0.823, 0.813)),
-        Row(("2", "yes", "yes", "concat"), {"fusion": "concat"}, (0.810, 0.799)),
-        Row(("3", "yes", "", ""), {"fusion": "cnn"}, (0.792, 0.789)),
-        Row(("4", "", "yes", ""), {"fusion": "vit"}, (0.799, 0.788)),
-    )),
-    7: Table("Table 7: backbones", ("CNN", "ViT"), (
-        Row(("ResNet50", "ViT-B/8"), {}, (0.823, 0.813, 1.636)),
-        Row(("ResNet101", "ViT-B/8"), {"cnn": "resnet101"}, (0.802, 0.788, 1.590)),
-        Row(("ResNet152", "ViT-B/8"), {"cnn": "resnet152"}, (0.807, 0.793, 1.600)),
-        Row(("HRNet (W18)", "ViT-B/8"), {"cnn": "hrnet_w18"}, (0.806, 0.796, 1.601)),
-        Row(("InceptionResNetV2", "ViT-B/8"), {"cnn": "inception_resnet_v2"}, (0.806, 0.793, 1.599),
-            (("cnn_width", 64, "timm's InceptionResNetV2 has no width to narrow"),)),
-        Row(("ResNet50", "ViT-B/16"), {"patch_size": 16}, (0.811, 0.803, 1.614)),
-    )),
-    8: Table("Table 8: pooling", ("pooling",), (
-        Row(("patch",), {}, (0.823, 0.813, 1.636)),
-        Row(("spatial",), {"pooling": "spatial"}, (0.794, 0.795, 1.589)),
-        Row(("patch + spatial",), {"pooling": "patch+spatial"}, (0.801, 0.791, 1.593)),
-    )),
-}
+def overrides(row: AblationRow) -> list[str]:
+    """The model options of the row: AHIQ's, one changed (the paper's ablations are of ViT-B/8 AHIQ on PIPAL),
+    and what the row must set whatever the options say."""
+    fixed = {key: value for key, value, _ in row.fixed}
+    return [f"model.{key}={value}" for key, value in {**AHIQ, **row.variant, **fixed}.items()]
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -116,9 +73,9 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def row_options(args, row: Row, threads: int | None) -> list[str]:
+def row_options(args, row: AblationRow, threads: int | None) -> list[str]:
     """The command-line options of the row's train.py and test.py."""
-    return ["--opt", str(args.opt), *args.overrides, *row.overrides(), f"name={row.experiment(args.base)}",
+    return ["--opt", str(args.opt), *args.overrides, *overrides(row), f"name={experiment_name(row, args.base)}",
             "train.resume=auto", *([f"runtime.threads={threads}"] if threads else [])]
 
 
@@ -155,7 +112,7 @@ class Children:
                     child.send_signal(signum)
 
 
-def run_row(args, row: Row, threads: int | None, log_dir: Path, children: Children) -> dict:
+def run_row(args, row: AblationRow, threads: int | None, log_dir: Path, children: Children) -> dict:
     """Train and test one row (or take its earlier result): {"plcc", "srocc", ...} or {"submission": path}, or
     {"failed": what}, or {"stopped": signal}. One run at a time trains a row: a row shared with another table
     being run waits for it (then takes its result)."""
@@ -163,12 +120,12 @@ def run_row(args, row: Row, threads: int | None, log_dir: Path, children: Childr
         return _run_row(args, row, threads, log_dir, children)
     except OSError as exc:  # its log or record could not be written (a full disk): the row's cell says so
         what = f"{exc.filename or 'a file'} could not be written ({exc.strerror or exc})"
-        say(f"{row.experiment(args.base)}: {what}")
+        say(f"{experiment_name(row, args.base)}: {what}")
         return {"failed": what}
 
 
-def _run_row(args, row: Row, threads: int | None, log_dir: Path, children: Children) -> dict:
-    experiment = CHECKPOINTS / row.experiment(args.base)
+def _run_row(args, row: AblationRow, threads: int | None, log_dir: Path, children: Children) -> dict:
+    experiment = CHECKPOINTS / experiment_name(row, args.base)
     options = load_options(args.opt, row_options(args, row, threads)[2:])
     if children.stopped:  # rows waiting for a place in the pool when the runner was stopped
         return {"stopped": children.stopped}
@@ -241,18 +198,20 @@ def _test_result(experiment: Path) -> dict:
     return {"failed": f"test.py wrote neither metrics.json nor submission.zip in {out}"}
 
 
-def rendered(table: Table, results: list[dict], base: str, tested_on: str) -> tuple[str, str]:
-    """The table in Markdown and CSV: the paper's columns, its figures, then ours."""
-    paper = ["paper PLCC", "paper SROCC", "paper main"][:len(table.rows[0].paper)]
+def rendered(table: AblationTable, results: list[dict], base: str, tested_on: str) -> tuple[str, str]:
+    """The table in Markdown and CSV: the paper's columns, its figures ("--" for a row it does not have), then
+    ours."""
+    rows = table.rows()
+    paper = ["paper PLCC", "paper SROCC", "paper main"][:max(len(row.paper) for row in rows)]
     header = [*table.columns, *paper, "ours PLCC", "ours SROCC", "ours main", "experiment"]
     lines = []
-    for row, result in zip(table.rows, results):
-        figures = [f"{value:.3f}" for value in row.paper]
+    for row, result in zip(rows, results):
+        figures = [f"{value:.3f}" for value in row.paper] + ["--"] * (len(paper) - len(row.paper))
         if "plcc" in result:
             ours = [f"{result['plcc']:.4f}", f"{result['srocc']:.4f}", f"{result['main']:.4f}"]
         else:
             ours = [result.get("failed", f"submission {result.get('submission')}"), "", ""]
-        lines.append([*row.cells, *figures, *ours, row.experiment(base)])
+        lines.append([*row.cells, *figures, *ours, experiment_name(row, base)])
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([header, *lines])
     markdown = [f"{table.title}. Paper: NTIRE 2022 test set; ours: {tested_on}.", "",
@@ -281,10 +240,6 @@ def check_table(args, base: dict, rows: list[dict]) -> None:
         if wrong:
             group, leaf = key.split(".")
             raise OptionsError(f"{key} {base[group][leaf]!r} (from {args.opt} or its overrides): {why}; leave it out")
-    from ahiq.nn.model import check_model_options
-
-    for opt in rows:
-        check_model_options(opt["model"])
 
 
 def table_folder(out: Path) -> None:
@@ -308,11 +263,11 @@ def main(argv=None) -> int:
         base = load_options(args.opt, args.overrides)
         args.base = base["name"]
         # every row's options, and the pretrained weights of them all, before the first row trains
-        rows = [load_options(args.opt, row_options(args, row, None)[2:]) for row in table.rows]
+        rows = [load_options(args.opt, row_options(args, row, None)[2:]) for row in table.rows()]
         check_table(args, base, rows)
         from ahiq.engine.training import checked_parts
         from ahiq.nn.downloads import locate
-        from ahiq.nn.model import backbone_files
+        from ahiq.nn.pretrained import backbone_files
 
         checked_parts(base)  # the labels and every image, as each row's train.py will check them
         wanted = {file: None for opt in rows for file in backbone_files(opt["model"]).values()}
@@ -329,11 +284,11 @@ def main(argv=None) -> int:
         release_and_remove(lock, out / ".lock")
 
 
-def _run_table(args, table: Table, base: dict, out: Path) -> int:
-    for row in table.rows:
+def _run_table(args, table: AblationTable, base: dict, out: Path) -> int:
+    for row in table.rows():
         for key, value, why in row.fixed:
             if base["model"][key] != value:
-                say(f"{row.experiment(args.base)}: model.{key} {value}, not {base['model'][key]}: {why}")
+                say(f"{experiment_name(row, args.base)}: model.{key} {value}, not {base['model'][key]}: {why}")
     threads = None
     if args.jobs > 1 and base["runtime"]["threads"] is None:
         from ahiq.runtime.threads import usable_cpus
@@ -343,7 +298,7 @@ def _run_table(args, table: Table, base: dict, out: Path) -> int:
     previous = {s: signal.signal(s, children.stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda row: run_row(args, row, threads, out / "logs", children), table.rows))
+            results = list(pool.map(lambda row: run_row(args, row, threads, out / "logs", children), table.rows()))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

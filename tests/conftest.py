@@ -15,10 +15,24 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 from ahiq.options import load_options  # noqa: E402
-from ahiq.runtime.device import set_tf32  # noqa: E402
+from ahiq.runtime.device import ResolvedRuntime, Runtime, set_tf32  # noqa: E402
+from ahiq.runtime.memory import CropCost  # noqa: E402
 
 # A reduced AHIQ for fast tests: same structure as the paper's, far fewer channels and a 64-pixel input.
 TINY = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
+
+
+def resolved(device: str | torch.device = "cpu", **settings) -> ResolvedRuntime:
+    """``Runtime(**settings)`` resolved for ``device``, as for crops too small to limit a pass (MAX_CHUNK crops
+    per pass unless ``crop_chunk`` says)."""
+    return Runtime(**settings).resolve(torch.device(device), CropCost(1.0, 1.0))
+
+
+def ensemble(models, plan, device: str | torch.device = "cpu", **settings):
+    """An Ensemble of ``models`` (on ``device``) scoring ``plan``'s crops with ``resolved(device, **settings)``."""
+    from ahiq.scoring.ensemble import Ensemble
+
+    return Ensemble(list(models), plan, resolved(device, **settings))
 
 
 # Where a test is parametrised over devices: the CPU always, CUDA where there is a GPU (CI has none).

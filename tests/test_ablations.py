@@ -142,8 +142,9 @@ def test_a_row_another_run_is_training_is_waited_for_then_taken_not_trained_agai
     monkeypatch.chdir(tmp_path)
     args = run_ablations.arguments().parse_args(table_args(tmp_path, "6"))
     args.base = "demo"
-    row = run_ablations.TABLES[6].rows[0]
-    assert row.experiment(args.base) == "demo_ahiq" == run_ablations.TABLES[8].rows[0].experiment(args.base)
+    row = run_ablations.TABLES[6].rows()[0]
+    assert (run_ablations.experiment_name(row, args.base) == "demo_ahiq"
+            == run_ablations.experiment_name(run_ablations.TABLES[8].rows()[0], args.base))
     options = run_ablations.load_options(args.opt, run_ablations.row_options(args, row, None)[2:])
     result = {"plcc": 0.5, "srocc": 0.4, "krocc": 0.3, "rmse": 0.2, "main": 0.9, "n": 25}
     lock = tmp_path / "checkpoints" / ".demo_ahiq.ablation.lock"

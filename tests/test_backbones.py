@@ -4,10 +4,14 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from ahiq.nn.backbones import RESNET_TAG, VIT_TAGS, CNNFeatures, ViTFeatures, create_timm_model
+from ahiq.nn.backbones import CNNFeatures, ViTFeatures, create_timm_model
 from ahiq.nn.official import OfficialAHIQ
 from ahiq.nn.weights import WeightsError
 from ahiq.nn.zoo import BACKBONES as ZOO_FILES
+from ahiq.registry.variants import CNNS, VITS
+
+VIT_TAGS = {patch: vit.tag for patch, vit in VITS.items()}
+RESNET_TAG = CNNS["resnet50"].tag
 
 TINY_VIT = dict(img_size=64, embed_dim=32, num_heads=2)
 TINY_RESNET = dict(stem_width=8, channels=(8, 16, 32, 64))

@@ -18,6 +18,7 @@ from ahiq.nn.official import random_official_setup
 from ahiq.options import DEFAULTS
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job
+from ahiq.runtime.memory import CropCost
 from conftest import ROOT, TINY, layouts_on_the_way, tiny_options
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -34,17 +35,23 @@ def full_size(tmp_path_factory):
     dist = (ref + torch.linspace(0.0, 0.4, 8).view(8, 1, 1, 1) * torch.randn_like(ref)).clamp(0, 1)
     # Strict fp32 for the reference scores: this module-scoped fixture runs before the per-test setup,
     # and cuDNN allows TF32 convolutions by default.
-    reference = Runtime().prepare(reference, CUDA)
+    reference = on_cuda(Runtime()).prepare(reference)
     assert not torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.conv.fp32_precision != "tf32"
     with torch.no_grad():
         expected = reference(dist.to(CUDA), ref.to(CUDA)).cpu()
     return model, dist, ref, expected
 
 
+def on_cuda(runtime: Runtime):
+    """``runtime`` resolved for the GPU (crops per pass: all of those given)."""
+    return runtime.resolve(CUDA, CropCost(1.0, 1.0))
+
+
 def scores(model, dist, ref, runtime):
-    model = runtime.prepare(copy.deepcopy(model), CUDA)
-    with torch.no_grad(), runtime.autocast(CUDA):
-        out = model(runtime.inputs(dist, CUDA), runtime.inputs(ref, CUDA))
+    runtime = on_cuda(runtime)
+    model = runtime.prepare(copy.deepcopy(model))
+    with torch.no_grad(), runtime.autocast():
+        out = model(runtime.inputs(dist), runtime.inputs(ref))
     assert out.dtype == torch.float32  # the weighted mean is taken in fp32 under bf16 too
     return out.cpu()
 
@@ -78,12 +85,12 @@ def through_the_scoring_core(model, dist, ref, runtime):
     """Scores as the scorer, test.py and the metric compute them: ahiq.scoring.ensemble.score_group, whose forward
     passes go through runtime.entry (compiled when the runtime compiles); one 64-pixel image per pair."""
     from ahiq.data import CropPlan
-    from ahiq.scoring.ensemble import score_group
+    from ahiq.scoring.ensemble import Ensemble
 
-    net = runtime.prepare(copy.deepcopy(model), CUDA)
+    runtime = on_cuda(runtime)
+    ensemble = Ensemble([runtime.prepare(copy.deepcopy(model))], CropPlan(64, "whole"), runtime)
     with torch.no_grad():
-        return torch.cat([score_group([net], CropPlan(64, "whole"), r, [d], "", runtime, CUDA, 64).scores
-                          for d, r in zip(dist, ref)]).cpu()
+        return torch.cat([ensemble.score_group(r, [d], "").scores for d, r in zip(dist, ref)]).cpu()
 
 
 def test_compiled_model_on_cuda_equals_eager(tmp_path):
@@ -110,11 +117,11 @@ def test_bf16_training_step_on_cuda_matches_fp32_and_keeps_fp32_weights(full_siz
     target = torch.linspace(0.2, 0.8, 4, device=CUDA)
     losses, weights = {}, {}
     for precision in ("fp32", "bf16"):
-        runtime = Runtime(precision=precision)
-        net = runtime.prepare(copy.deepcopy(model), CUDA).train()
+        runtime = on_cuda(Runtime(precision=precision))
+        net = runtime.prepare(copy.deepcopy(model)).train()
         optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-        losses[precision] = train_step(net, optimizer, scheduler, runtime.inputs(dist[:4], CUDA),
-                                       runtime.inputs(ref[:4], CUDA), target, runtime=runtime)
+        losses[precision] = train_step(net, optimizer, scheduler, runtime.inputs(dist[:4]), runtime.inputs(ref[:4]),
+                                       target, runtime)
         weights[precision] = net.state_dict()
         assert all(v.dtype == model.state_dict()[k].dtype for k, v in weights[precision].items())
         # the backbones are frozen: no gradient was computed for them
@@ -142,12 +149,12 @@ def test_training_resuming_and_testing_on_cuda(tmp_path):
 def test_channels_last_stays_nhwc_into_the_head_on_cuda(full_size):
     """No NCHW fallback between the ViT map, its concatenation with the fused CNN features and the head."""
     model, dist, ref, expected = full_size
-    runtime = Runtime(channels_last=True)
-    net = runtime.prepare(copy.deepcopy(model), CUDA)
+    runtime = on_cuda(Runtime(channels_last=True))
+    net = runtime.prepare(copy.deepcopy(model))
     found = {}
     with torch.no_grad():
         layouts = layouts_on_the_way(net, lambda: found.update(
-            got=net(runtime.inputs(dist, CUDA), runtime.inputs(ref, CUDA)).cpu()))
+            got=net(runtime.inputs(dist), runtime.inputs(ref)).cpu()))
     got = found["got"]
     assert set(layouts) == {"vit", "deformed", "reduce", "smooth"}
     assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in layouts.values()), \
@@ -167,12 +174,13 @@ def test_ddp_wrapped_module_compiled_on_cuda_equals_eager(tmp_path):
                              device_id=torch.device("cuda", 0))  # device_id needs an index
     try:
         losses = {}
-        for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=True))):
-            net = runtime.prepare(copy.deepcopy(model), CUDA).train()
+        for name, settings in (("eager", Runtime()), ("compiled", Runtime(compile=True))):
+            runtime = settings.resolve(torch.device("cuda", 0), CropCost(1.0, 1.0))
+            net = runtime.prepare(copy.deepcopy(model)).train()
             optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-            stepper = make_stepper(net, Job(0, 2, 0), torch.device("cuda", 0), runtime)
-            losses[name] = [train_step(stepper, optimizer, scheduler, dist, ref, target, torch.ones(4, device=CUDA),
-                                       4.0, 1, runtime) for _ in range(2)]
+            stepper = make_stepper(net, Job(0, 2, 0), runtime)
+            losses[name] = [train_step(stepper, optimizer, scheduler, dist, ref, target, runtime,
+                                       torch.ones(4, device=CUDA), 4.0, 1) for _ in range(2)]
         assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     finally:
         tdist.destroy_process_group()

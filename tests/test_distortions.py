@@ -14,7 +14,7 @@ from scipy import stats
 from scipy.io import savemat
 
 from ahiq.data import read_labels
-from ahiq.data.distortions import taxonomy
+from ahiq.registry.datasets import taxonomy
 from ahiq.engine.testing import run_test
 from ahiq.options import load_options
 from trees import LIVE_FOLDERS, META, csiq_tree, kadid_tree, live_tree, meta, pipal_tree, tid_tree

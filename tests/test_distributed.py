@@ -13,10 +13,8 @@ import torch.distributed as tdist
 
 from ahiq.engine import training
 from ahiq.engine.training import train
-from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, init_distributed
-from ahiq.scoring.inference import predict
-from conftest import TINY, tiny_options, wait_for_line
+from conftest import TINY, resolved, tiny_options, wait_for_line
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -199,7 +197,7 @@ def test_a_training_step_holds_one_collective_its_loss_and_stop_vote(tmp_path, m
     monkeypatch.setattr(training, "destroy", lambda dist: None)
     monkeypatch.setattr("torch.nn.parallel.DistributedDataParallel", lambda module, **kwargs: module)
     # validation as one process would share and gather it
-    monkeypatch.setattr(training, "predict_shared", lambda models, part, job, **kw: predict(models, part, **kw))
+    monkeypatch.setattr(training, "score_shared", lambda score, pairs, job, progress=False: score(pairs, progress))
     train(tiny_options(tmp_path, "train.epochs=1", "train.device=cpu"), tmp_path / "ckpt")
     steps = torch.load(tmp_path / "ckpt" / "demo" / "latest.pth", weights_only=True)["scheduler"]["last_epoch"]
     assert steps == 10 and reduced == [(2,)] * steps  # 75 pairs, global batches of 8: (loss, stop vote) a step
@@ -223,7 +221,7 @@ def test_several_processes_compile_the_wrapped_module(tmp_path, monkeypatch):
     tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = random_official_setup(8, tmp_path, **TINY)[1].train()
-        stepper = make_stepper(model, Job(0, 2, 0), torch.device("cpu"), Runtime(compile=backend))
+        stepper = make_stepper(model, Job(0, 2, 0), resolved(compile=backend))
         assert isinstance(stepper._orig_mod, DistributedDataParallel) and stepper._orig_mod.module is model
         dist_img, ref_img = torch.rand(2, 2, 3, 64, 64)
         torch.testing.assert_close(stepper(dist_img, ref_img), model(dist_img, ref_img), rtol=0, atol=1e-6)

@@ -11,7 +11,7 @@ from ahiq.engine.testing import run_test
 from ahiq.engine.training import train
 from ahiq.nn.model import build_model
 from ahiq.scoring.inference import predict
-from conftest import DEVICES, tiny_options
+from conftest import DEVICES, ensemble, tiny_options
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -29,7 +29,7 @@ def test_grouped_prediction_equals_scoring_each_pair_alone(tmp_path, device):
     fan_in = model.fusion.offset_conv.in_channels * 9
     torch.nn.init.normal_(model.fusion.offset_conv.weight, std=3.0 / fan_in ** 0.5)
     for crops, count in (("random", 4), ("five", 5)):
-        fast = predict([model], part, CropPlan(64, crops, count, seed=3), batch_size=7, device=device)
+        fast = predict(ensemble([model], CropPlan(64, crops, count, seed=3), device), part.pairs, batch_size=7)
         slow = []
         for pair in part.pairs:  # every pair alone: its crops cut by hand, the whole model on them
             dist, ref = read_image(pair.dist), read_image(pair.ref)
@@ -46,12 +46,13 @@ def test_predict_keeps_every_pair_and_averages_an_ensemble(tmp_path):
     opt = tiny_options(tmp_path)
     part = load_parts(opt["data"])["test"]
     models = [build_model(opt["model"]) for _ in range(2)]
-    single = [predict([m], part, CropPlan(64, "five"), batch_size=4) for m in models]
-    both = predict(models, part, CropPlan(64, "five"), batch_size=4)
+    single = [predict(ensemble([m], CropPlan(64, "five")), part.pairs, batch_size=4) for m in models]
+    both = predict(ensemble(models, CropPlan(64, "five")), part.pairs, batch_size=4)
     assert len(both) == len(part.pairs) == 25  # 25 is not a multiple of the batch size
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, rtol=1e-6)
-    again = predict(models[:1], part, CropPlan(64, "random", 3, seed=5), batch_size=7)
-    np.testing.assert_allclose(again, predict(models[:1], part, CropPlan(64, "random", 3, seed=5), batch_size=2), rtol=1e-6)
+    first = ensemble(models[:1], CropPlan(64, "random", 3, seed=5))
+    again = predict(first, part.pairs, batch_size=7)
+    np.testing.assert_allclose(again, predict(first, part.pairs, batch_size=2), rtol=1e-6)
 
 
 def test_unlabelled_test_set_gives_a_submission(tmp_path):
@@ -88,7 +89,7 @@ def test_evaluation_reads_each_reference_once(tmp_path, monkeypatch):
     reads = Counter()
     real_read = datasets.read_image
     monkeypatch.setattr(datasets, "read_image", lambda path: reads.update([path]) or real_read(path))
-    predict([build_model(opt["model"])], part, CropPlan(64, "five"), batch_size=4)
+    predict(ensemble([build_model(opt["model"])], CropPlan(64, "five")), part.pairs, batch_size=4)
     refs = {p.ref for p in part.pairs}
     assert len(refs) == 3 and all(reads[r] == 1 for r in refs)
     assert all(reads[p.dist] == 1 for p in part.pairs)

@@ -13,9 +13,10 @@ from ahiq.nn.model import build_model
 from ahiq.options import DEFAULTS
 from ahiq.runtime import device as device_module
 from ahiq.runtime.device import Runtime, auto_bf16, select_device, set_tf32
-from ahiq.runtime.memory import GRAD_FACTOR, MAX_CHUNK, crop_bytes
 from ahiq.runtime.distributed import Job, init_distributed
-from ahiq.scoring.ensemble import score_group
+from ahiq.runtime.memory import MAX_CHUNK
+from ahiq.scoring.cost import GRAD_FACTOR, crop_cost
+from ahiq.scoring.ensemble import Ensemble, resolve
 from conftest import TINY, layouts_on_the_way, tiny_options
 from fake_cuda import GPUS, fake_cuda, on_fake_cuda, simulated
 from test_variants import VARIANTS
@@ -23,6 +24,11 @@ from test_variants import VARIANTS
 CUDA = torch.device("cuda")
 RUNTIMES = {"fp32": Runtime(), "bf16": Runtime(precision="bf16"), "tf32": Runtime(tf32=True),
             "fp32_channels_last": Runtime(channels_last=True), "bf16_channels_last": Runtime(precision="bf16", channels_last=True)}
+
+
+def on_cuda(runtime: Runtime, model: AHIQ):
+    """``runtime`` resolved for the (simulated) GPU and ``model``."""
+    return resolve(runtime, CUDA, [model])
 
 
 @pytest.fixture(autouse=True)
@@ -48,16 +54,17 @@ def conv_dtypes(net, run) -> set:
 @pytest.mark.parametrize("deform_impl", ["bilinear", "torchvision"])
 @pytest.mark.parametrize("runtime", RUNTIMES, ids=str)
 def test_the_model_runs_on_cuda_in_every_setting(patch_size, deform_impl, runtime):
-    runtime = RUNTIMES[runtime]
+    settings = RUNTIMES[runtime]
     model = AHIQ(patch_size, False, False, **TINY, deform_impl=deform_impl)
     with fake_cuda():
-        net = runtime.prepare(model, CUDA)
+        runtime = on_cuda(settings, model)
+        net = runtime.prepare(model)
         assert all(on_fake_cuda(p) for p in net.parameters())
-        assert torch.backends.cuda.matmul.allow_tf32 == runtime.tf32
-        dist = runtime.inputs(torch.rand(4, 3, 64, 64), CUDA)
-        ref = runtime.inputs(torch.rand(2, 3, 64, 64), CUDA)  # two references shared by two groups of crops
+        assert torch.backends.cuda.matmul.allow_tf32 == settings.tf32
+        dist = runtime.inputs(torch.rand(4, 3, 64, 64))
+        ref = runtime.inputs(torch.rand(2, 3, 64, 64))  # two references shared by two groups of crops
         found = {}
-        with torch.no_grad(), runtime.autocast(CUDA):
+        with torch.no_grad(), runtime.autocast():
             def run():
                 features = net.reference_features(ref)
                 found.update(features=features, pooled=net.predict_with_reference(dist, features))
@@ -67,10 +74,10 @@ def test_the_model_runs_on_cuda_in_every_setting(patch_size, deform_impl, runtim
     assert on_fake_cuda(pooled.score) and pooled.score.shape == (4,) and pooled.score.dtype == torch.float32
     assert on_fake_cuda(pooled.score_map) and pooled.score_map.shape == (4, 1, 64 // patch_size, 64 // patch_size)
     assert on_fake_cuda(features.offset) and features.offset.dtype == torch.float32  # positions stay fp32
-    assert dtypes == ({torch.bfloat16} if runtime.precision == "bf16" else {torch.float32})
+    assert dtypes == ({torch.bfloat16} if settings.precision == "bf16" else {torch.float32})
     # NHWC from the ViT map into the head. In bf16 the convolution's layout is cuDNN's choice, which torch
     # makes from the real GPU's properties (none here: it picks its slow kernel, NCHW): tests/test_cuda.py.
-    if layouts is not None and runtime.precision == "fp32":
+    if layouts is not None and settings.precision == "fp32":
         assert set(layouts) == {"vit", "deformed", "reduce", "smooth"}
         assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
                    for t in layouts.values()), {k: t.stride() for k, t in layouts.items()}
@@ -79,11 +86,11 @@ def test_the_model_runs_on_cuda_in_every_setting(patch_size, deform_impl, runtim
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_of_the_ablations_runs_on_cuda_in_bf16(variant):
     model = AHIQ(8, False, False, **{**TINY, **VARIANTS[variant][0]})
-    runtime = RUNTIMES["bf16_channels_last"]
     with fake_cuda(), torch.no_grad():
-        net = runtime.prepare(model, CUDA)
-        with runtime.autocast(CUDA):
-            scores = net(runtime.inputs(torch.rand(2, 3, 64, 64), CUDA), runtime.inputs(torch.rand(2, 3, 64, 64), CUDA))
+        runtime = on_cuda(RUNTIMES["bf16_channels_last"], model)
+        net = runtime.prepare(model)
+        with runtime.autocast():
+            scores = net(runtime.inputs(torch.rand(2, 3, 64, 64)), runtime.inputs(torch.rand(2, 3, 64, 64)))
     assert on_fake_cuda(scores) and scores.shape == (2,) and scores.dtype == torch.float32
 
 
@@ -91,17 +98,16 @@ def test_every_variant_of_the_ablations_runs_on_cuda_in_bf16(variant):
 def test_the_scoring_core_shares_the_reference_and_keeps_the_maps_on_cuda(runtime):
     """From decoded images on the CPU to the scores and maps on the GPU: five crops in windows of three per
     pass, the reference's features computed once and passed on to the next distorted images."""
-    runtime = RUNTIMES[runtime]
     model = AHIQ(8, False, False, **TINY)
     plan = CropPlan(64, "five")
     ref, dists = torch.rand(3, 72, 80), [torch.rand(3, 72, 80) for _ in range(3)]
     with fake_cuda(), torch.no_grad():
-        net = runtime.prepare(model, CUDA).eval()
-        first = score_group([net], plan, ref, dists[:2], "r.png", runtime, CUDA, 3, maps=True)
+        resolved = on_cuda(Runtime(precision=RUNTIMES[runtime].precision, crop_chunk=3), model)
+        ensemble = Ensemble([resolved.prepare(model).eval()], plan, resolved)
+        first = ensemble.score_group(ref, dists[:2], "r.png", maps=True)
         calls = []
-        net.reference_features = lambda *a: calls.append(a)  # must not be needed again
-        second = score_group([net], plan, None, dists[2:], "r.png", runtime, CUDA, 3, maps=True,
-                             features=first.features)
+        ensemble.models[0].reference_features = lambda *a: calls.append(a)  # must not be needed again
+        second = ensemble.score_group(None, dists[2:], "r.png", maps=True, features=first.features)
     assert calls == []
     for scored, pairs in ((first, 2), (second, 1)):
         assert on_fake_cuda(scored.scores) and scored.scores.shape == (pairs,) and scored.scores.dtype == torch.float32
@@ -139,17 +145,17 @@ def test_a_training_step_on_cuda_as_train_py_builds_it(tmp_path, world):
     backward pass itself needs a real GPU)."""
     opt = tiny_options(tmp_path, "runtime.precision=bf16", "runtime.channels_last=true", "model.freeze_backbones=false")
     model = build_model(opt["model"])
-    runtime = Runtime(**opt["runtime"])
     dist, ref, target = torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64), torch.rand(4)
     with fake_cuda():
-        net = runtime.prepare(model, CUDA).train()
+        runtime = on_cuda(Runtime(**opt["runtime"]), model)
+        net = runtime.prepare(model).train()
         optimizer, scheduler = make_optimizer(net, opt["train"])
-        stepper = make_stepper(net, Job(), CUDA, runtime)
-        images = runtime.inputs(dist, CUDA), runtime.inputs(ref, CUDA)
+        stepper = make_stepper(net, Job(), runtime)
+        images = runtime.inputs(dist), runtime.inputs(ref)
         if world == 1:
-            loss = step_loss(stepper, *images, target.to(CUDA), runtime=runtime)
+            loss = step_loss(stepper, *images, target.to(CUDA), runtime)
         else:
-            loss = step_loss(stepper, *images, target.to(CUDA), torch.ones(4).to(CUDA), 4 / 2, runtime)
+            loss = step_loss(stepper, *images, target.to(CUDA), runtime, torch.ones(4).to(CUDA), 4 / 2)
         assert on_fake_cuda(loss) and loss.dtype == torch.float32 and loss.requires_grad
         lr = optimizer.param_groups[0]["lr"]
         for p in net.parameters():
@@ -180,7 +186,7 @@ def test_a_tensor_created_without_its_device_fails_on_fake_cuda(module, name, mo
     traces above would fail, as a first GPU run would."""
     model = AHIQ(8, False, False, **TINY)
     with fake_cuda(), torch.no_grad():
-        net = Runtime().prepare(model, CUDA)
+        net = model.to(CUDA)
         x = torch.rand(2, 3, 64, 64, device="cuda")
         net(x, x)  # as it is: fine
         monkeypatch.setattr(module, "torch", DropsDevice(name))
@@ -197,12 +203,12 @@ def test_precision_follows_the_gpus_bf16(gpu, native):
         cuda = select_device("auto")
         assert cuda == CUDA
         assert auto_bf16(cuda) == (native, f"{'native' if native else 'no native'} bf16 on this GPU")
-        assert Runtime(precision="auto").bf16(cuda) is native
+        assert on_cuda(Runtime(precision="auto"), model).bf16 is native
         if native:
-            assert "bf16 (auto: native bf16 on this GPU)" in Runtime(precision="auto").describe(cuda)
+            assert "bf16 (auto: native bf16 on this GPU)" in on_cuda(Runtime(precision="auto"), model).describe()
         else:
             with pytest.raises(ValueError, match=f"{GPUS[gpu].name} has no native bf16 .* use runtime.precision=fp32"):
-                Runtime(precision="bf16").prepare(model, cuda)
+                on_cuda(Runtime(precision="bf16"), model)
 
 
 @pytest.mark.parametrize("free,grad,expected", [(70 * 2 ** 30, False, MAX_CHUNK), (2 * 2 ** 30, False, 8),
@@ -211,22 +217,21 @@ def test_crops_per_pass_are_half_the_gpus_free_memory(free, grad, expected):
     """docs/performance.md: half a GPU's free memory, 128 MiB a full-size crop, three times that under
     autograd, between 1 and 64 crops."""
     model = AHIQ(8, False, False, **TINY)
-    full_size = dict(model.config, img_size=224, vit_dim=768, cnn_width=64)
-    model.config = full_size
-    assert crop_bytes(full_size) == 128 * 2 ** 20
+    model.config = dict(model.config, img_size=224, vit_dim=768, cnn_width=64)  # full size
+    assert crop_cost(model.config).evaluating == 128 * 2 ** 20
     with simulated("A100", free=free), torch.set_grad_enabled(grad):
-        assert Runtime().crops_per_pass(model, CUDA) == expected
-        assert Runtime(crop_chunk=5).crops_per_pass(model, CUDA) == 5
+        assert on_cuda(Runtime(), model).crops() == expected
+        assert on_cuda(Runtime(crop_chunk=5), model).crops() == 5
 
 
 def test_tf32_switches_only_when_asked_on_the_gpu():
-    models = [AHIQ(8, False, False, **TINY) for _ in range(3)]
+    model = AHIQ(8, False, False, **TINY)
     with fake_cuda("A100"):
-        Runtime(tf32=True).prepare(models[0], CUDA)
+        on_cuda(Runtime(tf32=True), model)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-        Runtime().prepare(models[1], CUDA)
+        on_cuda(Runtime(), model)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        Runtime(tf32=True).prepare(models[2], torch.device("cpu"))  # the CPU leaves them as they are
+        resolve(Runtime(tf32=True), torch.device("cpu"), [model])  # the CPU leaves them as they are
         assert not torch.backends.cuda.matmul.allow_tf32
 
 

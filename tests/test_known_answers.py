@@ -13,7 +13,7 @@ from ahiq import AHIQ
 from ahiq.engine.training import make_optimizer, train_step
 from ahiq.nn.official import OfficialFusion, OfficialHead
 from ahiq.options import DEFAULTS
-from conftest import ROOT
+from conftest import ROOT, resolved
 
 EXPECTED = ROOT / "tests" / "data" / "official_known_answers.json"
 SHARED = ROOT.parent / "shared" / "official-known-answers"
@@ -91,7 +91,7 @@ def test_three_training_steps_equal_the_official_losses(known, tmp_path):
         batch = pairs[2 * i:2 * i + 2]
         target = torch.tensor([0.3 + 0.2 * i, 0.8 - 0.1 * i])
         losses.append(train_step(model, optimizer, scheduler, as_batch([d for _, d in batch]),
-                                 as_batch([r for r, _ in batch]), target))
+                                 as_batch([r for r, _ in batch]), target, resolved()))
     # The official numbers carry the official machine's fp32 rounding, ours this machine's, and their kernels
     # differ (attention path, instruction set, threads): |ours - official| <= |ours - exact| + |official -
     # exact|, with exact the float64 value. Measured (scripts/fidelity.py; docs/performance.md): the official

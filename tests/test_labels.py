@@ -225,7 +225,7 @@ def test_missing_folder_names_the_option(tmp_path):
 
 
 def test_unknown_dataset_option_and_root(tmp_path):
-    with pytest.raises(DatasetError, match="unknown dataset 'koniq'.*pipal, live"):
+    with pytest.raises(DatasetError, match="dataset must be one of pipal, live, .*, got 'koniq'"):
         read_labels("koniq", tmp_path)
     with pytest.raises(DatasetError, match="unknown option\\(s\\) ref_folder for dataset 'tid2013'.*ref_dir"):
         read_labels("tid2013", tmp_path, ref_folder="x")

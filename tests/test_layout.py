@@ -2,6 +2,7 @@
 functions) goes to a layer below or the module's own folder, data and nn never import each other, no import
 chain comes back to where it started, and the public names stay where users find them."""
 import ast
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from conftest import ROOT
 # Lowest first. A module may import its own folder and the layers below; the shared helpers may import each
 # other; data and nn stand side by side and import neither each other nor anything above the shared helpers.
 LAYERS = [
-    {"ahiq.files", "ahiq.messages", "ahiq.options", "ahiq.lazy"},
+    {"ahiq.files", "ahiq.messages", "ahiq.options", "ahiq.lazy", "ahiq.registry"},
     {"ahiq.data", "ahiq.nn"},
     {"ahiq.runtime"},
     {"ahiq.scoring"},
@@ -73,6 +74,25 @@ def test_no_import_reaches_a_layer_above_or_a_side_folder(module):
             pytest.fail(f"{module} imports {target}: data and nn must not depend on each other")
 
 
+def test_the_runtime_knows_nothing_of_the_model():
+    """ahiq.runtime decides how a model runs (device, precision, crops per pass) from what it is given: what a
+    crop costs, how to time one; it imports nothing of the network."""
+    for module in (m for m in MODULES if unit(m) == "ahiq.runtime"):
+        assert not {t for t in GRAPH[module] if unit(t) == "ahiq.nn"}, f"{module} imports {GRAPH[module]}"
+
+
+def test_no_module_is_past_about_400_lines():
+    for module, path in MODULES.items():
+        assert len(path.read_text().splitlines()) <= 410, f"{path} has {len(path.read_text().splitlines())} lines"
+
+
+def test_the_shared_flags_are_declared_once():
+    """--debug, --device and --weights: one declaration each (ahiq.cli's parent parsers)."""
+    sources = "\n".join(path.read_text() for path in MODULES.values())
+    for flag in ("--debug", "--device", "--weights"):
+        assert len(re.findall(rf'add_argument\(\s*"{flag}"', sources)) == 1, flag
+
+
 def test_no_import_cycle():
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
@@ -102,14 +122,17 @@ def test_every_layer_is_used_as_documented():
 def test_the_public_names_import_and_the_front_ends_load_no_torch():
     code = ("import sys\n"
             "import ahiq.cli, ahiq.nn.zoo, ahiq.nn.downloads, ahiq.runtime.threads, ahiq.runtime.launch, ahiq.options\n"
-            "import ahiq.data, ahiq.data.pairs, ahiq.runtime.memory, ahiq.scoring.output, ahiq.scoring.onnx_scorer\n"
+            "import ahiq.data, ahiq.data.pairs, ahiq.data.labels, ahiq.runtime.memory, ahiq.scoring.output\n"
+            "import ahiq.scoring.onnx_scorer, ahiq.scoring.protocol, ahiq.scoring.cost, ahiq.engine.score_files\n"
+            "import ahiq.registry.datasets, ahiq.registry.variants, ahiq.registry.baselines, ahiq.registry.settings\n"
+            "import ahiq.registry.released\n"
             "assert 'torch' not in sys.modules, 'torch loaded by a front end'\n"
             "from ahiq import AHIQ, AHIQMetric, Scorer, create_metric, list_models\n"
             "from ahiq.runtime import Runtime, cpu_bf16\n"
             "from ahiq.data import CropPlan, read_labels\n"
-            "from ahiq.nn.zoo import ZOO\n"
+            "from ahiq.nn.zoo import RELEASED\n"
             "import ahiq.runtime.device as device\n"
-            "assert Runtime is device.Runtime and AHIQ.__module__ == 'ahiq.nn.model' and 'pipal' in ZOO\n"
+            "assert Runtime is device.Runtime and AHIQ.__module__ == 'ahiq.nn.model' and 'pipal' in RELEASED\n"
             "assert Scorer.__module__ == 'ahiq.scoring.scorer' and create_metric.__module__ == 'ahiq.scoring.metric'\n"
             "assert set(ahiq.__all__) <= set(dir(ahiq)) and {'Runtime', 'cpu_bf16'} <= set(dir(ahiq.runtime))\n"
             "print(sorted(ahiq.__all__))")

@@ -7,6 +7,7 @@ import torch
 
 from ahiq import AHIQ, AHIQMetric, Scorer, create_metric
 from ahiq.data.synthetic import distort, reference_image
+from ahiq.registry.released import PIPAL_FILE, Released
 from conftest import TINY
 
 
@@ -136,10 +137,10 @@ def test_create_metric_ahiq_is_the_released_model_even_from_the_repository_root(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    planted = cache / zoo.PIPAL_FILE
+    planted = cache / PIPAL_FILE
     planted.write_bytes(tiny_checkpoint.read_bytes())
-    monkeypatch.setitem(zoo.ZOO, "pipal", zoo.ZooModel(zoo.WeightFile(
-        zoo.PIPAL_FILE, sha256=downloads.sha256_of(planted), size=planted.stat().st_size), 8, "test"))
+    monkeypatch.setitem(zoo.RELEASED, "pipal", Released(name="pipal", summary="test", patch_size=8, file=zoo.WeightFile(
+        PIPAL_FILE, sha256=downloads.sha256_of(planted), size=planted.stat().st_size)))
     monkeypatch.chdir(ROOT)
     by_name = create_metric("ahiq", crops="five", vit_pretrained=False, cnn_pretrained=False)
     assert by_name.models[0].source == planted and "ahiq" in list_models() and "pipal" in list_models()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ahiq import AHIQ
-from ahiq.nn.model import OFFICIAL_MODULES, ahiq_to_official, official_to_ahiq
+from ahiq.nn.checkpoints import OFFICIAL_MODULES, ahiq_to_official, official_to_ahiq
 from ahiq.nn.official import OfficialFusion, OfficialHead, random_official_setup
 from ahiq.nn.weights import WeightsError, read_weight_file
 from conftest import TINY

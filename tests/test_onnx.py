@@ -17,7 +17,8 @@ pytest.importorskip("onnxscript", reason="the ONNX tests need pip install -e '.[
 from ahiq import AHIQ, Scorer  # noqa: E402
 from ahiq.cli import main  # noqa: E402
 from ahiq.data.pairs import pair_files  # noqa: E402
-from ahiq.options import EVAL_CROPS  # noqa: E402
+from ahiq.registry.settings import EVAL_CROPS  # noqa: E402
+from ahiq.scoring.protocol import PairScorer  # noqa: E402
 from ahiq.scoring.onnx_scorer import SETTINGS, OnnxScorer  # noqa: E402
 from conftest import ROOT, TINY  # noqa: E402
 from trees import noisy_pairs  # noqa: E402
@@ -73,6 +74,7 @@ def test_onnxruntime_gives_the_pytorch_scores_on_the_same_crops(exported, export
     settings = dict(crops=crops, num_crops=7, seed=3)
     torch_scorer = Scorer(exports[export], vit_pretrained=False, cnn_pretrained=False, **settings)
     onnx_scorer = OnnxScorer(folder / export, **settings)
+    assert isinstance(onnx_scorer, PairScorer)
     expected, got = torch_scorer.score_pairs(pairs), onnx_scorer.score_pairs(pairs)
     assert expected.std() > 1e-3  # the pairs score differently: agreement means something
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

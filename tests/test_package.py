@@ -101,7 +101,7 @@ from ahiq.data import CropPlan, load_parts
 from ahiq.engine.training import train
 from ahiq.nn.model import build_model
 from ahiq.scoring.inference import predict
-from conftest import tiny_options
+from conftest import ensemble, tiny_options
 
 if __name__ == "__main__":
     multiprocessing.set_start_method("spawn")
@@ -109,8 +109,8 @@ if __name__ == "__main__":
     train(opt, Path({str(tmp_path / 'ckpt')!r}))
     part = load_parts(opt["data"])["test"]
     model = build_model(opt["model"]).eval()
-    alone = predict([model], part, CropPlan(64, "five"), batch_size=4)
-    spawned = predict([model], part, CropPlan(64, "five"), batch_size=4, num_workers=1)
+    alone = predict(ensemble([model], CropPlan(64, "five")), part.pairs, batch_size=4)
+    spawned = predict(ensemble([model], CropPlan(64, "five")), part.pairs, batch_size=4, num_workers=1)
     print(float(np.abs(alone - spawned).max()), len(spawned))
 """
     (tmp_path / "spawned.py").write_text(code)

@@ -18,9 +18,8 @@ import ahiq.nn.weights as weights
 from ahiq.data import CropPlan, load_parts
 from ahiq.engine.training import train
 from ahiq.nn.model import AHIQ, build_model
-from ahiq.runtime.device import Runtime
 from ahiq.scoring.inference import predict
-from conftest import ROOT, TINY, tiny_options
+from conftest import ROOT, TINY, ensemble, tiny_options
 
 SIGKILLED = -signal.SIGKILL
 # 5 synthetic references (3 train, 1 val, 1 test), 25 distorted images each; 3 epochs of 19 steps.
@@ -204,7 +203,7 @@ def test_out_of_memory_at_evaluation_names_the_option(tmp_path, monkeypatch):
     with pytest.raises(MemoryError, match=r"scoring 4 pairs x 5 crops, 20 crops per forward pass: lower "
                                           r"runtime.crop_chunk \(now 64; --crop-chunk\), or the pairs per batch "
                                           r"\(test.batch_size.*now 4\)"):
-        predict([model], part, CropPlan(64, "five"), batch_size=4, runtime=Runtime(crop_chunk=64))
+        predict(ensemble([model], CropPlan(64, "five"), crop_chunk=64), part.pairs, batch_size=4)
 
 
 # ---- stop signals, two runs on one folder ---------------------------------------------------------------

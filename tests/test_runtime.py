@@ -17,10 +17,13 @@ from ahiq.data import CropPlan, load_parts
 from ahiq.engine.training import make_optimizer, make_stepper, train_step
 from ahiq.nn.official import random_official_setup
 from ahiq.options import DEFAULTS
-from ahiq.runtime.device import Runtime, auto_cpu_bf16, cpu_bf16, native_bf16, set_tf32
+from ahiq.runtime.device import Runtime, cpu_bf16, native_bf16, set_tf32
 from ahiq.runtime.distributed import Job
+from ahiq.runtime.memory import CropCost
+from ahiq.scoring.cost import crop_cost
+from ahiq.scoring.ensemble import Ensemble, resolve
 from ahiq.scoring.inference import predict
-from conftest import ROOT, TINY, layouts_on_the_way, tiny_options
+from conftest import ROOT, TINY, resolved, layouts_on_the_way, tiny_options
 
 CPU = torch.device("cpu")
 
@@ -34,10 +37,11 @@ def model_and_pairs(tmp_path_factory):
 
 
 def scores(model, dist, ref, runtime=Runtime()):
-    model = runtime.prepare(copy.deepcopy(model), CPU)
-    with torch.no_grad(), runtime.autocast(CPU):
-        features = runtime.entry(model, "reference_features")(runtime.inputs(ref, CPU))
-        return runtime.entry(model, "score_with_reference")(runtime.inputs(dist, CPU), features)
+    run = resolved(**{f: getattr(runtime, f) for f in runtime.__dataclass_fields__})
+    model = run.prepare(copy.deepcopy(model))
+    with torch.no_grad(), run.autocast():
+        features = run.entry(model, "reference_features")(run.inputs(ref))
+        return run.entry(model, "score_with_reference")(run.inputs(dist), features)
 
 
 def test_bf16_scores_within_a_hundredth_of_fp32(model_and_pairs):
@@ -75,7 +79,7 @@ def test_deformable_sampling_positions_stay_fp32_under_bf16():
 def test_channels_last_equals_contiguous(model_and_pairs):
     model, dist, ref = model_and_pairs
     runtime = Runtime(channels_last=True)
-    prepared = runtime.prepare(copy.deepcopy(model), CPU)
+    prepared = resolved(channels_last=True).prepare(copy.deepcopy(model))
     assert prepared.head.smooth[0].weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(scores(model, dist, ref, runtime), scores(model, dist, ref), rtol=0, atol=1e-5)
 
@@ -92,8 +96,8 @@ def test_compiled_model_equals_eager_and_keeps_checkpoint_keys(model_and_pairs):
     compiled = scores(model, dist, ref, Runtime(compile=counting_backend))
     assert graphs  # the model really went through torch.compile
     torch.testing.assert_close(compiled, scores(model, dist, ref), rtol=0, atol=1e-6)
-    runtime = Runtime(compile=counting_backend)
-    prepared = runtime.prepare(copy.deepcopy(model), CPU)
+    runtime = resolved(compile=counting_backend)
+    prepared = runtime.prepare(copy.deepcopy(model))
     assert prepared.state_dict().keys() == model.state_dict().keys()
     # Nothing compiled lives on the model: a copy computes with its own weights, and the model pickles.
     twin = copy.deepcopy(prepared)
@@ -109,10 +113,10 @@ def test_compiled_model_equals_eager_and_keeps_checkpoint_keys(model_and_pairs):
 def test_crop_chunks_give_the_same_scores(chunk, tmp_path):
     """5 crops a pair: chunk 3 splits each pair's crops in windows (3 + 2), 7 scores one pair a pass, 12 two."""
     opt = tiny_options(tmp_path)
-    part = load_parts(opt["data"])["test"]
+    pairs = load_parts(opt["data"])["test"].pairs
     model = random_official_setup(8, tmp_path / "w", **TINY)[1]
-    whole = predict([model], part, CropPlan(64, "five"), batch_size=4)
-    chunked = predict([model], part, CropPlan(64, "five"), batch_size=4, runtime=Runtime(crop_chunk=chunk))
+    whole = predict(Ensemble([model], CropPlan(64, "five"), resolved()), pairs, batch_size=4)
+    chunked = predict(Ensemble([model], CropPlan(64, "five"), resolved(crop_chunk=chunk)), pairs, batch_size=4)
     assert whole.std() > 0.01
     assert abs(chunked - whole).max() < 1e-5
 
@@ -124,7 +128,7 @@ def test_bf16_training_step_keeps_fp32_weights(model_and_pairs):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fp32_loss = torch.nn.functional.mse_loss(model(dist[:4], ref[:4]), torch.full((4,), 0.5)).item()
     loss = train_step(model, optimizer, scheduler, dist[:4], ref[:4], torch.full((4,), 0.5),
-                      runtime=Runtime(precision="bf16"))
+                      resolved(precision="bf16"))
     # measured over 10 seeds of the tiny model: at most 0.0092 relative; twice that
     assert loss == pytest.approx(fp32_loss, rel=0.02)
     after = model.state_dict()
@@ -145,11 +149,11 @@ def test_compiled_training_steps_equal_eager(model_and_pairs):
         graphs.append(graph_module)
         return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
 
-    for name, runtime in (("eager", Runtime()), ("compiled", Runtime(compile=aot_eager))):
-        net = runtime.prepare(copy.deepcopy(model), CPU).train()
+    for name, runtime in (("eager", resolved()), ("compiled", resolved(compile=aot_eager))):
+        net = runtime.prepare(copy.deepcopy(model)).train()
         optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
-        stepper = make_stepper(net, Job(), CPU, runtime)
-        losses[name] = [train_step(stepper, optimizer, scheduler, dist[:4], ref[:4], target, runtime=runtime)
+        stepper = make_stepper(net, Job(), runtime)
+        losses[name] = [train_step(stepper, optimizer, scheduler, dist[:4], ref[:4], target, runtime)
                         for _ in range(2)]
         weights[name] = net.state_dict()
     assert graphs  # the training forward really went through torch.compile
@@ -196,7 +200,7 @@ def test_bf16_refused_on_a_gpu_that_emulates_it(monkeypatch):
     assert not native_bf16(gpu)
     assert asked == [("device", gpu), ("emulation", False)]
     with pytest.raises(ValueError, match="V100.* no native bf16 .*runtime.precision=fp32"):
-        Runtime(precision="bf16").prepare(torch.nn.Linear(2, 2), gpu)
+        Runtime(precision="bf16").resolve(gpu, CropCost(1.0, 1.0))
 
 
 def test_channels_last_stays_nhwc_from_the_vit_map_into_the_head(model_and_pairs):
@@ -204,9 +208,9 @@ def test_channels_last_stays_nhwc_from_the_vit_map_into_the_head(model_and_pairs
     convolution hands its output on NHWC, and the head's concatenation (the reference broadcast over the
     distorted images) stays NHWC: no fallback to NCHW on the way. The CUDA twin hooks the same layers."""
     model, dist, ref = model_and_pairs
-    runtime = Runtime(channels_last=True)
-    prepared = runtime.prepare(copy.deepcopy(model), CPU)
-    inputs = runtime.inputs(dist[:4], CPU), runtime.inputs(ref[:2], CPU)
+    runtime = resolved(channels_last=True)
+    prepared = runtime.prepare(copy.deepcopy(model))
+    inputs = runtime.inputs(dist[:4]), runtime.inputs(ref[:2])
     with torch.no_grad():
         layouts = layouts_on_the_way(prepared, lambda: prepared.predict_with_reference(
             inputs[0], prepared.reference_features(inputs[1])))
@@ -240,38 +244,39 @@ def test_auto_precision_is_bf16_only_where_it_is_native_and_faster(native, secon
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     measured = []
-    monkeypatch.setattr("ahiq.runtime.device.measured_crop_seconds",
-                        lambda: measured.append(1) or {**seconds, "measured": "a full-size crop pair"})
+    monkeypatch.setattr("ahiq.runtime.device.measured_seconds",
+                        lambda measure: measured.append(measure) or {**seconds, "measured": "a full-size crop pair"})
     cpu_bf16.cache_clear()
-    auto_cpu_bf16.cache_clear()
     try:
         assert cpu_bf16() == ("AVX512-BF16" if native else "emulated")
-        assert Runtime(precision="auto").bf16(CPU) is chosen and len(measured) == (1 if native else 0)
-        assert Runtime(precision="fp32").bf16(CPU) is False and Runtime(precision="bf16").bf16(CPU) is True
-        with Runtime(precision="auto").autocast(CPU):
+        auto = resolved(precision="auto")  # resolved once: measured once
+        assert auto.bf16 is chosen and len(measured) == (1 if native else 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bf16 emulated where not native: asserted below
+            assert resolved(precision="fp32").bf16 is False and resolved(precision="bf16").bf16 is True
+        assert auto.dtype == (torch.bfloat16 if chosen else torch.float32)
+        with auto.autocast():
             assert torch.is_autocast_enabled("cpu") is chosen
-        why = Runtime(precision="auto").describe(CPU).split(";")[0]
-        assert why == ("device cpu, " + ("bf16" if chosen else "fp32") + " (auto: " + (
+        assert auto.describe().split(";")[0] == ("device cpu, " + ("bf16" if chosen else "fp32") + " (auto: " + (
             f"AVX512-BF16, and a full-size crop pair takes {seconds['bf16']:.3g} s in bf16, {seconds['fp32']:.3g} s "
             f"in fp32 on this CPU)" if native else "bf16 is emulated on this CPU)"))
-        assert len(measured) <= 1  # decided once per process
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            Runtime(precision="bf16").prepare(torch.nn.Linear(2, 2), CPU)
-            Runtime(precision="auto").prepare(torch.nn.Linear(2, 2), CPU)
+            resolved(precision="bf16")
+            resolved(precision="auto")
         assert [str(w.message)[:51] for w in caught] == ([] if native else
                                                           ["runtime.precision=bf16 on a CPU without native bf16"])
     finally:
         cpu_bf16.cache_clear()
-        auto_cpu_bf16.cache_clear()
 
 
 @pytest.mark.slow
 def test_auto_precision_on_this_cpu_is_the_faster_of_the_two_and_is_remembered(tmp_path):
     """The real measurement on this machine, in a process of its own with an empty cache folder: auto takes
     bf16 exactly where it measured faster; a second process reads the remembered times, measuring nothing."""
-    code = ("import json, time, torch; from ahiq import runtime; start = time.perf_counter(); "
-            "chosen, why = runtime.auto_bf16(torch.device('cpu')); seconds = time.perf_counter() - start; "
+    code = ("import json, time, torch; from ahiq import runtime; from ahiq.scoring.ensemble import crop_pair_seconds; "
+            "start = time.perf_counter(); chosen, why = runtime.auto_bf16(torch.device('cpu'), crop_pair_seconds); "
+            "seconds = time.perf_counter() - start; "
             "print(json.dumps([chosen, why, seconds, runtime.native_bf16(torch.device('cpu'))]))")
     env = {**os.environ, "TORCH_HOME": str(tmp_path)}
     runs = []
@@ -293,32 +298,47 @@ def test_auto_precision_on_this_cpu_is_the_faster_of_the_two_and_is_remembered(t
 def test_auto_precision_on_a_gpu_follows_its_native_bf16(monkeypatch):
     """An A100 (bf16 in hardware) gets bf16; a V100 (emulated, simulated) fp32, without the error that an
     explicit bf16 gets there."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * 2 ** 30, 8 * 2 ** 30))  # simulated GPU
     for native in (True, False):
         monkeypatch.setattr("ahiq.runtime.device.native_bf16", lambda device, native=native: native)
-        assert Runtime(precision="auto").bf16(torch.device("cuda", 0)) is native
+        assert Runtime(precision="auto").resolve(torch.device("cuda", 0), CropCost(1.0, 1.0)).bf16 is native
 
 
 def test_crops_per_pass_fit_the_free_memory(monkeypatch):
     """Unless runtime.crop_chunk is set, evaluation (no autograd) takes a quarter of the CPU's available
     memory, at most 128 MiB (one full-size crop), or half a GPU's free memory, between 1 and 64 crops; under
-    autograd (the metric as a loss) a crop counts three times."""
+    autograd (the metric as a loss) a crop counts three times. Decided when the runtime is resolved."""
     from ahiq.runtime import memory as rt
 
-    full = type("Model", (), {"config": dict(img_size=224, vit_dim=768, cnn_width=64, patch_size=8)})()
-    half = type("Model", (), {"config": dict(img_size=112, vit_dim=768, cnn_width=64, patch_size=8)})()  # 32 MiB
-    tiny = type("Model", (), {"config": dict(img_size=64, vit_dim=32, cnn_width=8, patch_size=8)})()
+    full = crop_cost(dict(img_size=224, vit_dim=768, cnn_width=64))
+    half = crop_cost(dict(img_size=112, vit_dim=768, cnn_width=64))  # 32 MiB
+    tiny = crop_cost(dict(img_size=64, vit_dim=32, cnn_width=8))
+    assert full.evaluating == 128 * 2 ** 20 and full.with_grad == 3 * full.evaluating
     cpu = torch.device("cpu")
+
+    def crops(cost, device=cpu, grad=False, **settings):
+        with torch.set_grad_enabled(grad):
+            return Runtime(**settings).resolve(device, cost).crops()
+
     monkeypatch.setattr(rt, "available_memory", lambda: 64 * 2 ** 30)
-    with torch.enable_grad():
-        assert Runtime().crops_per_pass(half, cpu) == 1
+    assert crops(half, grad=True) == 1
+    assert crops(full) == 1 and crops(full, crop_chunk=20) == 20 and crops(full, grad=True, crop_chunk=20) == 20
+    assert crops(half) == 4 and crops(tiny) == 64  # the cap
+    monkeypatch.setattr(rt, "available_memory", lambda: 256 * 2 ** 20)  # a quarter: 64 MiB
+    assert crops(half) == 2 and crops(full) == 1
+    monkeypatch.setattr(rt, "available_memory", lambda: 100 * 2 ** 20)
+    assert crops(full) == 1  # never none
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * 2 ** 30, 8 * 2 ** 30))  # simulated GPU
+    assert crops(full, torch.device("cuda", 0)) == 24  # 3 GiB / 128 MiB
+    assert crops(full, torch.device("cuda", 0), grad=True) == 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * 2 ** 30, 80 * 2 ** 30))
+    assert crops(full, torch.device("cuda", 0)) == 64
+
+
+def test_an_ensemble_is_resolved_for_its_costliest_model():
+    """resolve: crops per pass from the largest crop of the ensemble's models."""
+    small = type("Model", (), {"config": dict(img_size=64, vit_dim=32, cnn_width=8)})()
+    full = type("Model", (), {"config": dict(img_size=224, vit_dim=768, cnn_width=64)})()
     with torch.no_grad():
-        assert Runtime().crops_per_pass(full, cpu) == 1 and Runtime(crop_chunk=20).crops_per_pass(full, cpu) == 20
-        assert Runtime().crops_per_pass(half, cpu) == 4 and Runtime().crops_per_pass(tiny, cpu) == 64  # the cap
-        monkeypatch.setattr(rt, "available_memory", lambda: 256 * 2 ** 20)  # a quarter: 64 MiB
-        assert Runtime().crops_per_pass(half, cpu) == 2 and Runtime().crops_per_pass(full, cpu) == 1
-        monkeypatch.setattr(rt, "available_memory", lambda: 100 * 2 ** 20)
-        assert Runtime().crops_per_pass(full, cpu) == 1  # never none
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * 2 ** 30, 8 * 2 ** 30))  # simulated GPU
-        assert Runtime().crops_per_pass(full, torch.device("cuda", 0)) == 24  # 3 GiB / 128 MiB
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * 2 ** 30, 80 * 2 ** 30))
-        assert Runtime().crops_per_pass(full, torch.device("cuda", 0)) == 64
+        assert resolve(Runtime(), CPU, [small]).crops() == 64
+        assert resolve(Runtime(), CPU, [small, full]).crops() == 1

@@ -108,3 +108,24 @@ def test_score_without_ref_prints_the_score_commands_usage(capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("usage: ") and " score " in err.splitlines()[0]
     assert err.strip().endswith("error: give --dist and --ref, or --pairs")
+
+
+def test_every_way_of_scoring_files_is_a_pair_scorer_with_the_same_scores(setup):
+    """Scorer, the metric and a baseline implement ahiq.scoring.protocol.PairScorer (the ONNX scorer: test_onnx.py);
+    the scorer and the metric, from one checkpoint, score the same files alike."""
+    from ahiq import create_metric
+    from ahiq.scoring.baselines import BaselineScorer
+    from ahiq.scoring.protocol import PairScorer
+
+    pairs = pair_files(setup / "dist", setup / "ref")
+    scorer = Scorer(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False, num_crops=3)
+    metric = create_metric(setup / "model.pth", vit_pretrained=False, cnn_pretrained=False, num_crops=3, device="cpu")
+    baseline = BaselineScorer("psnr", torch.device("cpu"))
+    for way in (scorer, metric, baseline):
+        assert isinstance(way, PairScorer), type(way)
+        way.check(pairs)
+        assert way.describe() and way.settings()
+    np.testing.assert_allclose(metric.score_pairs(pairs), scorer.score_pairs(pairs), rtol=0, atol=1e-6)
+    assert scorer.settings() == metric.settings()
+    with pytest.raises(ValueError, match="psnr has no quality maps"):
+        baseline.check_maps()

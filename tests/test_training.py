@@ -10,11 +10,11 @@ import torch
 from ahiq.engine import experiment
 from ahiq.engine.testing import run_test
 from ahiq.engine.training import improves, make_optimizer, train, train_step
-from ahiq.nn.model import official_to_ahiq
+from ahiq.nn.checkpoints import official_to_ahiq
 from ahiq.nn.official import random_official_setup
 from ahiq.options import load_options
 from ahiq.runtime.distributed import Job, rank_batches
-from conftest import ROOT, TINY, tiny_options
+from conftest import ROOT, TINY, resolved, tiny_options
 
 
 def _weights(path):
@@ -85,7 +85,7 @@ def test_one_step_equals_the_official_training_step(tmp_path):
         loss.backward()
         official_opt.step()
         official_sched.step()
-        ours = train_step(model, optimizer, scheduler, dist, ref, labels)
+        ours = train_step(model, optimizer, scheduler, dist, ref, labels, resolved())
         assert ours == pytest.approx(loss.item(), abs=1e-6)
     expected = official_to_ahiq({"deform_net_model_state_dict": reference.fusion.state_dict(),
                                  "regressor_model_state_dict": reference.head.state_dict()})

@@ -16,19 +16,15 @@ from ahiq.cli import main, train_command
 from ahiq.data import CropPlan, read_image
 from ahiq.data.datasets import to_tensor
 from ahiq.engine.training import make_optimizer, train_step
-from ahiq.nn.backbones import CNN_BACKBONES, CNNFeatures
+from ahiq.nn.backbones import CNNFeatures
 from ahiq.nn.downloads import DownloadError
-from ahiq.nn.fusion import FUSIONS
-from ahiq.nn.head import POOLINGS
 from ahiq.nn.model import build_model
 from ahiq.nn.weights import WeightsError
 from ahiq.nn.zoo import BACKBONES
-from ahiq.options import CNNS, DEFAULTS, OptionsError, load_options
-from ahiq.options import FUSIONS as FUSION_NAMES
-from ahiq.options import POOLINGS as POOLING_NAMES
-from ahiq.runtime.device import Runtime
-from ahiq.scoring.ensemble import score_group
-from conftest import ROOT, TINY
+from ahiq.options import DEFAULTS, OptionsError, load_options
+from ahiq.registry.variants import CNNS, POOLINGS
+from ahiq.scoring.ensemble import Ensemble
+from conftest import ROOT, TINY, resolved
 from test_maps import _pair
 
 # (model options, state-dict prefixes it must have, prefixes it must not have)
@@ -45,9 +41,8 @@ VARIANTS = {
 }
 
 
-def test_the_option_names_are_the_tables_of_the_network():
-    assert FUSION_NAMES == tuple(FUSIONS) and CNNS == tuple(CNN_BACKBONES) and POOLING_NAMES == tuple(POOLINGS)
-    assert all(CNN_BACKBONES[name].tag in BACKBONES for name in CNNS)  # each has its weight file
+def test_every_cnn_has_its_weight_file_and_the_defaults_are_ahiq():
+    assert all(CNNS[name].tag in BACKBONES for name in CNNS)
     assert [DEFAULTS["model"][k] for k in ("fusion", "cnn", "pooling")] == ["deform+concat", "resnet50", "patch"]
 
 
@@ -73,7 +68,7 @@ def test_a_variant_builds_only_its_parts_trains_and_scores_the_same_after_loadin
     before = copy.deepcopy(model.head.reduce.weight)
     model.train()
     optimizer, scheduler = make_optimizer(model, DEFAULTS["train"])
-    loss = train_step(model, optimizer, scheduler, dist, ref, torch.tensor([0.2, 0.4, 0.6, 0.8]))
+    loss = train_step(model, optimizer, scheduler, dist, ref, torch.tensor([0.2, 0.4, 0.6, 0.8]), resolved())
     assert np.isfinite(loss) and not torch.equal(before, model.head.reduce.weight)
     model.eval()
     model.save_checkpoint(tmp_path / "model.pth")
@@ -91,8 +86,8 @@ def test_a_variant_builds_only_its_parts_trains_and_scores_the_same_after_loadin
     metric = create_metric(str(tmp_path / "model.pth"), crops="five", vit_pretrained=False, cnn_pretrained=False)
     assert metric(d, r).item() == pytest.approx(got, abs=1e-6)
     with torch.no_grad():  # the same five crops through the in-memory model
-        expected = score_group([model], CropPlan(64, "five"), to_tensor(read_image(r)), [to_tensor(read_image(d))],
-                               r.name, Runtime(), torch.device("cpu"), 8).scores.item()
+        expected = Ensemble([model], CropPlan(64, "five"), resolved(crop_chunk=8)).score_group(
+            to_tensor(read_image(r)), [to_tensor(read_image(d))], r.name).scores.item()
     assert got == pytest.approx(expected, abs=1e-6)
 
 
@@ -167,12 +162,12 @@ def test_each_cnn_reaches_the_fusion_on_the_vit_grid(name):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         cnn = features(x)
-    assert cnn.shape == (1, CNN_BACKBONES[name].channels(width), 56, 56)
+    assert cnn.shape == (1, CNNS[name].channels(width), 56, 56)
     model = AHIQ(8, False, False, **{**TINY, "img_size": 224, "cnn_width": width}, cnn=name).eval()
     model.cnn.load_state_dict(features.state_dict())
     with torch.no_grad():
         fused = model.fusion(cnn, model.fusion.offsets(model.vit(x), cnn.shape[-2:]))
-    assert fused.shape == (1, CNN_BACKBONES[name].channels(width), 28, 28)  # the ViT-B/8 grid
+    assert fused.shape == (1, CNNS[name].channels(width), 28, 28)  # the ViT-B/8 grid
     if name == "inception_resnet_v2":  # the unpadded stage gives 54 and 52: resampled, not cropped or padded
         with torch.no_grad():
             last = features.layer1(features.stem(x))
@@ -183,7 +178,7 @@ def test_each_cnn_reaches_the_fusion_on_the_vit_grid(name):
 
 def test_a_table_7_backbone_comes_from_a_weights_folder_or_is_named_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("AHIQ_WEIGHTS", raising=False)
-    tag = CNN_BACKBONES["hrnet_w18"].tag
+    tag = CNNS["hrnet_w18"].tag
     hrnet = timm.create_model(tag, pretrained=False)
     (tmp_path / "empty").mkdir()
     opt = {**DEFAULTS["model"], **TINY, "cnn_width": 64, "cnn": "hrnet_w18", "vit_pretrained": False,
@@ -216,7 +211,7 @@ def test_a_table_names_every_missing_weight_file_of_its_rows_before_training(tmp
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and not (tmp_path / "checkpoints").exists()
     for name in CNNS:
-        assert BACKBONES[CNN_BACKBONES[name].tag].name in err
+        assert BACKBONES[CNNS[name].tag].name in err
     assert "vit_base_patch8_224" in err and "vit_base_patch16_224" in err
 
 

@@ -19,6 +19,8 @@ from ahiq import AHIQ, Scorer
 from ahiq.cli import main, run
 from ahiq.engine.testing import run_default_test, run_test
 from ahiq.nn import downloads, zoo
+from ahiq.registry.released import PIPAL_FILE, Released
+from ahiq.registry.variants import CNNS, VITS
 from conftest import ROOT, TINY
 
 PAYLOAD = np.random.default_rng(0).bytes(3 * 2**20 + 123)  # a few chunks of the download loop
@@ -81,10 +83,10 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
-def entry(server, *kinds, digest=DIGEST, size=len(PAYLOAD)):
+def entry(server, *kinds, digest=DIGEST, size=len(PAYLOAD), name="test"):
     file = f"AHIQ_test-{DIGEST[:8]}.pth"
-    return zoo.ZooModel(zoo.WeightFile(file, tuple(f"{server.url}/{kind}/{file}" for kind in kinds), sha256=digest,
-                                       size=size), 8, "test model")
+    return Released(name=name, summary="test model", patch_size=8, file=zoo.WeightFile(
+        file, tuple(f"{server.url}/{kind}/{file}" for kind in kinds), sha256=digest, size=size))
 
 
 def test_first_use_downloads_verifies_and_caches_the_second_touches_no_network(server, cache):
@@ -113,7 +115,7 @@ def test_a_mirror_dying_mid_file_leaves_nothing_and_the_next_mirror_is_used(serv
 
 def test_every_mirror_failing_is_one_line_naming_the_file_the_urls_and_the_place(server, cache, monkeypatch, capsys):
     model = entry(server, "dies", "missing")
-    monkeypatch.setitem(zoo.ZOO, "test", model)
+    monkeypatch.setitem(zoo.RELEASED, "test", model)
     code = main(["download", "test", "--dir", str(cache.parent / "d")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -127,14 +129,14 @@ def test_no_network_and_an_empty_cache_is_one_error_naming_every_file_each_serve
     are named in one error, and the server is asked once, not once per file or with retries."""
     closed = Server()
     closed.close()
-    monkeypatch.setitem(zoo.ZOO, "pipal", entry(closed, "good"))
+    monkeypatch.setitem(zoo.RELEASED, "pipal", entry(closed, "good", name="pipal"))
     monkeypatch.setenv("HF_ENDPOINT", closed.url)
     start = time.monotonic()
     with pytest.raises(downloads.DownloadError) as error:
         AHIQ.from_pretrained("pipal")
     message = str(error.value)
     assert time.monotonic() - start < 5
-    for file in zoo.ZOO["pipal"].files():
+    for file in zoo.released_files(zoo.RELEASED["pipal"]):
         assert file.described() in message
     assert message.count("127.0.0.1") == 1 and "refused" in message.lower()
     assert f"put its files in {cache}" in message and "python -m ahiq download --dir D pipal," in message
@@ -174,7 +176,7 @@ def test_download_into_a_file_or_an_uncreatable_folder_is_one_line(tmp_path, cac
 
 
 def test_the_released_entry_carries_the_full_digest_and_size_of_the_published_file():
-    pipal = zoo.ZOO["pipal"].file
+    pipal = zoo.RELEASED["pipal"].file
     assert (pipal.name, pipal.size) == ("AHIQ_vit_p8_epoch33-da3ea303.pth", 326044337)
     assert pipal.sha256 == "da3ea303b365ef71f4bbe41eba56f0ab3371c697d9c959649904dc9dd0a08b85"
     assert pipal.urls[0].startswith("https://github.com/chaofengc/IQA-PyTorch/releases/download/v0.1-weights/")
@@ -183,7 +185,7 @@ def test_the_released_entry_carries_the_full_digest_and_size_of_the_published_fi
 
 def test_every_released_name_carries_the_prefix_of_its_digest():
     """torch.hub's convention, name-<first hex digits of the SHA-256>.pth, for every file with a digest."""
-    for model in zoo.ZOO.values():
+    for model in zoo.RELEASED.values():
         assert model.file.sha256.startswith(model.file.name.rsplit("-", 1)[1].split(".")[0])
 
 
@@ -191,13 +193,13 @@ def test_every_released_name_carries_the_prefix_of_its_digest():
 def test_a_file_with_other_bytes_under_the_released_name_is_refused_and_nothing_is_loaded(cache, bytes_, tmp_path,
                                                                                          monkeypatch, capsys):
     cache.mkdir(parents=True)
-    planted = cache / zoo.PIPAL_FILE
+    planted = cache / PIPAL_FILE
     planted.write_bytes(PAYLOAD if bytes_ == "other" else PAYLOAD[:1000])
 
     def no_load(*args):
         raise AssertionError("a file that failed verification was loaded")
 
-    monkeypatch.setattr("ahiq.nn.model.read_weight_file", no_load)
+    monkeypatch.setattr("ahiq.nn.pretrained.read_weight_file", no_load)
     image = tmp_path / "a.png"
     import cv2
 
@@ -206,15 +208,16 @@ def test_a_file_with_other_bytes_under_the_released_name_is_refused_and_nothing_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     actual = hashlib.sha256(planted.read_bytes()).hexdigest()
-    assert err[0] == (f"error: {planted} is not the released {zoo.PIPAL_FILE}: SHA-256 {actual} "
-                      f"({planted.stat().st_size} bytes), expected {zoo.ZOO['pipal'].file.sha256} (326044337 bytes); "
+    assert err[0] == (f"error: {planted} is not the released {PIPAL_FILE}: SHA-256 {actual} "
+                      f"({planted.stat().st_size} bytes), expected {zoo.RELEASED['pipal'].file.sha256} (326044337 bytes); "
                       f"nothing was loaded. Delete it, then run python -m ahiq download pipal (with --dir for a "
                       f"weights folder)")
 
 
 def test_the_digest_is_computed_once_per_file_identity(cache, monkeypatch):
     cache.mkdir(parents=True)
-    model = zoo.ZooModel(zoo.WeightFile(f"AHIQ_test-{DIGEST[:8]}.pth", sha256=DIGEST, size=len(PAYLOAD)), 8, "")
+    model = Released(name="test", summary="", patch_size=8,
+                     file=zoo.WeightFile(f"AHIQ_test-{DIGEST[:8]}.pth", sha256=DIGEST, size=len(PAYLOAD)))
     path = cache / model.file.name
     path.write_bytes(PAYLOAD)
     hashed = []
@@ -234,10 +237,10 @@ def test_the_original_backbone_files_are_found_where_timm_054_left_them(cache):
     """The official code's timm downloaded the AugReg .npz and resnet50_a1_0-14fe96d1.pth into torch's hub
     cache: found there under those names, without the network."""
     cache.mkdir(parents=True)
-    for tag in (zoo.VIT_TAGS[8], zoo.RESNET_TAG):
+    for tag in (VITS[8].tag, CNNS["resnet50"].tag):
         (cache / zoo.BACKBONES[tag].also_named[0]).write_bytes(b"weights")
-    found = downloads.locate([zoo.BACKBONES[zoo.VIT_TAGS[8]], zoo.BACKBONES[zoo.RESNET_TAG]])
-    assert [p.name for p in found] == [zoo.BACKBONES[zoo.VIT_TAGS[8]].also_named[0], "resnet50_a1_0-14fe96d1.pth"]
+    found = downloads.locate([zoo.BACKBONES[VITS[8].tag], zoo.BACKBONES[CNNS["resnet50"].tag]])
+    assert [p.name for p in found] == [zoo.BACKBONES[VITS[8].tag].also_named[0], "resnet50_a1_0-14fe96d1.pth"]
 
 
 def test_a_released_file_in_pyiqas_folder_is_used_verified_without_a_download(server, cache):
@@ -255,14 +258,14 @@ def test_a_released_file_in_pyiqas_folder_is_used_verified_without_a_download(se
 
 
 def test_a_weights_folder_is_the_only_place_looked_and_the_network_is_not_used(server, tmp_path, monkeypatch):
-    monkeypatch.setitem(zoo.ZOO, "test", entry(server, "good"))
+    monkeypatch.setitem(zoo.RELEASED, "test", entry(server, "good"))
     (tmp_path / "w").mkdir()
     monkeypatch.setenv("AHIQ_WEIGHTS", str(tmp_path / "w"))
     with pytest.raises(downloads.DownloadError, match=f"looked in the weights folder {tmp_path / 'w'}"):
-        downloads.locate([zoo.ZOO["test"].file])
+        downloads.locate([zoo.RELEASED["test"].file])
     assert server.requests == []
     with pytest.raises(FileNotFoundError, match=f"weights folder {tmp_path / 'none'} is not a folder"):
-        downloads.locate([zoo.ZOO["test"].file], tmp_path / "none")
+        downloads.locate([zoo.RELEASED["test"].file], tmp_path / "none")
 
 
 # ---- the released model, end to end: a weights folder made by download --dir serves score and test.py offline
@@ -276,14 +279,14 @@ def released(tmp_path_factory, monkeypatch):
 
     folder = tmp_path_factory.mktemp("release")
     reference, _, checkpoint = random_official_setup(8, folder)
-    files = {zoo.PIPAL_FILE: checkpoint.read_bytes()}
-    for tag, name in ((zoo.VIT_TAGS[8], "vit.pth"), (zoo.RESNET_TAG, "resnet.pth")):
+    files = {PIPAL_FILE: checkpoint.read_bytes()}
+    for tag, name in ((VITS[8].tag, "vit.pth"), (CNNS["resnet50"].tag, "resnet.pth")):
         files[tag] = safetensors_bytes(torch.load(folder / name, weights_only=True))
     served = Server(files)
-    payload = files[zoo.PIPAL_FILE]
-    monkeypatch.setitem(zoo.ZOO, "pipal", zoo.ZooModel(zoo.WeightFile(
-        zoo.PIPAL_FILE, (f"{served.url}/good/{zoo.PIPAL_FILE}",), sha256=hashlib.sha256(payload).hexdigest(),
-        size=len(payload)), 8, "test"))
+    payload = files[PIPAL_FILE]
+    monkeypatch.setitem(zoo.RELEASED, "pipal", Released(name="pipal", summary="test", patch_size=8, file=zoo.WeightFile(
+        PIPAL_FILE, (f"{served.url}/good/{PIPAL_FILE}",), sha256=hashlib.sha256(payload).hexdigest(),
+        size=len(payload))))
     monkeypatch.setenv("HF_ENDPOINT", served.url)
     yield reference, served
     served.close()
@@ -298,7 +301,7 @@ def test_download_dir_then_score_and_test_py_offline_from_that_folder(released, 
     weights = tmp_path / "weights"
     assert main(["download", "--dir", str(weights)]) == 0
     assert sorted(p.name for p in weights.iterdir() if not p.name.startswith(".")) == sorted(
-        f.name for f in zoo.ZOO["pipal"].files())
+        f.name for f in zoo.released_files(zoo.RELEASED["pipal"]))
     served.close()  # offline from here on
     asked = len(served.requests)
     rng = np.random.default_rng(0)
@@ -346,10 +349,10 @@ def test_a_weights_folder_is_a_checkpoint_too(released, tmp_path):
 def planted(cache, monkeypatch):
     """A tiny project checkpoint (backbones included) planted in the cache as the released model."""
     cache.mkdir(parents=True)
-    path = cache / zoo.PIPAL_FILE
+    path = cache / PIPAL_FILE
     AHIQ(8, False, False, **TINY, freeze_backbones=False).save_checkpoint(path)
-    monkeypatch.setitem(zoo.ZOO, "pipal", zoo.ZooModel(zoo.WeightFile(
-        zoo.PIPAL_FILE, sha256=downloads.sha256_of(path), size=path.stat().st_size), 8, "test"))
+    monkeypatch.setitem(zoo.RELEASED, "pipal", Released(name="pipal", summary="test", patch_size=8, file=zoo.WeightFile(
+        PIPAL_FILE, sha256=downloads.sha256_of(path), size=path.stat().st_size)))
     return path
 
 
@@ -409,7 +412,7 @@ def test_processes_downloading_at_once_fetch_each_file_once(tmp_path):
     the hub was asked for each file once."""
     files = {tag: safetensors_bytes({"w": torch.full((4,), float(i))}) for i, tag in enumerate(zoo.BACKBONES)}
     served = Server(files, delay=2.0)
-    tags = [zoo.VIT_TAGS[8], zoo.RESNET_TAG]
+    tags = [VITS[8].tag, CNNS["resnet50"].tag]
     code = (f"from ahiq.nn import downloads, zoo; "
             f"print(*downloads.locate([zoo.BACKBONES[t] for t in {tags!r}], progress=False))")
     env = {**os.environ, "HF_ENDPOINT": served.url}

@@ -7,10 +7,9 @@ _HOMES = {
     "ahiq.data.crops": ("EVAL_CROPS", "CropPlan", "eval_crop_positions"),
     "ahiq.data.datasets": ("EvalPairs", "TargetScale", "TrainPairs"),
     "ahiq.data.images": ("ImageError", "image_size", "read_image"),
-    "ahiq.data.labels": ("DatasetError", "Pair", "Pairs"),
-    "ahiq.data.pairs": ("check_images", "check_parts", "pair_files", "pairs_from_csv"),
+    "ahiq.data.labels": ("read_labels",),
+    "ahiq.data.pairs": ("DatasetError", "Pair", "Pairs", "check_images", "check_parts", "pair_files", "pairs_from_csv"),
     "ahiq.data.parts": ("Part", "Parts", "load_parts"),
-    "ahiq.data.registry": ("READERS", "read_labels"),
     "ahiq.data.splits": ("load_split", "save_split", "split_by_reference"),
 }
 __all__ = [name for names in _HOMES.values() for name in names]

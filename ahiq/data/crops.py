@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ahiq.options import EVAL_CROPS  # the option domain, re-exported by ahiq.data
+from ahiq.options import DEFAULTS
+from ahiq.registry.settings import EVAL_CROPS  # re-exported by ahiq.data
 
 
 def random_crop_position(height: int, width: int, size: int, rng: np.random.Generator,
@@ -18,8 +19,8 @@ def random_crop_position(height: int, width: int, size: int, rng: np.random.Gene
     return (int(rng.integers(0, max(1, height - size + last))), int(rng.integers(0, max(1, width - size + last))))
 
 
-def eval_crop_positions(height: int, width: int, size: int, mode: str, count: int = 20, seed: int = 0,
-                        name: str = "") -> list[tuple[int, int]]:
+def eval_crop_positions(height: int, width: int, size: int, mode: str, count: int = DEFAULTS["test"]["num_crops"],
+                        seed: int = DEFAULTS["test"]["seed"], name: str = "") -> list[tuple[int, int]]:
     """(top, left) of the evaluation crops of one image.
 
     ``five``: the official order top-left, top-right, bottom-left, bottom-right, centre; ``nine``: then
@@ -28,6 +29,7 @@ def eval_crop_positions(height: int, width: int, size: int, mode: str, count: in
     size or order; ``centre``;
     ``whole``: the image itself, which must be exactly ``size`` square.
     """
+    EVAL_CROPS.choice(mode, "the evaluation crop mode")
     if height < size or width < size:
         raise ValueError(f"{f'image {name}' if name else 'an image'} is {height}x{width}, smaller than the "
                          f"{size}x{size} crop")
@@ -47,23 +49,33 @@ def eval_crop_positions(height: int, width: int, size: int, mode: str, count: in
         if (height, width) != (size, size):
             raise ValueError(f"crop mode 'whole' needs {size}x{size} images, {name or 'an image'} is {height}x{width}")
         return [(0, 0)]
-    raise ValueError(f"unknown evaluation crop mode '{mode}'; choose from {', '.join(EVAL_CROPS)}")
+    raise NotImplementedError(f"the crop mode {mode!r} is declared (ahiq.registry.settings) but has no positions here")
 
 
 @dataclass(frozen=True)
 class CropPlan:
     """Which crops score a pair: ``size`` square, ``mode`` one of EVAL_CROPS, ``count`` random crops seeded by
-    ``seed`` and the reference's name (eval_crop_positions)."""
+    ``seed`` and the reference's name (eval_crop_positions). The defaults are test.py's options' (the official
+    20 random crops), the crop ensemble of every way of scoring."""
 
     size: int
-    mode: str = "random"
-    count: int = 20
-    seed: int = 0
+    mode: str = DEFAULTS["test"]["crops"]
+    count: int = DEFAULTS["test"]["num_crops"]
+    seed: int = DEFAULTS["test"]["seed"]
 
     def windows(self, height: int, width: int, ref_name: str = "") -> np.ndarray:
         """(top, left) of each crop of an image of ``height`` x ``width``: [K, 2]."""
         return np.array(eval_crop_positions(height, width, self.size, self.mode, self.count, self.seed, ref_name),
                         dtype=np.int64).reshape(-1, 2)
+
+    def described(self) -> str:
+        """The ensemble in words: "20 random crops, seed 0", "five crops" (of whatever size the model takes)."""
+        return f"{self.count} random crops, seed {self.seed}" if self.mode == "random" else f"{self.mode} crops"
+
+    def settings(self) -> list:
+        """What decides the crops, for a journaled run's settings: size, mode, and count and seed where random."""
+        random = self.mode == "random"
+        return [self.size, self.mode, self.count if random else None, self.seed if random else None]
 
     def cut(self, image, windows: np.ndarray):
         """The crops of ``image`` at ``windows``: a tensor [3, H, W] gives [K, 3, S, S]; a numpy image

@@ -9,9 +9,8 @@ from torch.utils.data import Dataset
 
 from ahiq.data.crops import CropPlan, crop, flip, random_crop_position
 from ahiq.data.images import read_image
-from ahiq.data.labels import DatasetError, Pairs
-from ahiq.data.pairs import check_images
-from ahiq.options import RANDOM_CROPS
+from ahiq.data.pairs import DatasetError, Pairs, check_images
+from ahiq.registry.settings import FLIPS, RANDOM_CROPS
 
 
 class TargetScale:
@@ -58,11 +57,8 @@ class TrainPairs(Dataset):
 
     def __init__(self, pairs: Pairs, targets: Sequence[float], crop_size: int = 224, flip_axis: str | None = "width",
                  seed: int = 0, check: bool = True, crop_positions: str = "all"):
-        if flip_axis not in ("width", "height", None):
-            raise ValueError(f"flip_axis must be 'width', 'height' (the official code's) or None, got {flip_axis!r}")
-        if crop_positions not in RANDOM_CROPS:
-            raise ValueError(f"crop_positions must be one of {', '.join(RANDOM_CROPS)}, got {crop_positions!r}")
-        self.crop_positions = crop_positions
+        FLIPS.choice(flip_axis, "flip_axis")
+        self.crop_positions = RANDOM_CROPS.choice(crop_positions, "crop_positions").name
         if check:
             check_images(pairs, crop_size)
         self.pairs, self.crop_size, self.flip_axis, self.seed = list(pairs), crop_size, flip_axis, seed

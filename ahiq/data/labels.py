@@ -4,42 +4,17 @@ reported at once (missing files, unparsable lines, non-finite or duplicate entri
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from ahiq.data.images import IMAGE_EXTENSIONS
+from ahiq.data.pairs import DatasetError, Pair, Pairs
 from ahiq.messages import listed
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used as given: the message names the file, line or folder."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    ref: str      # absolute path of the reference image
-    dist: str     # absolute path of the distorted image
-    mos: float    # the published score (MOS, DMOS or Elo); NaN where the set is unlabelled
-    name: str     # the distorted image's name as labelled, unique in its dataset (e.g. 'jp2k/img1.bmp')
-    distortion: str = ""  # the dataset's code of its distortion type (ahiq.data.distortions); "" when unknown
-    mos_ci95: float = math.nan  # half-width of the MOS's 95% confidence interval, where the dataset gives
-    #                             the spread of its ratings (TID2013, KADID-10k); NaN elsewhere
-
-
-class Pairs(list):
-    """A list of Pair that knows the direction of its scores."""
-
-    def __init__(self, pairs: Iterable[Pair] = (), higher_is_better: bool = True, dataset: str = ""):
-        super().__init__(pairs)
-        self.higher_is_better = higher_is_better
-        self.dataset = dataset
-
-    @property
-    def labelled(self) -> bool:
-        return all(not math.isnan(p.mos) for p in self)
+from ahiq.registry.datasets import dataset as declared
 
 
 class Folders:
@@ -127,3 +102,34 @@ class Labels:
         if not self.pairs:
             raise DatasetError(f"label file {self.path} holds no labels (empty?)")
         return Pairs(self.pairs, higher_is_better, dataset)
+
+
+def read_labels(dataset: str, root: str | os.PathLike, **options) -> Pairs:
+    """The pairs of ``dataset`` (a name of ahiq.registry.datasets.DATASETS, in any case) unpacked at ``root``;
+    ``options`` are the reader's keyword arguments (label file, folders, direction), defaulting to the
+    distributed layout."""
+    try:
+        entry = declared(dataset, "dataset")
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    module, name = entry.reader.split(":")
+    reader = getattr(importlib.import_module(module), name)
+    signature = inspect.signature(reader).parameters
+    params = [p for p in signature if p != "root"]
+    unknown = [k for k in options if k not in params]
+    if unknown:
+        raise DatasetError(f"unknown option(s) {', '.join(unknown)} for dataset '{entry.name}'; it takes "
+                           f"{', '.join(params)}")
+    required = [p for p in params if signature[p].default is inspect.Parameter.empty and p not in options]
+    if required:
+        raise DatasetError(f"dataset '{entry.name}' needs {' and '.join(f'data.options.{p}' for p in required)} "
+                           f"(for 'csv': the CSV file of ref,dist,mos rows, relative to data.root); see "
+                           f"options/custom.yaml")
+    root = Path(root).expanduser()
+    if entry.name == "synthetic":  # generated on first use
+        root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        raise DatasetError(f"{dataset} root folder {root} does not exist")
+    pairs = reader(root.resolve(), **options)
+    pairs.dataset = entry.name  # the declared name (a reader may serve several datasets): their taxonomy by it
+    return pairs

@@ -1,16 +1,46 @@
-"""Pairs of image files to score (two files, two folders, a folder against one reference, a CSV of pairs) and
-the check of every pair's images that runs before the first step. No torch: the ONNX scorer uses them too."""
+"""A pair of images (``Pair``), a list of them (``Pairs``), the pairs of image files to score (two files, two
+folders, a folder against one reference, a CSV of pairs) and the check of every pair's images that runs before
+the first step. No torch: the ONNX scorer uses them too."""
 from __future__ import annotations
 
 import csv
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from ahiq.data.images import IMAGE_EXTENSIONS, ImageError, image_size
-from ahiq.data.labels import DatasetError, Pair, Pairs
 
 PathLike = str | os.PathLike
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given: the message names the file, line or folder."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    ref: str      # absolute path of the reference image
+    dist: str     # absolute path of the distorted image
+    mos: float    # the published score (MOS, DMOS or Elo); NaN where the set is unlabelled
+    name: str     # the distorted image's name as labelled, unique in its dataset (e.g. 'jp2k/img1.bmp')
+    distortion: str = ""  # the dataset's code of its distortion type (ahiq.registry.datasets); "" when unknown
+    mos_ci95: float = math.nan  # half-width of the MOS's 95% confidence interval, where the dataset gives
+    #                             the spread of its ratings (TID2013, KADID-10k); NaN elsewhere
+
+
+class Pairs(list):
+    """A list of Pair that knows the direction of its scores."""
+
+    def __init__(self, pairs: Iterable[Pair] = (), higher_is_better: bool = True, dataset: str = ""):
+        super().__init__(pairs)
+        self.higher_is_better = higher_is_better
+        self.dataset = dataset
+
+    @property
+    def labelled(self) -> bool:
+        return all(not math.isnan(p.mos) for p in self)
 
 
 def pair_files(dist: PathLike, ref: PathLike) -> Pairs:

@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 
 from ahiq.data.datasets import TargetScale
-from ahiq.data.labels import DatasetError, Pairs
-from ahiq.data.registry import read_labels
+from ahiq.data.labels import read_labels
+from ahiq.data.pairs import DatasetError, Pairs
 from ahiq.data.splits import load_split, save_split, split_by_reference
 
 

@@ -2,8 +2,8 @@
 
 Each reader returns a ``Pairs`` list of ``Pair(ref, dist, mos, name, distortion, mos_ci95)`` with absolute paths
 of files that exist (names resolved case-insensitively), the published score as ``mos`` and the distortion type
-as the dataset names it (ahiq.data.distortions). Every problem found is reported at once (ahiq.data.labels).
-``registry.read_labels`` picks the reader by dataset name.
+as the dataset names it (ahiq.registry.datasets). Every problem found is reported at once (ahiq.data.labels).
+``ahiq.data.labels.read_labels`` picks the reader its dataset declares.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from ahiq.data.distortions import CSIQ_TYPES
-from ahiq.data.labels import DatasetError, Folders, Labels, Pair, Pairs
+from ahiq.data.labels import Folders, Labels
+from ahiq.data.pairs import DatasetError, Pair, Pairs
 from ahiq.messages import listed
+from ahiq.registry.datasets import DATASETS
 
 
 def _path(root: Path, name: str | os.PathLike) -> Path:
@@ -127,6 +128,7 @@ def read_live(root: Path, dmos_file: str = "dmos.mat", refnames_file: str = "ref
 
 # ---- CSIQ ------------------------------------------------------------------------------------------------
 
+CSIQ_TYPES = {code.lower(): code for code in DATASETS["csiq"].taxonomy.types}  # any case -> the distributed one
 CSIQ_FOLDERS = {"awgn": "awgn", "jpeg": "jpeg", "jpeg2000": "jpeg2000", "fnoise": "fnoise", "blur": "blur",
                 "contrast": "contrast"}  # distortion token (any case) -> folder under dst_imgs/
 

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ahiq.data.labels import DatasetError, Pair
+from ahiq.data.pairs import DatasetError, Pair
 
 PART_NAMES = ("train", "val", "test")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ahiq.data.labels import Pairs
+from ahiq.data.pairs import Pairs
 from ahiq.data.readers import coded, read_custom_csv
 from ahiq.files import write_atomically
 

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ahiq.data import Part
-from ahiq.data.distortions import taxonomy
+from ahiq.registry.datasets import taxonomy
 from ahiq.engine import figures
 from ahiq.engine.correlations import correlate, logistic4, number, summary_line
 from ahiq.engine.statistics import by_group, interval, pearson, rating_spread_metrics, spearman

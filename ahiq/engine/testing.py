@@ -8,19 +8,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ahiq.data import CropPlan, Part, check_images, load_parts
+from ahiq.data import Part, load_parts
 from ahiq.engine.correlations import correlate, logistic4
 from ahiq.engine.results import Results, analyse, write_ntire_submission, write_report
 from ahiq.messages import create_folder
-from ahiq.nn.model import AHIQ
-from ahiq.nn.zoo import is_zoo_name
+from ahiq.nn.zoo import released
+from ahiq.registry.baselines import BASELINES
+from ahiq.registry.released import RELEASED
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, destroy, init_distributed
-from ahiq.scoring.baselines import BASELINES, BaselineScorer
-from ahiq.scoring.inference import maps_of, predict_shared
-from ahiq.scoring.maps import check_maps, write_panels
+from ahiq.scoring.baselines import BaselineScorer
+from ahiq.scoring.ensemble import Ensemble, load_ensemble
+from ahiq.scoring.inference import maps_of, score_shared
 from ahiq.scoring.journal import read_scores
+from ahiq.scoring.maps import write_panels
 from ahiq.scoring.output import barrier, score_to_file
+from ahiq.scoring.scorer import EnsembleScorer
 
 
 def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
@@ -29,7 +32,7 @@ def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
     given = opt["test"]["checkpoint"]
     paths = []
     for item in given if isinstance(given, list) else [given]:
-        if is_zoo_name(item):
+        if released(item) is not None:
             paths.append(item)  # fetched when loaded
             continue
         path = experiment_dir / f"{item}.pth" if item in ("best", "latest") else Path(item)
@@ -43,12 +46,12 @@ def checkpoint_paths(opt: dict, experiment_dir: Path) -> list[Path | str]:
 
 def run_default_test(opt: dict, checkpoints_root: str | Path = "checkpoints") -> dict:
     """A bare ``python test.py``: the experiment's best checkpoint when there is one, else the released
-    ``pipal`` model (else, with ``test.baselines``, the baselines alone); the first line says which."""
+    model (else, with ``test.baselines``, the baselines alone); the first line says which."""
     best = Path(checkpoints_root) / opt["name"] / "best.pth"
     if opt["test"]["checkpoint"] == "best" and not best.is_file() and not opt["test"]["baselines"]:
-        opt["test"]["checkpoint"] = "pipal"
-        print(f"testing the released model 'pipal' (no {best} yet: train with python train.py --opt ... first "
-              f"to test your own)", flush=True)
+        opt["test"]["checkpoint"] = RELEASED.default.name
+        print(f"testing the released model '{RELEASED.default.name}' (no {best} yet: train with python train.py "
+              f"--opt ... first to test your own)", flush=True)
     else:
         print(f"testing {best if opt['test']['checkpoint'] == 'best' else opt['test']['checkpoint']}", flush=True)
     return run_test(opt, checkpoints_root)
@@ -83,21 +86,18 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
             print(f"{opt['name']}: no {test_opt['checkpoint']}.pth in {experiment_dir}: scoring the baselines alone "
                   f"({', '.join(baselines)}) on {len(part.pairs)} test pairs ({part.pairs.dataset})", flush=True)
         return _score_baselines(baselines, part, out_dir, job, opt)
-    runtime = Runtime(**opt["runtime"])
-    models = [runtime.prepare(AHIQ.from_pretrained(p, allow_random_backbones=test_opt["allow_random_backbones"],
-                                                  **opt["model"]), device) for p in paths]
+    ensemble = load_ensemble(paths, device, Runtime(**opt["runtime"]), test_opt["crops"], test_opt["num_crops"],
+                             test_opt["seed"], test_opt["allow_random_backbones"], **opt["model"])
     if test_opt["maps"]:  # before the test, not after it
-        check_maps(models, "test.maps")
-    crop = models[0].config["img_size"]
-    check_images(part.pairs, crop, whole=test_opt["crops"] == "whole")  # before the first pair is scored
+        ensemble.check_maps("test.maps")
+    scorer = EnsembleScorer(ensemble, test_opt["batch_size"], opt["data"]["num_workers"])
+    scorer.check(part.pairs)  # every image before the first pair is scored
     if job.main:
-        print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {runtime.describe(device)}; "
+        print(f"{opt['name']}: {len(part.pairs)} test pairs ({part.pairs.dataset}); {scorer.describe()}; "
               f"{job.world} process(es)", flush=True)
         create_folder(out_dir, "test.output")
     start = time.time()
-    plan = CropPlan(crop, test_opt["crops"], test_opt["num_crops"], test_opt["seed"])
-    pred = predict_shared(models, part, job, plan=plan, batch_size=test_opt["batch_size"],
-                          num_workers=opt["data"]["num_workers"], device=device, progress=job.main, runtime=runtime)
+    pred = score_shared(scorer.score_pairs, part.pairs, job, progress=job.main)
     seconds_per_image = (time.time() - start) / len(pred) * job.world  # each process's time per image
     names = [p.name for p in part.pairs]
     if part.targets is None:
@@ -117,8 +117,7 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
         metrics = _report(out_dir, Results.of(part, pred, opt["name"]), opt, checkpoints=[str(p) for p in paths],
                           crops=test_opt["crops"], **random)
         if test_opt["maps"]:
-            _extreme_maps(out_dir / "maps", models[0], part, pred, metrics.get("logistic"), test_opt["maps"], plan,
-                          device, runtime)
+            _extreme_maps(out_dir / "maps", ensemble, part, pred, metrics.get("logistic"), test_opt["maps"])
     if baselines:
         _score_baselines(baselines, part, out_dir, job, opt)
     return metrics
@@ -165,8 +164,7 @@ def _score_baselines(scorers: dict, part: Part, out_dir: Path, job: Job, opt: di
     return out
 
 
-def _extreme_maps(folder: Path, model: AHIQ, part: Part, pred: np.ndarray, logistic, n: int, plan: CropPlan,
-                  device: torch.device, runtime: Runtime) -> None:
+def _extreme_maps(folder: Path, ensemble: Ensemble, part: Part, pred: np.ndarray, logistic, n: int) -> None:
     """test.maps=N: the quality maps of the N pairs predicted worst (largest error after the logistic fit)
     and the N best, as panels and arrays in ``folder``: those 2N pairs scored again (deterministic crops, so
     the same scores) with their maps, instead of keeping every pair's maps through the whole test."""
@@ -180,7 +178,7 @@ def _extreme_maps(folder: Path, model: AHIQ, part: Part, pred: np.ndarray, logis
     titles = [f"{stem}\npredicted {pred[i]:.4f}, MOS {part.pairs[i].mos:g} (target {part.targets[i]:.4f}), "
               f"error {fitted[i] - part.targets[i]:+.4f}{fit}" for stem, i in zip(stems, chosen.values())]
     folder.mkdir(parents=True, exist_ok=True)
-    for stem, maps in zip(stems, maps_of(model, part.pairs, list(chosen.values()), plan, device, runtime)):
+    for stem, maps in zip(stems, maps_of(ensemble, part.pairs, list(chosen.values()))):
         maps.save(folder / f"{stem}.npz")
     write_panels(folder, [part.pairs[i] for i in chosen.values()], stems, titles)
     print(f"wrote the quality maps of the {n} worst and {n} best predicted pairs to {folder}")

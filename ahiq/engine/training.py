@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ahiq.data import CropPlan, DatasetError, Parts, TrainPairs, check_parts, load_parts
-from ahiq.data.distortions import taxonomy
 from ahiq.data.images import read_image
 from ahiq.engine.correlations import correlate, summary_line
 from ahiq.engine.experiment import (close_logging, load_training_checkpoint, lock_folder, log, nonfinite_loss_error,
@@ -25,17 +24,19 @@ from ahiq.engine.experiment import (close_logging, load_training_checkpoint, loc
                                     setup_logging)
 from ahiq.engine.figures import scatter_figure
 from ahiq.files import release_and_remove
-from ahiq.nn.model import AHIQ, build_model, check_model_options
+from ahiq.nn.model import AHIQ, build_model
 from ahiq.options import save_options
-from ahiq.runtime.device import Runtime
+from ahiq.registry.datasets import taxonomy
+from ahiq.runtime.device import ResolvedRuntime, Runtime
 from ahiq.runtime.distributed import Job, Weighted, destroy, init_distributed, rank_batches
 from ahiq.runtime.signals import StopSignals, Stopped, ignore_in_workers, shut_down_after
-from ahiq.scoring.inference import maps_of, predict_shared
+from ahiq.scoring.ensemble import Ensemble, resolve
+from ahiq.scoring.inference import maps_of, predict, score_shared
 from ahiq.scoring.maps import panel
 
 
-def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=None, norm: float = 1.0,
-               world: int = 1, runtime: Runtime = Runtime(), stop: torch.Tensor | None = None) -> float:
+def train_step(model, optimizer, scheduler, dist_img, ref_img, target, runtime: ResolvedRuntime, weight=None,
+               norm: float = 1.0, world: int = 1, stop: torch.Tensor | None = None) -> float:
     """One step of the official recipe: MSE on normalised targets, optimiser step, scheduler step (every
     iteration, as the official code does). Returns the loss of the whole global batch. The forward pass
     runs under ``runtime``'s precision (the weights and their gradients stay fp32).
@@ -49,7 +50,7 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
     process was asked to stop; reduced in place with the loss, in the same collective, so that every
     process learns whether any was.
     """
-    loss = step_loss(model, dist_img, ref_img, target, weight, norm, runtime)
+    loss = step_loss(model, dist_img, ref_img, target, runtime, weight, norm)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     total = loss.detach()
@@ -72,11 +73,11 @@ def train_step(model, optimizer, scheduler, dist_img, ref_img, target, weight=No
     return value
 
 
-def step_loss(model, dist_img, ref_img, target, weight=None, norm: float = 1.0, runtime: Runtime = Runtime()) -> torch.Tensor:
+def step_loss(model, dist_img, ref_img, target, runtime: ResolvedRuntime, weight=None, norm: float = 1.0) -> torch.Tensor:
     """The loss of one training step, a tensor on the model's device (train_step's device part before the
     backward pass): the forward pass under ``runtime``'s precision, then the MSE on the normalised targets,
     weighted as train_step says."""
-    with runtime.autocast(dist_img.device):
+    with runtime.autocast():
         pred = model(dist_img, ref_img).float()
     if weight is None:
         return F.mse_loss(pred, target)
@@ -105,13 +106,14 @@ def improves(metrics: dict, best: dict, rule: str) -> bool:
     return metrics["main"] > best["main"]
 
 
-def make_stepper(model: AHIQ, job: Job, device: torch.device, runtime: Runtime) -> torch.nn.Module:
+def make_stepper(model: AHIQ, job: Job, runtime: ResolvedRuntime) -> torch.nn.Module:
     """What a training step calls: the model, wrapped in DistributedDataParallel under several processes,
     and compiled as a whole (wrapper included) when ``runtime.compile`` asks."""
     stepper = model
     if job.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        device = runtime.device
         stepper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return runtime.compiled(stepper)
 
@@ -183,15 +185,15 @@ class Trainer:
         # Everything is checked (the data, the model, a checkpoint to resume) before anything in the folder is
         # written: a run refused at its start leaves the folder as it was (options.yaml, split.json, train.log).
         resume_from = resume_path(train_opt["resume"], experiment_dir)
-        check_model_options(opt["model"])  # in a moment, not after the data's check
         if train_opt["batch_size"] % job.world:
             raise ValueError(f"train.batch_size {train_opt['batch_size']} (the global batch) must be a multiple of "
                              f"the {job.world} processes")
-        self.runtime = Runtime(**opt["runtime"])
         seed_everything(train_opt["seed"])
         self.parts, self.train_set = self._data()
-        self.val_plan = CropPlan(opt["model"]["img_size"], train_opt["val_crops"])
-        self.model = self.runtime.prepare(build_model(opt["model"]), device)
+        model = build_model(opt["model"])
+        self.runtime = resolve(Runtime(**opt["runtime"]), device, [model])
+        self.model = self.runtime.prepare(model)
+        self.validation = Ensemble([self.model], CropPlan(opt["model"]["img_size"], train_opt["val_crops"]), self.runtime)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_opt)
         self.start_epoch, self.best, self.partial = 0, {"main": -math.inf}, None
         resumed = self._resume(resume_from) if resume_from is not None else None
@@ -204,10 +206,10 @@ class Trainer:
             log.setLevel("WARNING")
         log.info(f"{opt['name']}: {len(self.parts['train'].pairs)} training pairs, {len(self.parts['val'].pairs)} "
                  f"validation pairs ({opt['data']['dataset']} at {opt['data']['root']}); "
-                 f"{self.runtime.describe(device)}; {job.world} process(es)")
+                 f"{self.runtime.describe()}; {job.world} process(es)")
         if resumed:
             log.info(resumed)
-        self.stepper = make_stepper(self.model, job, device, self.runtime)
+        self.stepper = make_stepper(self.model, job, self.runtime)
         batch = train_opt["batch_size"]
         self.steps_per_epoch = len(self.train_set) // batch if train_opt["drop_last"] else -(-len(self.train_set) // batch)
         self.step = self.start_epoch * self.steps_per_epoch + (self.partial["steps"] if self.partial else 0)
@@ -327,16 +329,16 @@ class Trainer:
         dist_img, ref_img, target, weight = batch
         train_opt, job, device, runtime = self.opt["train"], self.job, self.device, self.runtime
         lr = self.optimizer.param_groups[0]["lr"]
-        images = runtime.inputs(dist_img, device), runtime.inputs(ref_img, device)
+        images = runtime.inputs(dist_img), runtime.inputs(ref_img)
         # under torchrun, whether to stop is agreed in the loss's collective, voted before the step
         vote = torch.tensor([float(bool(self.signals.requested))])
         if job.world == 1:
-            loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device), runtime=runtime)
+            loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device), runtime)
         else:
             # the samples in this global batch, known from the batch plan: no collective needed
             n_global = min(train_opt["batch_size"], len(self.train_set) - index * train_opt["batch_size"])
-            loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device),
-                              weight.to(device), n_global / job.world, job.world, runtime, vote)
+            loss = train_step(self.stepper, self.optimizer, self.scheduler, *images, target.to(device), runtime,
+                              weight.to(device), n_global / job.world, job.world, vote)
         self._stop_requested = vote.item() > 0 if job.world > 1 else bool(self.signals.requested)
         self.step += 1
         self.bar.update(1)
@@ -366,7 +368,7 @@ class Trainer:
         if self.model.no_maps:  # a pooling without maps (model.pooling spatial): the scatter plot alone
             return
         shown = sorted(set(np.linspace(0, len(part.pairs) - 1, 4).round().astype(int).tolist()))
-        found = maps_of(self.model, part.pairs, shown, self.val_plan, self.device, self.runtime)
+        found = maps_of(self.validation, part.pairs, shown)
         image_maps = [m.image_maps() for m in found]  # (score map, weight map, coverage) each
         if self.map_range is None:
             values = np.concatenate([score_map.ravel() for score_map, _, _ in image_maps])
@@ -379,9 +381,9 @@ class Trainer:
     def _validate(self, epoch: int, record: dict) -> None:
         """Score the validation part, log it, and write best.pth when it improves."""
         train_opt = self.opt["train"]
-        pred = predict_shared([self.model], self.parts["val"], self.job, plan=self.val_plan,
-                              batch_size=train_opt["batch_size"],
-                              num_workers=self.opt["data"]["num_workers"], device=self.device, runtime=self.runtime)
+        pred = score_shared(lambda pairs, progress: predict(self.validation, pairs, train_opt["batch_size"],
+                                                            self.opt["data"]["num_workers"], progress),
+                            self.parts["val"].pairs, self.job)
         metrics = correlate(pred, self.parts["val"].targets)
         if self.writer:
             for key in ("srocc", "plcc", "krocc", "rmse", "main"):

@@ -1,7 +1,7 @@
 """The frozen feature extractors, built from timm and cut where AHIQ stops reading them.
 
 * ViT: the outputs of transformer blocks 0..4 (class token dropped), concatenated on channels.
-* CNN (``CNN_BACKBONES``, the paper's Table 7): the stem, then the output of every block of the stride-4
+* CNN (ahiq.registry.variants.CNNS, the paper's Table 7): the stem, then the output of every block of the stride-4
   stage, concatenated: ResNet50's layer1 (AHIQ), ResNet101's and ResNet152's, HRNet-W18's, and
   InceptionResNetV2's two stride-4 convolutions, whose unpadded windows leave a smaller grid, resampled to
   the others' (a quarter of the input).
@@ -23,7 +23,8 @@ from torch import nn
 
 from ahiq.nn.downloads import locate
 from ahiq.nn.weights import WeightsError, check_state_dict, read_weight_file, unwrap_state_dict
-from ahiq.nn.zoo import BACKBONES, RESNET_TAG, VIT_TAGS
+from ahiq.nn.zoo import BACKBONES
+from ahiq.registry.variants import CNNS, FULL_WIDTH, VITS
 
 VIT_BLOCKS = [0, 1, 2, 3, 4]
 
@@ -73,76 +74,41 @@ def vit_overrides(img_size: int = 224, dim: int = 768, heads: int = 12) -> dict:
     return {} if (img_size, dim, heads) == (224, 768, 12) else dict(img_size=img_size, embed_dim=dim, num_heads=heads)
 
 
-FULL_WIDTH = 64  # a ResNet's and an HRNet's base width: the real networks
-
-
-def resnet_overrides(width: int = 64) -> dict:
+def resnet_overrides(width: int = FULL_WIDTH) -> dict:
     """timm keyword arguments for a narrower ResNet; none for the real one."""
-    return {} if width == 64 else dict(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
+    return {} if width == FULL_WIDTH else dict(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
 
 
-def hrnet_overrides(width: int = 64) -> dict:
+def hrnet_overrides(width: int = FULL_WIDTH) -> dict:
     """timm keyword arguments for an HRNet with a narrower stem and stride-4 stage (the later stages, never
     kept, as they are); none for the real one."""
     stage1 = dict(num_modules=1, num_branches=1, block_type="BOTTLENECK", num_blocks=(4,), num_channels=(width,),
                   fuse_method="SUM")
-    return {} if width == 64 else dict(stem_width=width, stage1=stage1)
-
-
-def _resnet_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool), net.layer1
-
-
-def _hrnet_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return nn.Sequential(net.conv1, net.bn1, net.act1, net.conv2, net.bn2, net.act2), net.layer1
-
-
-def _inception_resnet_stage(net: nn.Module) -> tuple[nn.Module, nn.Module]:
-    return (nn.Sequential(net.conv2d_1a, net.conv2d_2a, net.conv2d_2b, net.maxpool_3a),
-            nn.Sequential(net.conv2d_3b, net.conv2d_4a))
+    return {} if width == FULL_WIDTH else dict(stem_width=width, stage1=stage1)
 
 
 @dataclass(frozen=True)
-class CNNBackbone:
-    """One CNN branch of Table 7: its name in messages, the timm weights it starts from (ahiq.nn.zoo.BACKBONES),
-    where it is cut (its stem, and the blocks of its stride-4 stage), the channels those blocks give together
-    for a base width, and the timm arguments that narrow it (``{}``: the real one, or a network timm cannot
-    narrow)."""
-
-    label: str
-    tag: str
+class Family:
+    """How a family of timm CNNs (ahiq.registry.variants.CNN.family) is cut where AHIQ reads it: its stem and the
+    blocks of its stride-4 stage; and the timm arguments that narrow it to a base width ({}: the real one, or a
+    network timm cannot narrow)."""
     stage: Callable[[nn.Module], tuple[nn.Module, nn.Module]]
-    channels: Callable[[int], int]
     narrowed: Callable[[int], dict]
-    min_crop: int = 1        # the smallest input its stem and stage take
-    narrowable: bool = True  # timm takes a base width for it (model.cnn_width)
 
 
-def check_cnn(cnn: str, img_size: int, patch_size: int, width: int) -> None:
-    """A ValueError naming the option when ``model.cnn`` cannot honour ``model.img_size`` or
-    ``model.cnn_width``: checked from the options alone, before a model is built or an ablation row trains."""
-    backbone = CNN_BACKBONES[cnn]
-    if img_size < backbone.min_crop:
-        raise ValueError(f"model.img_size {img_size} is too small for model.cnn {cnn}: its unpadded stem needs crops of "
-                         f"at least {backbone.min_crop} pixels; set model.img_size="
-                         f"{-(-backbone.min_crop // patch_size) * patch_size} or more")
-    if not backbone.narrowable and width != FULL_WIDTH:
-        raise ValueError(f"model.cnn_width {width}: timm's {backbone.label} has no width to narrow; leave "
-                         f"model.cnn_width at {FULL_WIDTH} with model.cnn {cnn}")
-
-
-# The weights are timm 0.5.4's defaults (what the official code's timm.create_model(..., pretrained=True)
-# gave), by current timm's tags.
-CNN_BACKBONES = {
-    "resnet50": CNNBackbone("ResNet50", RESNET_TAG, _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
-    "resnet101": CNNBackbone("ResNet101", "resnet101.a1h_in1k", _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
-    "resnet152": CNNBackbone("ResNet152", "resnet152.a1h_in1k", _resnet_stage, lambda w: 3 * 4 * w, resnet_overrides),
-    "hrnet_w18": CNNBackbone("HRNet-W18", "hrnet_w18.ms_in1k", _hrnet_stage, lambda w: 4 * 4 * w, hrnet_overrides),
-    # timm's InceptionResNetV2 has no width argument; its stride-4 stage is small (0.14M weights) as it is
-    # its unpadded 3x3 convolutions and pooling (conv2d_1a, 2a, maxpool_3a, conv2d_4a) need 19 pixels
-    "inception_resnet_v2": CNNBackbone("InceptionResNetV2", "inception_resnet_v2.tf_in1k", _inception_resnet_stage,
-                                       lambda w: 80 + 192, lambda w: {}, min_crop=19, narrowable=False),
+FAMILIES = {
+    "resnet": Family(lambda net: (nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool), net.layer1),
+                     resnet_overrides),
+    "hrnet": Family(lambda net: (nn.Sequential(net.conv1, net.bn1, net.act1, net.conv2, net.bn2, net.act2), net.layer1),
+                    hrnet_overrides),
+    "inception_resnet": Family(lambda net: (nn.Sequential(net.conv2d_1a, net.conv2d_2a, net.conv2d_2b, net.maxpool_3a),
+                                            nn.Sequential(net.conv2d_3b, net.conv2d_4a)), lambda width: {}),
 }
+
+
+def cnn_overrides(name: str, width: int) -> dict:
+    """timm keyword arguments for the CNN branch ``name`` of base width ``width``; none for the real one."""
+    return FAMILIES[CNNS[name].family].narrowed(width)
 
 
 class ViTFeatures(nn.Module):
@@ -150,9 +116,8 @@ class ViTFeatures(nn.Module):
 
     def __init__(self, patch_size: int, pretrained: Pretrained, img_size: int = 224, dim: int = 768, heads: int = 12):
         super().__init__()
-        if patch_size not in VIT_TAGS:
-            raise ValueError(f"patch_size must be one of {sorted(VIT_TAGS)}, got {patch_size}")
-        vit = create_timm_model(VIT_TAGS[patch_size], pretrained, **vit_overrides(img_size, dim, heads))
+        tag = VITS.choice(patch_size, "patch_size").tag
+        vit = create_timm_model(tag, pretrained, **vit_overrides(img_size, dim, heads))
         vit.prune_intermediate_layers(VIT_BLOCKS, prune_norm=True, prune_head=True)
         self.vit = vit
         self.grid = img_size // patch_size
@@ -172,14 +137,15 @@ class ViTFeatures(nn.Module):
 
 
 class CNNFeatures(nn.Module):
-    """The stem and the stride-4 stage of a timm CNN (``CNN_BACKBONES``): [B, 3, S, S] -> [B, C, S / 4, S / 4],
-    every block's output of the stage concatenated (ResNet50: 3 * 4 * width channels)."""
+    """The stem and the stride-4 stage of a timm CNN (ahiq.registry.variants.CNNS): [B, 3, S, S] -> [B, C, S / 4,
+    S / 4], every block's output of the stage concatenated (ResNet50: 3 * 4 * width channels)."""
 
-    def __init__(self, name: str, pretrained: Pretrained, width: int = 64):
+    def __init__(self, name: str, pretrained: Pretrained, width: int = FULL_WIDTH):
         super().__init__()
-        backbone = CNN_BACKBONES[name]
-        self.stem, self.layer1 = backbone.stage(create_timm_model(backbone.tag, pretrained, **backbone.narrowed(width)))
-        self.out_channels = backbone.channels(width)
+        cnn = CNNS.choice(name, "cnn")
+        net = create_timm_model(cnn.tag, pretrained, **cnn_overrides(name, width))
+        self.stem, self.layer1 = FAMILIES[cnn.family].stage(net)
+        self.out_channels = cnn.channels(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[-2] // 4, x.shape[-1] // 4)

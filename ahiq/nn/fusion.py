@@ -1,9 +1,7 @@
 """ViT-guided deformable fusion: offsets predicted from the reference ViT features steer a deformable
-convolution over the shallow CNN features of both images. ``FUSIONS``: the paper's Table 6, which branches a
-model has and how they are fused."""
+convolution over the shallow CNN features of both images (which branches a model has and how they are fused:
+ahiq.registry.variants.FUSIONS, the paper's Table 6)."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import DeformConv2d, deform_conv2d
 
 from ahiq.nn.head import is_channels_last
+from ahiq.registry.settings import DEFORM_IMPLS
 
 
 # The most bytes of fp32 columns sampled at once: the columns are nine times the features (29 MB per ViT-B/8
@@ -99,25 +98,6 @@ def _channel_groups(x: torch.Tensor, n: int, c: int) -> int:
     return split
 
 
-@dataclass(frozen=True)
-class Fusion:
-    """Which branches a model builds: ``vit`` (its features go to the head) and ``cnn`` (its features brought
-    to the ViT grid by CNNFusion, then to the head beside the ViT's), and whether ``deform``: the CNN features
-    go through the deformable convolution steered by the reference's ViT features."""
-
-    vit: bool
-    cnn: bool
-    deform: bool
-
-
-FUSIONS = {
-    "deform+concat": Fusion(vit=True, cnn=True, deform=True),  # AHIQ
-    "concat": Fusion(vit=True, cnn=True, deform=False),
-    "cnn": Fusion(vit=False, cnn=True, deform=False),
-    "vit": Fusion(vit=True, cnn=False, deform=False),
-}
-
-
 class CNNFusion(nn.Module):
     """The CNN features brought to the ViT grid by two convolutions. With ``vit_channels`` (AHIQ's
     ``deform+concat``): first offsets from the reference ViT features and a deformable 3x3 convolution over
@@ -127,9 +107,7 @@ class CNNFusion(nn.Module):
     def __init__(self, vit_channels: int | None, cnn_channels: int, hidden: int = 512, final_stride: int = 1,
                  deform_impl: str = "bilinear"):
         super().__init__()
-        if deform_impl not in ("bilinear", "torchvision"):
-            raise ValueError(f"deform_impl must be 'bilinear' or 'torchvision', got {deform_impl!r}")
-        self.deform_impl = deform_impl
+        self.deform_impl = DEFORM_IMPLS.choice(deform_impl, "deform_impl").name
         self.deformable = vit_channels is not None
         if self.deformable:
             self.offset_conv = nn.Conv2d(vit_channels, 2 * 3 * 3, 3, 1, 1)

@@ -1,14 +1,15 @@
 """The quality head: a score per crop from the reduced features of a distorted crop and its reference. The
-pooling (``POOLINGS``, the paper's Table 8) decides how the head's feature map becomes one score: AHIQ's
-patch-wise prediction (a score map and an attention-weight map whose weighted mean is the score), spatial
-pooling, or both."""
+pooling (ahiq.registry.variants.POOLINGS, the paper's Table 8) decides how the head's feature map becomes one
+score: AHIQ's patch-wise prediction (a score map and an attention-weight map whose weighted mean is the score),
+spatial pooling, or both."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from ahiq.registry.variants import POOLINGS
 
 
 def weighted_mean(score_map: torch.Tensor, weight_map: torch.Tensor) -> torch.Tensor:
@@ -24,30 +25,6 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-@dataclass(frozen=True)
-class Pooling:
-    """How the head's feature map [N, dim, h, w] becomes a score: ``patch``, a score map and a weight map
-    (sigmoid) from 1x1 convolutions, pooled by their weighted mean; ``spatial``, the features averaged over
-    the grid, then regressed by a two-layer MLP (one linear layer after the average would equal the plain
-    mean of a linear score map: patch-wise prediction without its weights, not another pooling). Both: the
-    mean of the two scores. ``no_maps``: why the pooling has no quality maps (None: its score is their
-    weighted mean)."""
-
-    patch: bool
-    spatial: bool
-    no_maps: str | None = None
-
-
-POOLINGS = {
-    "patch": Pooling(patch=True, spatial=False),
-    "spatial": Pooling(patch=False, spatial=True, no_maps="a model with model.pooling=spatial has no quality maps: "
-                       "it regresses its score from features averaged over the crop, with no score or weight map"),
-    "patch+spatial": Pooling(patch=True, spatial=True, no_maps="a model with model.pooling=patch+spatial has no "
-                             "quality maps: half its score is regressed from features averaged over the crop, so "
-                             "the maps' weighted mean is not its score"),
-}
-
-
 class Pooled(NamedTuple):
     score: torch.Tensor                 # [N], fp32 at least
     score_map: torch.Tensor | None      # [N, 1, h, w], where the score is the maps' weighted mean
@@ -56,13 +33,11 @@ class Pooled(NamedTuple):
 
 class QualityHead(nn.Module):
     """A shared 1x1 reduction of each image's features, then cat(d - r, d, r) -> three convolutions -> the
-    ``pooling`` of POOLINGS."""
+    ``pooling`` (ahiq.registry.variants.POOLINGS)."""
 
     def __init__(self, in_channels: int, dim: int = 256, hidden: int = 1024, pooling: str = "patch"):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        self.pooling = POOLINGS[pooling]
+        self.pooling = POOLINGS.choice(pooling, "pooling")
         self.reduce = nn.Conv2d(in_channels, dim, 1)
         self.smooth = nn.Sequential(
             nn.Conv2d(3 * dim, hidden, 3, padding=1),

@@ -1,67 +1,24 @@
-"""AHIQ: the whole network, and its checkpoints (the official released format and the project's own)."""
+"""AHIQ: the whole network, and its checkpoints (their formats: ahiq.nn.checkpoints; finding a trained model's
+weights: ahiq.nn.pretrained)."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ahiq.messages import listed
-from ahiq.nn.backbones import CNN_BACKBONES, CNNFeatures, Pretrained, ViTFeatures, check_cnn, vit_overrides
-from ahiq.nn.downloads import locate
-from ahiq.nn.fusion import FUSIONS, CNNFusion
-from ahiq.nn.head import POOLINGS, Pooled, QualityHead
-from ahiq.nn.weights import WeightsError, atomic_save, check_state_dict, read_weight_file
-from ahiq.nn.zoo import BACKBONES, VIT_TAGS, ZOO, find, is_zoo_name
-
-CHECKPOINT_FORMAT = "ahiq"
-CHECKPOINT_VERSION = 1
-# The variant of the paper's AHIQ (Tables 6, 7, 8): what the official format holds, and what a checkpoint of
-# this project's written before the variants existed (its config without these keys) was trained as.
-AHIQ_VARIANT = {"fusion": "deform+concat", "cnn": "resnet50", "pooling": "patch"}
-
-# The official checkpoint's two state dicts, module by module, and where each lives here.
-OFFICIAL_MODULES = {
-    "deform_net_model_state_dict": {
-        "conv_offset": "fusion.offset_conv",
-        "deform": "fusion.deform",
-        "conv1.0": "fusion.project.0",
-        "conv1.2": "fusion.project.2",
-    },
-    "regressor_model_state_dict": {
-        "down_channel": "head.reduce",
-        "feat_smoothing.0": "head.smooth.0",
-        "feat_smoothing.2": "head.smooth.2",
-        "conv1.0": "head.hidden.0",
-        "conv_attent.0": "head.attention",
-        "conv.0": "head.score",
-    },
-}
-
-
-def official_to_ahiq(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The fusion and head weights of an official AHIQ checkpoint, under this project's key names."""
-    state = {}
-    for section, modules in OFFICIAL_MODULES.items():
-        for key, tensor in checkpoint[section].items():
-            module, _, param = key.rpartition(".")
-            if module not in modules:
-                raise WeightsError(f"unknown key '{key}' in the official checkpoint's {section}; "
-                                   f"known modules: {', '.join(modules)}")
-            state[f"{modules[module]}.{param}"] = tensor
-    return state
-
-
-def ahiq_to_official(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The inverse of official_to_ahiq, for writing checkpoints the official code can read."""
-    out = {}
-    for section, modules in OFFICIAL_MODULES.items():
-        out[section] = {f"{official}.{param}": state[f"{ours}.{param}"]
-                        for official, ours in modules.items() for param in ("weight", "bias")}
-    return out
+from ahiq.nn.backbones import CNNFeatures, Pretrained, ViTFeatures
+from ahiq.nn.checkpoints import (AHIQ_VARIANT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, FROM_PRETRAINED, ahiq_to_official,
+                                 check_config, check_official_patch_size, is_project_checkpoint, official_to_ahiq,
+                                 saved_config)
+from ahiq.nn.fusion import CNNFusion
+from ahiq.nn.head import Pooled, QualityHead
+from ahiq.nn.pretrained import build, load_pretrained
+from ahiq.nn.weights import WeightsError, atomic_save, check_state_dict
+from ahiq.registry.released import RELEASED
+from ahiq.registry.variants import CNNS, FULL_WIDTH, FUSIONS
 
 
 class ReferenceFeatures(NamedTuple):
@@ -81,17 +38,13 @@ class ReferenceFeatures(NamedTuple):
         return ReferenceFeatures(offset, torch.cat([p.reduced for p in parts]))
 
 
-FROM_PRETRAINED = "Load it with AHIQ.from_pretrained, which builds the architecture it was saved for"
-
-
 class AHIQ(nn.Module):
     """Attention-based Hybrid IQA (Lao, Gong et al., CVPRW 2022), full-reference.
 
     ``model(dist, ref)`` takes RGB tensors in [0, 1] of shape [B, 3, img_size, img_size] and returns [B]
-    scores. The sizes after ``cnn_pretrained`` shrink the network for tests and the demo; ``fusion``
-    (ahiq.nn.fusion.FUSIONS), ``cnn`` (ahiq.nn.backbones.CNN_BACKBONES) and ``pooling``
-    (ahiq.nn.head.POOLINGS) choose the ablations of the paper's Tables 6, 7 and 8. The defaults are the
-    paper's AHIQ; a variant builds only the parts it runs.
+    scores. The sizes after ``cnn_pretrained`` shrink the network for tests and the demo; ``fusion``, ``cnn``
+    and ``pooling`` (ahiq.registry.variants) choose the ablations of the paper's Tables 6, 7 and 8. The defaults
+    are the paper's AHIQ; a variant builds only the parts it runs.
     """
 
     def __init__(
@@ -103,7 +56,7 @@ class AHIQ(nn.Module):
         img_size: int = 224,
         vit_dim: int = 768,
         vit_heads: int = 12,
-        cnn_width: int = 64,
+        cnn_width: int = FULL_WIDTH,
         fusion_hidden: int = 512,
         head_dim: int = 256,
         head_hidden: int = 1024,
@@ -114,14 +67,9 @@ class AHIQ(nn.Module):
         deform_impl: str = "bilinear",
     ):
         super().__init__()
-        for value, table, what in ((fusion, FUSIONS, "fusion"), (pooling, POOLINGS, "pooling")):
-            if value not in table:
-                raise ValueError(f"{what} must be one of {', '.join(table)}, got {value!r}")
-        branches = FUSIONS[fusion]
-        if branches.cnn and cnn not in CNN_BACKBONES:
-            raise ValueError(f"cnn must be one of {', '.join(CNN_BACKBONES)}, got {cnn!r}")
+        branches = FUSIONS.choice(fusion, "fusion")
         if branches.cnn:
-            check_cnn(cnn, img_size, patch_size, cnn_width)
+            CNNS.choice(cnn, "cnn").check(img_size, patch_size, cnn_width)
         # What a checkpoint must agree on; pretrained sources and implementation choices are not part of it.
         self.config = dict(patch_size=patch_size, img_size=img_size, vit_dim=vit_dim, vit_heads=vit_heads,
                            cnn_width=cnn_width, fusion_hidden=fusion_hidden, head_dim=head_dim,
@@ -234,21 +182,22 @@ class AHIQ(nn.Module):
         if variant != AHIQ_VARIANT or not self.freeze_backbones:
             what = (", ".join(f"model.{k}={v}" for k, v in variant.items() if v != AHIQ_VARIANT[k])
                     or "fine-tuned backbones")
-            raise WeightsError(f"{path}: the official format holds only AHIQ's fusion and head (model.fusion="
-                               f"deform+concat, model.cnn=resnet50, model.pooling=patch, frozen backbones), which the "
-                               f"official code reads; this model has {what}: save it with save_checkpoint")
+            ahiq = ", ".join(f"model.{k}={v}" for k, v in AHIQ_VARIANT.items())
+            raise WeightsError(f"{path}: the official format holds only AHIQ's fusion and head ({ahiq}, frozen "
+                               f"backbones), which the official code reads; this model has {what}: save it with "
+                               f"save_checkpoint")
         atomic_save(ahiq_to_official(self.state_dict()), path)
 
     def restore(self, saved: Any, path: Path, advice: str = FROM_PRETRAINED) -> dict[str, Any]:
         """Load the weights of a checkpoint already read from ``path`` (named in errors) into this model:
         the official released format or this project's. Returns ``saved``. ``advice``: what to do when the
         checkpoint is of another architecture. To obtain a trained model, use AHIQ.from_pretrained."""
-        project = _is_project_checkpoint(saved, path)
-        self._check_config(saved_config(saved, project), path, advice)
+        project = is_project_checkpoint(saved, path)
+        check_config(self.config, saved_config(saved, project), path, advice)
         if project:
             state = saved["model"]
         else:
-            self._check_official_patch_size(path)
+            check_official_patch_size(path, self.config["patch_size"])
             state = official_to_ahiq(saved)
         own = self.state_dict()
         expected = {k: v for k, v in own.items() if k.startswith(("fusion.", "head."))}
@@ -258,26 +207,12 @@ class AHIQ(nn.Module):
         self.load_state_dict(state, strict=False)
         return saved
 
-    def _check_config(self, saved: dict, path: Path, advice: str) -> None:
-        differ = [f"{k}={saved[k]!r} (this model: {v!r})" for k, v in self.config.items() if k in saved and saved[k] != v]
-        if differ:
-            raise WeightsError(f"checkpoint {path} was saved for another architecture: {', '.join(differ)}. {advice}")
-
-    def _check_official_patch_size(self, path: Path) -> None:
-        # Patch 8 and 16 heads have identically shaped weights (only a stride differs), so the released
-        # file names (AHIQ_vit_p8_epoch33-...) are the only way to tell them apart.
-        named = re.search(r"vit_p(8|16)(?!\d)", path.name)
-        if named and int(named.group(1)) != self.config["patch_size"]:
-            raise WeightsError(f"checkpoint {path} is named for patch size {named.group(1)}, this model has "
-                               f"patch_size={self.config['patch_size']}; set model.patch_size={named.group(1)} "
-                               f"(patch_size={named.group(1)} in Python)")
-
     @classmethod
-    def from_pretrained(cls, checkpoint: str | os.PathLike = "pipal", *, allow_random_backbones: bool = False,
+    def from_pretrained(cls, checkpoint: str | os.PathLike = RELEASED.default.name, *, allow_random_backbones: bool = False,
                         **model_options: Any) -> "AHIQ":
         """A trained AHIQ: the one way to obtain one.
 
-        ``checkpoint``: a released model's name (``pipal``, the NTIRE 2022 winner; ahiq.nn.zoo), a checkpoint
+        ``checkpoint``: a released model's name (``pipal``, the NTIRE 2022 winner; ahiq.registry.released), a checkpoint
         file (official or this project's), or a weights folder holding a released file (``python -m ahiq
         download --dir``). ``model_options``: the ``model`` options (ahiq.options.DEFAULTS), the same
         defaults everywhere: ``weights`` (a weights folder: files only from there, no network),
@@ -288,130 +223,10 @@ class AHIQ(nn.Module):
         Every file the model needs (the checkpoint, the backbones) is found first, and all that are missing
         are named in one error. A backbone that neither the checkpoint nor a pretrained source provides would
         be random, and scores would change from run to run: refused unless ``allow_random_backbones``."""
-        from ahiq.options import DEFAULTS
-
-        unknown = sorted(set(model_options) - set(DEFAULTS["model"]))
-        if unknown:
-            raise TypeError(f"AHIQ.from_pretrained got unknown model options {', '.join(unknown)}; known: "
-                            f"{', '.join(DEFAULTS['model'])}")
-        opt = {**DEFAULTS["model"], **model_options}
-        weights, name = opt["weights"], None
-        if isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).is_dir():
-            weights, name = checkpoint, _released_in(Path(checkpoint))
-        elif is_zoo_name(checkpoint):
-            name = checkpoint
-        if name is not None:  # a released model: its own architecture; the file and the backbones found together
-            opt.update(AHIQ_VARIANT, patch_size=ZOO[name].patch_size)
-            wanted = backbone_files(opt)
-            path, *backbones = locate([ZOO[name].file, *wanted.values()], weights)
-            saved = read_weight_file(path)
-        else:
-            path = Path(checkpoint)
-            saved = read_weight_file(path)  # read once: a checkpoint with fine-tuned backbones is large
-        project = _is_project_checkpoint(saved, path)
-        held = saved["model"].keys() if project else ()  # official files hold no backbones
-        # the architecture it was saved for (official files: AHIQ's)
-        opt.update({k: v for k, v in saved_config(saved, project).items() if k in opt})
-        if name is None:
-            wanted = backbone_files(opt, held)
-            backbones = locate(list(wanted.values()), weights)
-        opt.update(zip(wanted, backbones))
-        opt.update({option: False for option, _, prefix in _backbone_options(opt) if _holds(held, prefix)})
-        model = _build(opt)
-        model.restore(saved, path)  # a checkpoint that does not fit is the first thing to report
-        model.source = path  # the file the model came from, and where its backbones' weights came from
-        model.backbone_sources = tuple("checkpoint" if _holds(held, prefix) else str(opt[option])
-                                       for option, _, prefix in _backbone_options(opt))
-        random = [(option, what) for option, what, prefix in _backbone_options(opt)
-                  if opt[option] is False and not _holds(held, prefix)]
-        if random and not allow_random_backbones:
-            options = " and ".join(f"model.{o} (--{o.replace('_', '-')})" for o, _ in random)
-            raise WeightsError(f"checkpoint {path} holds no {' or '.join(w for _, w in random)} weights and "
-                               f"{options} {'are' if len(random) > 1 else 'is'} false: the scores would come from "
-                               f"random backbone weights; set it to true (the released weights) or a weight file, "
-                               f"or allow it with allow_random_backbones (test.allow_random_backbones=true, "
-                               f"--allow-random-backbones)")
-        return model
-
-
-def _is_project_checkpoint(saved: Any, path: Path) -> bool:
-    """Whether ``saved`` (read from ``path``) is this project's checkpoint (else the official format); neither
-    is a WeightsError."""
-    if isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT:
-        return True
-    if isinstance(saved, dict) and all(section in saved for section in OFFICIAL_MODULES):
-        return False
-    keys = listed(list(map(str, saved)), 6) if isinstance(saved, dict) else type(saved).__name__
-    raise WeightsError(f"{path} is not an AHIQ checkpoint (top level: {keys}); expected the official format "
-                       f"({' + '.join(OFFICIAL_MODULES)}) or this project's ('format': 'ahiq')")
-
-
-def saved_config(saved: dict, project: bool) -> dict:
-    """The architecture a checkpoint was saved for: its config (one written before the variants existed is
-    AHIQ), or for an official file AHIQ's variant (its patch size is told by its name)."""
-    return {**AHIQ_VARIANT, **(saved.get("config", {}) if project else {})}
-
-
-def _backbone_options(opt: dict) -> list[tuple[str, str, str]]:
-    """(option, what, state-dict prefix) of each backbone the model of the options ``opt`` builds."""
-    branches = FUSIONS[opt["fusion"]]
-    return ([("vit_pretrained", "ViT", "vit.")] if branches.vit else []) + \
-        ([("cnn_pretrained", CNN_BACKBONES[opt["cnn"]].label, "cnn.")] if branches.cnn else [])
-
-
-def _holds(keys, prefix: str) -> bool:
-    return any(k.startswith(prefix) for k in keys)
-
-
-def backbone_files(opt: dict, held=()) -> dict:
-    """{option: released backbone file} for the pretrained options that are ``True`` of the backbones the
-    model builds, except those the checkpoint holds."""
-    tags, reduced = {}, {}
-    if FUSIONS[opt["fusion"]].vit:
-        tags["vit_pretrained"] = VIT_TAGS[opt["patch_size"]]
-        reduced["vit_pretrained"] = vit_overrides(opt["img_size"], opt["vit_dim"], opt["vit_heads"])
-    if FUSIONS[opt["fusion"]].cnn:
-        tags["cnn_pretrained"] = CNN_BACKBONES[opt["cnn"]].tag
-        reduced["cnn_pretrained"] = CNN_BACKBONES[opt["cnn"]].narrowed(opt["cnn_width"])
-    wanted = [option for option, _, prefix in _backbone_options(opt) if opt[option] is True and not _holds(held, prefix)]
-    for option in wanted:
-        if reduced[option]:
-            raise ValueError(f"model.{option} is true, but {tags[option]} with {reduced[option]} is a reduced "
-                             f"configuration: it has no pretrained weights; set it to false or a weight file")
-    return {option: BACKBONES[tags[option]] for option in wanted}
-
-
-def _released_in(folder: Path) -> str:
-    """The zoo name of the one released file in a weights folder."""
-    names = [name for name, model in ZOO.items() if find(model.file, folder) is not None]
-    if len(names) != 1:
-        released = ", ".join(model.file.name for model in ZOO.values())
-        raise WeightsError(f"checkpoint folder {folder} holds {'no' if not names else len(names)} released AHIQ "
-                           f"files ({released}); give a file, or a folder from python -m ahiq download --dir with "
-                           f"one model")
-    return names[0]
-
-
-# ---- from the options ----------------------------------------------------------------------------------
-
-SIZE_KEYS = ("img_size", "vit_dim", "vit_heads", "cnn_width", "fusion_hidden", "head_dim", "head_hidden")
-ARCHITECTURE_KEYS = (*SIZE_KEYS, *AHIQ_VARIANT)
-
-
-def check_model_options(model_opt: dict) -> None:
-    """What the ``model`` options' network could not honour, as one ValueError naming the option, before it is
-    built (a CNN branch's crop size and width: ahiq.nn.backbones.check_cnn)."""
-    if FUSIONS[model_opt["fusion"]].cnn:
-        check_cnn(model_opt["cnn"], model_opt["img_size"], model_opt["patch_size"], model_opt["cnn_width"])
+        return load_pretrained(cls, checkpoint, allow_random_backbones, model_options)
 
 
 def build_model(model_opt: dict) -> AHIQ:
     """A new AHIQ from the ``model`` options, for training: the pretrained backbones found (both in one
     search, so that one error names every missing file) by the rule of ahiq.nn.zoo."""
-    wanted = backbone_files(model_opt)
-    return _build({**model_opt, **dict(zip(wanted, locate(list(wanted.values()), model_opt["weights"])))})
-
-
-def _build(opt: dict) -> AHIQ:
-    return AHIQ(opt["patch_size"], opt["vit_pretrained"], opt["cnn_pretrained"], freeze_backbones=opt["freeze_backbones"],
-                deform_impl=opt["deform_impl"], **{k: opt[k] for k in ARCHITECTURE_KEYS})
+    return build(AHIQ, model_opt)

@@ -20,7 +20,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torchvision.ops import DeformConv2d
 
-from ahiq.nn.backbones import RESNET_TAG, VIT_TAGS, resnet_overrides, vit_overrides
+from ahiq.nn.backbones import resnet_overrides, vit_overrides
+from ahiq.registry.variants import CNNS, VITS
 from ahiq.nn.model import AHIQ
 
 
@@ -115,8 +116,8 @@ def random_official_setup(patch_size: int, workdir: str | Path, **model_kwargs):
     cfg = {k: v.default for k, v in inspect.signature(AHIQ).parameters.items() if v.kind == v.KEYWORD_ONLY}
     cfg.update(model_kwargs)
     workdir = Path(workdir)
-    vit = timm.create_model(VIT_TAGS[patch_size], **vit_overrides(cfg["img_size"], cfg["vit_dim"], cfg["vit_heads"]))
-    resnet = timm.create_model(RESNET_TAG, **resnet_overrides(cfg["cnn_width"]))
+    vit = timm.create_model(VITS[patch_size].tag, **vit_overrides(cfg["img_size"], cfg["vit_dim"], cfg["vit_heads"]))
+    resnet = timm.create_model(CNNS["resnet50"].tag, **resnet_overrides(cfg["cnn_width"]))
     for m in resnet.modules():  # freshly initialised BatchNorm is the identity: give it statistics
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)

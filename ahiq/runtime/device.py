@@ -1,5 +1,8 @@
-"""How the model runs on its device: fp32 or bf16 autocast, TF32, the channels_last layout and
-torch.compile. Shared by train.py, test.py, the scorer and the benchmark (the ``runtime`` options)."""
+"""How a model runs on its device: the ``runtime`` options (``Runtime``: fp32 or bf16, TF32, the channels_last
+layout, torch.compile, crops per pass), decided once at the start of a run for its device (``ResolvedRuntime``:
+what every forward pass reads); native bf16, the measured choice of ``precision: auto``, the device. Shared by
+train.py, test.py, the scorers, the metric and the benchmark. Nothing here knows the model: what a crop costs
+and how to time one are given."""
 from __future__ import annotations
 
 import contextlib
@@ -15,26 +18,24 @@ from typing import Callable
 
 import torch
 
-from ahiq.files import write_atomically
-from ahiq.nn.zoo import hub_dir
-from ahiq.options import PRECISIONS
-from ahiq.runtime.memory import cpu_budget, crops_in_budget
+from ahiq.files import hub_dir, write_atomically
+from ahiq.options import check_option
+from ahiq.registry.settings import PRECISIONS
+from ahiq.runtime.memory import CropCost, cpu_budget, crops_in_budget
 from ahiq.runtime.threads import describe as describe_threads
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """``precision``: "fp32", "bf16" (autocast: convolutions and matmuls in bf16, the deformable
-    sampling positions and the final weighted mean in fp32), or "auto" (bf16 where the device computes it
-    natively and, on a CPU, faster than fp32: ``auto_bf16``). ``tf32``: let fp32 matmuls and convolutions
-    use TF32 on GPUs that have it (off: strict fp32). ``channels_last``: NHWC weights and inputs, what
-    tensor cores want. ``compile``: torch.compile the model's entry points (True: the default inductor
-    backend; a string: that backend). ``crop_chunk``: the most crops in one forward pass when evaluating
-    (the memory budget); None sizes it from the memory the device has free (``crops_per_pass``).
-    ``threads``: the CPU intra-op threads the command lines set (ahiq.runtime.threads.applied); None sizes them from
-    the CPUs this process may use."""
+    """The ``runtime`` options, as given (train.py and test.py take them from the option files; ``Scorer`` and
+    the metric as ``runtime=``): ``precision`` (ahiq.registry.settings.PRECISIONS: "fp32", "bf16", or "auto":
+    bf16 where the device computes it natively and, on a CPU, faster than fp32), ``tf32`` (let fp32 matmuls and
+    convolutions use TF32 on GPUs that have it), ``channels_last`` (NHWC weights and inputs, what tensor cores
+    want), ``compile`` (torch.compile: True for inductor, a backend's name or function), ``crop_chunk`` (the most
+    crops in one forward pass; None: sized from the memory the device has free), ``threads`` (the CPU threads
+    the command lines set, ahiq.runtime.threads.applied). ``resolve`` decides them, once, for one device."""
 
-    precision: str = "fp32"
+    precision: str = PRECISIONS.default.name
     tf32: bool = False
     channels_last: bool = False
     compile: bool | str | Callable = False
@@ -42,44 +43,20 @@ class Runtime:
     threads: int | None = None
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"runtime.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
-        if self.crop_chunk is not None and self.crop_chunk < 1:
-            raise ValueError(f"runtime.crop_chunk must be at least 1, got {self.crop_chunk}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"runtime.threads must be at least 1, got {self.threads}")
+        for key in ("precision", "tf32", "channels_last", "crop_chunk", "threads", "compile"):
+            if not (key == "compile" and callable(self.compile)):
+                check_option(f"runtime.{key}", getattr(self, key), f"runtime.{key}")
 
-    def describe(self, device: torch.device) -> str:
-        """How a run computes, for its first line: the device, the precision (for ``auto``, why), the CPU
-        threads."""
-        precision = "bf16" if self.bf16(device) else "fp32"
+    def resolve(self, device: torch.device, cost: CropCost, measure: Callable[[], dict] | None = None) -> ResolvedRuntime:
+        """These options decided for ``device`` at the start of a run: the precision (``auto`` measured where it
+        must be: ``measure`` times one full-size crop pair in fp32 and in bf16, auto_cpu_bf16), the crops per
+        forward pass for a model whose crops cost ``cost``, TF32 set. A bf16 the device only emulates is refused
+        on a GPU and warned of on a CPU, here, before anything is loaded onto it."""
         if self.precision == "auto":
-            precision += f" (auto: {auto_bf16(device)[1]})"
-        return f"device {device}, {precision}; {describe_threads()}"
-
-    def crops_per_pass(self, model: torch.nn.Module, device: torch.device) -> int:
-        """``crop_chunk``, or when it is None the crops that fit in a share of the memory ``device`` has free
-        now: a quarter of the CPU's available memory, at most CPU_CHUNK_BUDGET (more crops per pass are not
-        faster on a CPU); half a GPU's free memory; between 1 and MAX_CHUNK crops. Under autograd (the
-        metric as a loss) a crop keeps its activations for the backward pass and weighs GRAD_FACTOR times
-        more."""
-        if self.crop_chunk is not None:
-            return self.crop_chunk
-        budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else cpu_budget()
-        return crops_in_budget(model.config, budget, torch.is_grad_enabled())
-
-    def bf16(self, device: torch.device) -> bool:
-        """Whether this runtime computes in bf16 on ``device`` (``auto``: auto_bf16)."""
-        return self.precision == "bf16" or (self.precision == "auto" and auto_bf16(device)[0])
-
-    def autocast(self, device: torch.device):
-        if self.bf16(device):
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def prepare(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """``model`` on ``device`` with this runtime's settings; its state_dict keys are unchanged. Nothing
-        compiled is stored on it (see ``entry`` and ``compiled``), so copies and torch.save behave."""
+            bf16, why = auto_bf16(device, measure)
+            precision = f"{'bf16' if bf16 else 'fp32'} (auto: {why})"
+        else:
+            bf16, precision = self.precision == "bf16", self.precision
         if self.precision == "bf16" and device.type == "cuda" and not native_bf16(device):
             raise ValueError(f"runtime.precision=bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                              f"(it would be emulated, slower than fp32); use runtime.precision=fp32")
@@ -88,10 +65,50 @@ class Runtime:
                           "it runs far slower than fp32; use runtime.precision=fp32 or auto", stacklevel=2)
         if device.type == "cuda":
             set_tf32(self.tf32)
-        return model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        # Crops per pass: a quarter of the CPU's available memory, at most CPU_CHUNK_BUDGET (more crops per pass
+        # are not faster on a CPU); half a GPU's free memory.
+        budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else cpu_budget()
+        chunks = [self.crop_chunk or crops_in_budget(bytes_per_crop, budget) for bytes_per_crop in cost]
+        return ResolvedRuntime(device, bf16, precision, self.channels_last,
+                               "inductor" if self.compile is True else self.compile or None, *chunks)
 
-    def _backend(self):
-        return "inductor" if self.compile is True else self.compile  # a name or a backend function
+
+@dataclass(frozen=True)
+class ResolvedRuntime:
+    """A Runtime decided for one device at the start of a run (Runtime.resolve): what every forward pass reads.
+    ``precision`` says how the run computes, as its first line shows it; ``compile``: the torch.compile backend
+    (None: eager); the crops of one forward pass evaluating, and under autograd (the metric as a loss)."""
+
+    device: torch.device
+    bf16: bool
+    precision: str
+    channels_last: bool = False
+    compile: str | Callable | None = None
+    crops_per_pass: int = 1
+    crops_per_pass_with_grad: int = 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the convolutions and matmuls compute in."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def describe(self) -> str:
+        """How a run computes, for its first line: the device, the precision (for ``auto``, why), the CPU
+        threads."""
+        return f"device {self.device}, {self.precision}; {describe_threads()}"
+
+    def crops(self) -> int:
+        """The crops of one forward pass now: under autograd a crop keeps its activations for the backward
+        pass."""
+        return self.crops_per_pass_with_grad if torch.is_grad_enabled() else self.crops_per_pass
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` on the device in this runtime's memory layout; its state_dict keys are unchanged. Nothing
+        compiled is stored on it (see ``entry`` and ``compiled``), so copies and torch.save behave."""
+        return model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
 
     def entry(self, model: torch.nn.Module, name: str) -> Callable:
         """``model.<name>`` (an entry point such as ``reference_features``), compiled when this runtime
@@ -99,17 +116,17 @@ class Runtime:
         compiled code always runs the weights of the model it is called with."""
         if not self.compile:
             return getattr(model, name)
-        return functools.partial(torch.compile(getattr(type(model), name), backend=self._backend()), model)
+        return functools.partial(torch.compile(getattr(type(model), name), backend=self.compile), model)
 
     def compiled(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` (the model, or the DistributedDataParallel wrapping it) compiled as a whole when this
         runtime compiles: for DDP, dynamo then splits the graph at DDP's gradient buckets, so the all-reduce
         of each bucket overlaps the rest of the backward pass."""
-        return torch.compile(module, backend=self._backend()) if self.compile else module
+        return torch.compile(module, backend=self.compile) if self.compile else module
 
-    def inputs(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """A batch of images [N, 3, H, W] on ``device`` in this runtime's memory layout."""
-        images = images.to(device, non_blocking=True)
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images [N, 3, H, W] on the device in this runtime's memory layout."""
+        images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
 
@@ -121,25 +138,24 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_bf16() != "emulated"
 
 
-def auto_bf16(device: torch.device) -> tuple[bool, str]:
+def auto_bf16(device: torch.device, measure: Callable[[], dict] | None = None) -> tuple[bool, str]:
     """``precision: auto`` on ``device``: (bf16 or not, why). A GPU: bf16 where it is native. A CPU: where
     it is native and measured faster than fp32 here (``auto_cpu_bf16``)."""
     if device.type == "cpu":
-        return auto_cpu_bf16()
+        return auto_cpu_bf16(measure)
     native = native_bf16(device)
     return native, f"{'native' if native else 'no native'} bf16 on this GPU"
 
 
-@functools.cache
-def auto_cpu_bf16() -> tuple[bool, str]:
-    """``precision: auto`` on this CPU, decided once per process: bf16 where it is native and measured
-    faster than fp32. Native bf16 is not always faster: on an Intel Xeon with AVX512-BF16 and no AMX,
-    oneDNN's bf16 matmuls and convolutions measured slower than its fp32 ones (docs/performance.md). The measurement (one full-size crop pair, a few seconds) is
-    made once per CPU, torch version, thread count and instruction-set setting, and remembered in the cache
-    folder (``precision_cache``)."""
+def auto_cpu_bf16(measure: Callable[[], dict] | None = None) -> tuple[bool, str]:
+    """``precision: auto`` on this CPU: bf16 where it is native and measured faster than fp32. Native bf16 is not
+    always faster: on an Intel Xeon with AVX512-BF16 and no AMX, oneDNN's bf16 matmuls and convolutions measured
+    slower than its fp32 ones (docs/performance.md). ``measure`` times one full-size crop pair in each (a few
+    seconds; ahiq.scoring supplies it); the times are measured once per CPU, torch version, thread count and
+    instruction-set setting, and remembered in the cache folder (``measured_seconds``)."""
     if cpu_bf16() == "emulated":
         return False, "bf16 is emulated on this CPU"
-    seconds = measured_crop_seconds()
+    seconds = measured_seconds(measure)
     faster = seconds["bf16"] < 0.95 * seconds["fp32"]
     return faster, (f"{cpu_bf16()}, and {seconds['measured']} takes {seconds['bf16']:.3g} s in bf16, "
                     f"{seconds['fp32']:.3g} s in fp32 on this CPU")
@@ -153,9 +169,10 @@ def cpu_key() -> str:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()
@@ -165,12 +182,14 @@ def precision_cache() -> Path:
     return hub_dir() / "ahiq" / "precision.json"
 
 
-def measured_crop_seconds() -> dict:
-    """Seconds a full-size ViT-B/8 crop pair takes to score (reference features, then the distorted crop) in
-    fp32 ("fp32") and in bf16 ("bf16") on this CPU, random weights, after one untimed pass each (about 10 s
-    on a 2-core CPU), and what was measured ("measured"); read from precision_cache when measured before.
-    Where bf16 is converted rather than computed (a matmul more than twice as slow), the matmul's times."""
+def measured_seconds(measure: Callable[[], dict] | None) -> dict:
+    """The seconds ``measure()`` gives ({"fp32": s, "bf16": s}, a full-size crop pair after an untimed pass
+    each) on this CPU, with what was measured ("measured"); read from precision_cache when measured before.
+    Where bf16 is converted rather than computed (a ViT-sized matmul more than twice as slow in bf16), or no
+    ``measure`` is given, the matmul's times."""
     path, key = precision_cache(), cpu_key()
+    if key in _MEASURED:
+        return _MEASURED[key]
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -188,23 +207,16 @@ def measured_crop_seconds() -> dict:
             start = time.perf_counter()
             torch.nn.functional.linear(a, b)
             seconds[precision] = time.perf_counter() - start
-        if seconds["bf16"] > 2 * seconds["fp32"]:
-            return _remember_seconds(path, known, key, {**seconds, "measured": "a ViT-sized matmul"})
-        from ahiq.nn.model import AHIQ  # only to measure: reading the times back loads no timm
+    if seconds["bf16"] > 2 * seconds["fp32"] or measure is None:
+        return _remember_seconds(path, known, key, {**seconds, "measured": "a ViT-sized matmul"})
+    return _remember_seconds(path, known, key, {**measure(), "measured": "a full-size crop pair"})
 
-        model = AHIQ(8, False, False).eval()
-        crops = torch.rand(2, 1, 3, 224, 224)
-        for precision in ("fp32", "bf16"):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                model.score_with_reference(crops[0], model.reference_features(crops[1]))  # oneDNN makes its kernels
-                start = time.perf_counter()
-                model.score_with_reference(crops[0], model.reference_features(crops[1]))
-                seconds[precision] = time.perf_counter() - start
-    return _remember_seconds(path, known, key, {**seconds, "measured": "a full-size crop pair"})
+
+_MEASURED: dict[str, dict] = {}  # this process's measurements (a cache folder that cannot be written included)
 
 
 def _remember_seconds(path: Path, known: dict, key: str, seconds: dict) -> dict:
-    known[key] = seconds
+    known[key] = _MEASURED[key] = seconds
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, (json.dumps(known, indent=1) + "\n").encode())

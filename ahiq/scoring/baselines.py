@@ -1,15 +1,15 @@
-"""The baseline metrics of the paper's Tables 2 and 4, scored on the same pairs as AHIQ: one table of them,
-computed by piq (the optional extra ``pip install -e '.[baselines]'``) on the full images in [0, 1], with
-the settings of piq's functions as written in BASELINES. A metric whose lower value is better is negated, so
-that every score here reads "higher is better". ``BaselineScorer`` scores pairs as ``ahiq.Scorer`` does
+"""The baseline metrics of the paper's Tables 2 and 4 (declared in ahiq.registry.baselines), scored on the same
+pairs as AHIQ: computed by piq (the optional extra ``pip install -e '.[baselines]'``) or here, on the full images
+in [0, 1]. A metric whose lower value is better is negated, so that every score here reads "higher is better".
+``BaselineScorer`` is a scorer (ahiq.scoring.protocol.PairScorer), so it scores to CSV as ``ahiq.Scorer`` does
 (ahiq.scoring.output: progress bar, journal, resume)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -22,58 +22,27 @@ from ahiq.data.datasets import to_tensor
 from ahiq.data.images import read_image
 from ahiq.data.pairs import check_images, reference_groups
 from ahiq.nn.downloads import locate
-from ahiq.nn.zoo import METRIC_WEIGHTS
+from ahiq.registry.baselines import BASELINES, Baseline
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # [1, 3, H, W] twice -> [1]
 
 
-@dataclass(frozen=True)
-class Baseline:
-    label: str                       # as the paper's tables name it
-    build: Callable[[], Metric]      # the metric (the learned ones built once, with their weights)
-    lower_is_better: bool
-    min_size: int                    # the smallest image side piq computes it on
-    settings: str                    # what is computed, for the docs and the resume check
-
-
-def _function(name: str, **kwargs) -> Callable[[], Metric]:
-    return lambda: partial(getattr(import_piq(), name), reduction="none", **kwargs)
-
-
-def _learned(name: str) -> Callable[[], Metric]:
-    return lambda: getattr(import_piq(), name)(reduction="none")
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def psnr(x: torch.Tensor, y: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """10 log10(1 / MSE) of [0, 1] images, in double precision and exactly so (piq's adds 1e-8 to the MSE); identical
-    images, whose PSNR is infinite, get MSE 1e-20 (200 dB) so that the statistics stay finite."""
+    images, whose PSNR is infinite, get MSE 1e-20 (200 dB) so that the statistics stay finite. Per image
+    (``reduction`` "none", the one the baselines use)."""
     mse = ((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3))
     return -10 * torch.log10(mse.clamp_min(1e-20))
 
 
-BASELINES: dict[str, Baseline] = {
-    "psnr": Baseline("PSNR", lambda: psnr, False, 1,
-                     "10 log10(1 / MSE) in double precision, MSE over the RGB channels of [0, 1] images; identical "
-                     "images 200 dB"),
-    "ssim": Baseline("SSIM", _function("ssim", data_range=1.0), False, 11,
-                     "Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, average-pooled by round(min(H, W) / 256) "
-                     "first as Wang et al.'s code; per RGB channel, averaged"),
-    "ms_ssim": Baseline("MS-SSIM", _function("multi_scale_ssim", data_range=1.0), False, 161,
-                        "five scales with Wang et al.'s 2003 weights, window 11, sigma 1.5; per RGB channel"),
-    "fsim": Baseline("FSIMc", _function("fsim", data_range=1.0, chromatic=True), False, 2,
-                     "FSIM with chrominance (FSIMc), average-pooled by round(min(H, W) / 256) first"),
-    "vsi": Baseline("VSI", _function("vsi", data_range=1.0), False, 1, "piq's defaults (Zhang et al. 2014)"),
-    "gmsd": Baseline("GMSD", _function("gmsd", data_range=1.0), True, 1,
-                     "on luminance, average-pooled by 2, T = 170 / 255^2"),
-    "vif_p": Baseline("VIF", _function("vif_p", data_range=1.0), False, 41,
-                      "pixel-domain VIF (VIFp), sigma_n^2 = 2, on luminance; not the wavelet-domain VIF of "
-                      "Sheikh and Bovik 2006"),
-    "lpips": Baseline("LPIPS-VGG", _learned("LPIPS"), True, 32,
-                      "VGG16 with LPIPS v0.1 linear weights, ImageNet normalisation, full image"),
-    "dists": Baseline("DISTS", _learned("DISTS"), True, 1,
-                      "VGG16 with L2 pooling and DISTS weights; images resized to 256 on the shorter side when "
-                      "larger"),
-}
+def build(baseline: Baseline) -> Metric:
+    """The metric a baseline's declaration names: its function with its settings, or its learned class built
+    once (with the weights torch.hub finds)."""
+    module, name = baseline.compute.split(":")
+    computed = getattr(import_piq() if module == "piq" else importlib.import_module(module), name)
+    if baseline.learned:
+        return computed(reduction="none")
+    return partial(computed, reduction="none", **baseline.arguments)
 
 
 def import_piq():
@@ -87,21 +56,21 @@ def import_piq():
 
 
 class BaselineScorer:
-    """One baseline metric as a scorer of pairs (the interface of ahiq.Scorer that ahiq.scoring.output uses)."""
+    """One baseline metric as a scorer of pairs (ahiq.scoring.protocol.PairScorer)."""
 
     def __init__(self, name: str, device: torch.device, weights: str | os.PathLike | None = None):
-        self.name, self.baseline, self.device = name, BASELINES[name], device
-        files = METRIC_WEIGHTS.get(name, ())
+        self.name, self.baseline, self.device = name, BASELINES.choice(name, "baseline"), device
+        files = self.baseline.weights
         # every file found (or downloaded) before a pair is scored; what is missing: one line naming it
         self.weight_files = dict(zip((f.name for f in files), locate(files, weights))) if files else {}
         with _torch_hub_holding(self.weight_files):
-            metric = self.baseline.build()
+            metric = build(self.baseline)
         self.metric = metric.to(device).eval() if isinstance(metric, torch.nn.Module) else metric
 
     def check(self, pairs: Pairs) -> None:
         check_images(pairs, self.baseline.min_size, needs=f"{self.name} needs")
 
-    def score_pairs(self, pairs: Pairs, progress: bool = False, on_reference=None, on_maps=None) -> np.ndarray:
+    def score_pairs(self, pairs: Pairs, progress: bool | str = False, on_reference=None, on_maps=None) -> np.ndarray:
         """Scores of ``pairs`` in their order, higher is better; ``on_reference(indices, scores)`` as each
         reference is done (its image read once)."""
         self.check(pairs)
@@ -118,9 +87,12 @@ class BaselineScorer:
         return scores
 
     def settings(self) -> dict:
-        return {"metric": self.name, "settings": self.baseline.settings, "piq": import_piq().__version__,
+        return {"metric": self.name, "settings": self.baseline.summary, "piq": import_piq().__version__,
                 "negated": self.baseline.lower_is_better, "weights": [f"{name} {path.stat().st_size} bytes"
                                                                       for name, path in self.weight_files.items()]}
+
+    def describe(self) -> str:
+        return f"{self.baseline.label} ({self.baseline.summary}), piq {import_piq().__version__}, device {self.device}"
 
     def check_maps(self) -> None:
         raise ValueError(f"{self.name} has no quality maps (only AHIQ has)")

@@ -1,17 +1,20 @@
-"""The crop-ensemble scoring core: ``score_group``, the one function that scores pairs (and gives their
-quality maps), for the scorer and test.py (through evaluation.predict, which decodes the files), validation,
-the metric and the maps.
+"""The crop-ensemble scoring core: an ``Ensemble`` (trained models, the crops that score a pair, the runtime they
+run with) and its ``score_group``, the one function that scores pairs (and gives their quality maps), for every
+way of scoring: the scorer and test.py (through ahiq.scoring.inference.predict, which decodes the files),
+validation, the metric and the maps. ``load_ensemble`` is the one way to load checkpoints for scoring.
 
 A pair is scored on the crops of a CropPlan: its windows depend only on the image size, the plan and the
 reference's name, so every distorted version of a reference is cut at the same windows and the reference
 crops' features (offsets, reduced head features) are computed once for all of them, then each distorted
-image is scored against them: at most ``chunk`` crops per forward pass, the mean over the crops and over the
-models of an ensemble. Under autograd (the metric as a loss) the same code keeps the graph to the distorted
+image is scored against them: at most the runtime's crops per forward pass, the mean over the crops and over
+the models of an ensemble. Under autograd (the metric as a loss) the same code keeps the graph to the distorted
 input.
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,8 +23,12 @@ import torch
 
 from ahiq.data.crops import CropPlan
 from ahiq.nn.model import AHIQ, ReferenceFeatures
-from ahiq.runtime.device import Runtime
+from ahiq.runtime.device import ResolvedRuntime, Runtime
+from ahiq.runtime.memory import CropCost
+from ahiq.scoring.cost import crop_cost
 from ahiq.scoring.maps import QualityMaps, check_maps
+
+PathLike = str | os.PathLike
 
 
 @dataclass
@@ -47,65 +54,113 @@ class Scored:
                 for j, score in enumerate(self.scores.tolist())]
 
 
-def score_group(models: Sequence[AHIQ], plan: CropPlan, ref: torch.Tensor | None, dists: Sequence[torch.Tensor],
-                ref_name: str, runtime: Runtime, device: torch.device, chunk: int, maps: bool = False,
-                features: list[ReferenceFeatures] | None = None) -> Scored:
-    """Score the distorted images ``dists`` ([3, H, W] each, RGB in [0, 1], on any device) against their
-    one reference ``ref`` [3, H, W]: crops cut by ``plan`` (seeded by ``ref_name``), the reference's features
-    computed once, or taken from ``features`` (an earlier call's for the same reference; ``ref`` may then be
-    None). ``maps``: also the crops' quality maps, from the same forward passes (one model only). Everything
-    stays on the device: nothing is read back until the caller reads the scores or ``maps``."""
-    if maps:
-        check_maps(models)
-    height, width = dists[0].shape[-2:]
-    windows = plan.windows(height, width, ref_name)
-    if features is None:
-        ref_crops = plan.cut(ref.to(device, non_blocking=True), windows)
-        features = [_in_chunks(runtime.entry(m, "reference_features"), ref_crops, runtime, device, chunk)
-                    for m in models]
-    dist_crops = torch.stack([plan.cut(d.to(device, non_blocking=True), windows) for d in dists])
-    scores, crop_maps = _score_crops(models, features, dist_crops, runtime, device, chunk, maps)
-    return Scored(scores, crop_maps, features, windows, plan.size, (int(height), int(width)))
+@dataclass
+class Ensemble:
+    """Trained models scored together (the mean of their scores; one model is an ensemble of one), the crops
+    that score a pair, and the runtime they run with, resolved for their device."""
 
+    models: Sequence[AHIQ]
+    plan: CropPlan
+    runtime: ResolvedRuntime
 
-def _in_chunks(forward, crops: torch.Tensor, runtime: Runtime, device: torch.device, chunk: int) -> ReferenceFeatures:
-    parts = []
-    for a in range(0, crops.shape[0], chunk):
-        with runtime.autocast(device):
-            parts.append(forward(runtime.inputs(crops[a:a + chunk], device)))
-    return ReferenceFeatures.joined(parts)
+    def check_maps(self, option: str = "") -> None:
+        """Quality maps can be drawn (one model, a pooling that has them), else a one-line error."""
+        check_maps(self.models, option)
 
+    def score_group(self, ref: torch.Tensor | None, dists: Sequence[torch.Tensor], ref_name: str, maps: bool = False,
+                    features: list[ReferenceFeatures] | None = None) -> Scored:
+        """Score the distorted images ``dists`` ([3, H, W] each, RGB in [0, 1], on any device) against their
+        one reference ``ref`` [3, H, W]: crops cut by the plan (seeded by ``ref_name``), the reference's
+        features computed once, or taken from ``features`` (an earlier call's for the same reference; ``ref``
+        may then be None). ``maps``: also the crops' quality maps, from the same forward passes (one model
+        only). Everything stays on the device: nothing is read back until the caller reads the scores or
+        ``maps``."""
+        if maps:
+            self.check_maps()
+        device, chunk = self.runtime.device, self.runtime.crops()
+        height, width = dists[0].shape[-2:]
+        windows = self.plan.windows(height, width, ref_name)
+        if features is None:
+            ref_crops = self.plan.cut(ref.to(device, non_blocking=True), windows)
+            features = [self._in_chunks(self.runtime.entry(m, "reference_features"), ref_crops, chunk)
+                        for m in self.models]
+        dist_crops = torch.stack([self.plan.cut(d.to(device, non_blocking=True), windows) for d in dists])
+        scores, crop_maps = self._score_crops(features, dist_crops, chunk, maps)
+        return Scored(scores, crop_maps, features, windows, self.plan.size, (int(height), int(width)))
 
-def _score_crops(models: Sequence[AHIQ], features: Sequence[ReferenceFeatures], dist_crops: torch.Tensor,
-                 runtime: Runtime, device: torch.device, chunk: int,
-                 maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scores [P] of distorted crops [P, K, 3, S, S]: the mean over the K crops and over the models; whole
-    images together while their crops fit in ``chunk``, else windows of one image's crops. ``maps``: also
-    the crops' score and weight maps [2, P, K, h, w] (float32, detached, on the device)."""
-    p, k = dist_crops.shape[:2]
-    per_model = []
-    kept = []  # per window of crops: [2, P, window, h, w]
-    for model, ref in zip(models, features):
-        forward = runtime.entry(model, "predict_with_reference")
-        totals = []  # per window of crops: [P] sums, concatenated so that autograd sees no in-place update
-        for a in range(0, k, chunk):
-            window = min(chunk, k - a)
-            feats = ref.crops(a, a + window)
-            per_pass = max(1, chunk // window)
-            sums, window_maps = [], []
-            for s in range(0, p, per_pass):
-                crops = runtime.inputs(dist_crops[s:s + per_pass, a:a + window].flatten(0, 1), device)
-                with runtime.autocast(device):
-                    pooled = forward(crops, feats)  # its score: float32 under bf16 autocast; float64 stays
-                sums.append(pooled.score.view(-1, window).sum(1))
+    def _in_chunks(self, forward, crops: torch.Tensor, chunk: int) -> ReferenceFeatures:
+        parts = []
+        for a in range(0, crops.shape[0], chunk):
+            with self.runtime.autocast():
+                parts.append(forward(self.runtime.inputs(crops[a:a + chunk])))
+        return ReferenceFeatures.joined(parts)
+
+    def _score_crops(self, features: Sequence[ReferenceFeatures], dist_crops: torch.Tensor, chunk: int,
+                     maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores [P] of distorted crops [P, K, 3, S, S]: the mean over the K crops and over the models; whole
+        images together while their crops fit in ``chunk``, else windows of one image's crops. ``maps``: also
+        the crops' score and weight maps [2, P, K, h, w] (float32, detached, on the device)."""
+        p, k = dist_crops.shape[:2]
+        per_model = []
+        kept = []  # per window of crops: [2, P, window, h, w]
+        for model, ref in zip(self.models, features):
+            forward = self.runtime.entry(model, "predict_with_reference")
+            totals = []  # per window of crops: [P] sums, concatenated so that autograd sees no in-place update
+            for a in range(0, k, chunk):
+                window = min(chunk, k - a)
+                feats = ref.crops(a, a + window)
+                per_pass = max(1, chunk // window)
+                sums, window_maps = [], []
+                for s in range(0, p, per_pass):
+                    crops = self.runtime.inputs(dist_crops[s:s + per_pass, a:a + window].flatten(0, 1))
+                    with self.runtime.autocast():
+                        pooled = forward(crops, feats)  # its score: float32 under bf16 autocast; float64 stays
+                    sums.append(pooled.score.view(-1, window).sum(1))
+                    if maps:
+                        window_maps.append(torch.stack((pooled.score_map, pooled.weight_map)).detach().float().view(
+                            2, -1, window, *pooled.score_map.shape[-2:]))
+                totals.append(torch.cat(sums))
                 if maps:
-                    window_maps.append(torch.stack((pooled.score_map, pooled.weight_map)).detach().float().view(
-                        2, -1, window, *pooled.score_map.shape[-2:]))
-            totals.append(torch.cat(sums))
-            if maps:
-                kept.append(torch.cat(window_maps, dim=1))
-        per_model.append(torch.stack(totals).sum(0) / k)
-    return torch.stack(per_model).mean(0), torch.cat(kept, dim=2) if maps else None
+                    kept.append(torch.cat(window_maps, dim=1))
+            per_model.append(torch.stack(totals).sum(0) / k)
+        return torch.stack(per_model).mean(0), torch.cat(kept, dim=2) if maps else None
+
+
+def resolve(runtime: Runtime, device: torch.device, models: Sequence[AHIQ]) -> ResolvedRuntime:
+    """``runtime`` decided for ``device`` and ``models``, once, at the start of a run: crops per pass from the
+    costliest model's crop, ``precision: auto`` measured on a full-size crop pair where it must be."""
+    costs = [crop_cost(model.config) for model in models]
+    return runtime.resolve(device, CropCost(*(max(c[i] for c in costs) for i in range(2))), crop_pair_seconds)
+
+
+def crop_pair_seconds() -> dict:
+    """Seconds a full-size ViT-B/8 crop pair takes to score (reference features, then the distorted crop) in
+    fp32 and in bf16 on this CPU, random weights, after one untimed pass each (about 10 s on a 2-core CPU):
+    what ``precision: auto`` decides by."""
+    seconds = {}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a run's own random numbers stay as they were
+        model = AHIQ(8, False, False).eval()
+        crops = torch.rand(2, 1, 3, 224, 224)
+        for precision in ("fp32", "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                model.score_with_reference(crops[0], model.reference_features(crops[1]))  # oneDNN makes its kernels
+                start = time.perf_counter()
+                model.score_with_reference(crops[0], model.reference_features(crops[1]))
+                seconds[precision] = time.perf_counter() - start
+    return seconds
+
+
+def load_ensemble(checkpoints: PathLike | Sequence[PathLike], device: torch.device, runtime: Runtime = Runtime(),
+                  crops: str = CropPlan.mode, num_crops: int = CropPlan.count, seed: int = CropPlan.seed,
+                  allow_random_backbones: bool = False, **model_options) -> Ensemble:
+    """The models of ``checkpoints`` (a released model's name, a checkpoint file or a weights folder, or a list:
+    an ensemble; AHIQ.from_pretrained with ``model_options``), ``runtime`` resolved for them on ``device`` and
+    each prepared there for evaluation, scoring ``crops`` (CropPlan) at the models' crop size."""
+    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    models = [AHIQ.from_pretrained(p, allow_random_backbones=allow_random_backbones, **model_options) for p in paths]
+    resolved = resolve(runtime, device, models)
+    models = [resolved.prepare(model).eval() for model in models]
+    return Ensemble(models, CropPlan(models[0].config["img_size"], crops, num_crops, seed), resolved)
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from ahiq.messages import create_folder, last_line
 from ahiq.nn.downloads import sha256_of
 from ahiq.nn.model import AHIQ, ReferenceFeatures
 from ahiq.scoring.onnx_scorer import FORMAT, SETTINGS, VERSION, ExportFolderError, OnnxScorer
+from ahiq.scoring.scorer import Scorer
 
 OPSET = 19  # DeformConv, the deformable convolution, is ONNX's from opset 19
 # The onnx extra's packages, by a command that works wherever ahiq was installed from (a checkout or a wheel).
@@ -59,6 +60,18 @@ class ScoreGraph(nn.Module):
 
     def forward(self, dist: torch.Tensor, reduced: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.predict_with_reference(dist, ReferenceFeatures(offset, reduced)).score
+
+
+def export_command(out: Path, **scorer_settings) -> None:
+    """``python -m ahiq export``: the exporter's packages and the folder checked before a model is loaded or
+    downloaded, then the models of ahiq.Scorer(**scorer_settings) (on the CPU) exported into ``out``."""
+    check_exporter()
+    check_export_folder(out)
+    ensemble = Scorer(device=torch.device("cpu"), **scorer_settings).ensemble
+    verified = export(ensemble.models, out, ensemble.plan)["verified"]
+    print(f"wrote {out}: {len(ensemble.models)} model(s) as ONNX graphs, {ensemble.plan.described()} by default; "
+          f"onnxruntime scored within {verified['max_abs_diff_from_pytorch']:.1e} of PyTorch on {verified['crops']} "
+          f"random crops. Score with it: python -m ahiq score --onnx {out} --dist ... --ref ...")
 
 
 def export(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:

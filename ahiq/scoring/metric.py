@@ -18,23 +18,24 @@ from ahiq.data.crops import CropPlan
 from ahiq.data.datasets import to_tensor
 from ahiq.data.images import read_image
 from ahiq.nn.backbones import Pretrained
-from ahiq.nn.model import AHIQ
-from ahiq.nn.zoo import ZOO
+from ahiq.registry.released import RELEASED
+from ahiq.registry.variants import VITS
 from ahiq.runtime.device import Runtime, select_device
-from ahiq.scoring.ensemble import out_of_memory_advice, score_group
-from ahiq.scoring.maps import QualityMaps, check_maps
+from ahiq.scoring.ensemble import Ensemble, load_ensemble, out_of_memory_advice, resolve
+from ahiq.scoring.maps import QualityMaps
+from ahiq.scoring.scorer import EnsembleScorer
 
 PathLike = str | os.PathLike
-NAMES = {"ahiq": "pipal"}  # the metric's name in IQA libraries -> the released model it means
+NAMES = {"ahiq": RELEASED.default.name}  # the metric's name in IQA libraries -> the released model it means
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def list_models() -> list[str]:
     """The names create_metric takes (besides checkpoint files and weights folders)."""
-    return [*NAMES, *ZOO]
+    return [*NAMES, *RELEASED]
 
 
-class AHIQMetric(nn.Module):
+class AHIQMetric(nn.Module, EnsembleScorer):
     """A trained AHIQ (a released name, a checkpoint file or weights folder, or several: an ensemble) scoring
     pairs with the scorer's crop ensemble (``crops``, ``num_crops``, ``seed``; random crops seeded by the
     reference's name, ``ref_names``, as the scorer seeds them by file name). The scores are those of
@@ -45,31 +46,34 @@ class AHIQMetric(nn.Module):
     ``check_input_range=False``). ``as_loss``: calling the metric keeps autograd on and returns
     ``loss_weight`` times the scores reduced by ``loss_reduction``, as pyiqa does: the score itself, higher for
     better images, so maximise it (or give a negative ``loss_weight``); ``loss`` is the negated mean, to
-    minimise. The weights stay frozen; gradients reach the distorted input only."""
+    minimise. The weights stay frozen; gradients reach the distorted input only. It is also a scorer of image files
+    (ahiq.scoring.protocol.PairScorer: ``score_pairs``, ``score``) with the same models and crops."""
 
     lower_better = False
     metric_mode = "FR"
     score_range = "~0, ~1"  # a normalised MOS (PIPAL's training targets): an identical pair scores about 0.7
 
-    def __init__(self, checkpoint: PathLike | Sequence[PathLike] = "pipal", crops: str = "random",
-                 num_crops: int = 20, seed: int = 0, device: str | torch.device = "auto", patch_size: int = 8,
-                 vit_pretrained: Pretrained = True, cnn_pretrained: Pretrained = True, as_loss: bool = False,
-                 loss_weight: float = 1.0, loss_reduction: str = "mean", check_input_range: bool = True,
-                 runtime: Runtime = Runtime(), weights: PathLike | None = None, allow_random_backbones: bool = False):
+    batch_size, num_workers = 1, 0  # as a scorer of image files
+
+    def __init__(self, checkpoint: PathLike | Sequence[PathLike] = "ahiq", crops: str = CropPlan.mode,
+                 num_crops: int = CropPlan.count, seed: int = CropPlan.seed, device: str | torch.device = "auto",
+                 patch_size: int = VITS.default.name, vit_pretrained: Pretrained = True,
+                 cnn_pretrained: Pretrained = True, as_loss: bool = False, loss_weight: float = 1.0,
+                 loss_reduction: str = "mean", check_input_range: bool = True, runtime: Runtime = Runtime(),
+                 weights: PathLike | None = None, allow_random_backbones: bool = False):
         super().__init__()
         if loss_reduction not in REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {', '.join(REDUCTIONS)}, got {loss_reduction!r}")
         paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
         paths = [NAMES.get(p, p) if isinstance(p, str) else p for p in paths]
         device = device if isinstance(device, torch.device) else select_device(device, "device")
-        self.runtime = runtime
-        self.models = nn.ModuleList(
-            runtime.prepare(AHIQ.from_pretrained(p, patch_size=patch_size, vit_pretrained=vit_pretrained,
-                                                 cnn_pretrained=cnn_pretrained, weights=weights,
-                                                 allow_random_backbones=allow_random_backbones), device).eval()
-            for p in paths)
+        loaded = load_ensemble(paths, device, runtime, crops, num_crops, seed, allow_random_backbones,
+                               patch_size=patch_size, vit_pretrained=vit_pretrained, cnn_pretrained=cnn_pretrained,
+                               weights=weights)
+        self.models = nn.ModuleList(loaded.models)
         self.models.requires_grad_(False)
-        self.plan = CropPlan(self.models[0].config["img_size"], crops, num_crops, seed)
+        self.plan, self.runtime = loaded.plan, runtime
+        self._resolved = {device: loaded.runtime}  # the runtime resolved for each device the metric was on
         self.as_loss, self.loss_weight, self.loss_reduction = as_loss, loss_weight, loss_reduction
         # as in pyiqa: no range check on a loss (an optimised image may step slightly outside [0, 1])
         self.check_input_range = check_input_range and not as_loss
@@ -83,6 +87,13 @@ class AHIQMetric(nn.Module):
     def dtype(self) -> torch.dtype:
         """The weights' dtype, which inputs are given (it follows ``.double()``)."""
         return self.models[0].head.reduce.weight.dtype
+
+    @property
+    def ensemble(self) -> Ensemble:
+        """The models, crops and runtime, resolved for the device the metric is on now (once per device)."""
+        if self.device not in self._resolved:
+            self._resolved[self.device] = resolve(self.runtime, self.device, self.models)
+        return Ensemble(self.models, self.plan, self._resolved[self.device])
 
     def forward(self, dist: Any, ref: Any, ref_names: Sequence[str] | None = None) -> torch.Tensor:
         """[B] scores of B pairs; as a loss (``as_loss``), the weighted, reduced scores."""
@@ -102,15 +113,14 @@ class AHIQMetric(nn.Module):
     def maps(self, dist: Any, ref: Any, ref_name: str = "") -> QualityMaps:
         """One pair's score with its quality maps (ahiq.scoring.maps), from the same crops and forward passes as the
         score; one model (not an ensemble)."""
-        check_maps(self.models)
+        self.check_maps()
         dists, refs, names = self._pairs(dist, ref, [ref_name] if ref_name else None)
         if len(dists) != 1:
             raise ValueError(f"maps takes one pair, got {len(dists)}")
         d, r = dists[0], refs[0]
         if d.shape != r.shape:
             raise ValueError(f"give dist and ref of one shape, got {tuple(d.shape)} and {tuple(r.shape)}")
-        return score_group(self.models, self.plan, r, [d], names[0], self.runtime, self.device,
-                           self.runtime.crops_per_pass(self.models[0], self.device), maps=True).maps[0]
+        return self.ensemble.score_group(r, [d], names[0], maps=True).maps[0]
 
     def _scores(self, dist: Any, ref: Any, ref_names: Sequence[str] | None) -> torch.Tensor:
         dists, refs, names = self._pairs(dist, ref, ref_names)
@@ -123,12 +133,12 @@ class AHIQMetric(nn.Module):
                                  f"{size}x{size} crop")
         if not dists:
             return torch.zeros(0, device=self.device)
-        chunk = self.runtime.crops_per_pass(self.models[0], self.device)
+        ensemble = self.ensemble
         scores = [None] * len(dists)
         for group in _same_reference(refs, names):  # each reference's features once, as the scorer does
-            with out_of_memory_advice(self.device, len(group), self.plan.count, chunk, "pairs of one reference per call"):
-                got = score_group(self.models, self.plan, refs[group[0]], [dists[i] for i in group],
-                                  names[group[0]], self.runtime, self.device, chunk).scores
+            with out_of_memory_advice(self.device, len(group), self.plan.count, ensemble.runtime.crops(),
+                                      "pairs of one reference per call"):
+                got = ensemble.score_group(refs[group[0]], [dists[i] for i in group], names[group[0]]).scores
             for i, score in zip(group, got):
                 scores[i] = score
         return torch.stack(scores)

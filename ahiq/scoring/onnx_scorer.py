@@ -11,13 +11,14 @@ from typing import Callable
 
 import numpy as np
 
-from ahiq.data.crops import EVAL_CROPS, CropPlan
+from ahiq.data.crops import CropPlan
 from ahiq.data.images import read_image
-from ahiq.data.pairs import check_images, pair_files, reference_groups
-from ahiq.data.labels import Pairs
+from ahiq.data.pairs import Pairs, check_images, pair_files, reference_groups
+from ahiq.registry.settings import EVAL_CROPS
+from ahiq.registry.variants import FUSIONS
 from ahiq.runtime.memory import cpu_budget, crops_in_budget
-from ahiq.options import FUSIONS
 from ahiq.runtime.threads import choose_threads
+from ahiq.scoring.cost import crop_cost
 
 FORMAT = "ahiq-onnx"
 VERSION = 1
@@ -156,7 +157,8 @@ class OnnxScorer:
                     raise ExportFolderError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]}); "
                                             f"export again") from None
             self.sessions.append(pair)
-        self.chunk = crop_chunk or min(crops_in_budget(m["config"], cpu_budget()) for m in self.export["models"])
+        self.chunk = crop_chunk or min(crops_in_budget(crop_cost(m["config"]).evaluating, cpu_budget())
+                                       for m in self.export["models"])
 
     def describe(self) -> str:
         return (f"onnxruntime, {self.folder} ({len(self.sessions)} model(s)), fp32; CPU threads: {self.threads} "
@@ -165,10 +167,7 @@ class OnnxScorer:
     def settings(self) -> dict:
         """What decides the scores, for resuming a journaled run only with the same (ahiq.scoring.journal)."""
         graphs = [f"{name} sha256 {entry['sha256']}" for name, entry in self.export["files"].items()]
-        return {"onnx": graphs, "crops": [self.plan.size, self.plan.mode,
-                                          self.plan.count if self.plan.mode == "random" else None,
-                                          self.plan.seed if self.plan.mode == "random" else None],
-                "precision": "fp32 onnxruntime"}
+        return {"onnx": graphs, "crops": self.plan.settings(), "precision": "fp32 onnxruntime"}
 
     def check_maps(self) -> None:
         raise ExportFolderError("--maps needs the PyTorch scorer: the ONNX export holds the scores' graphs, not "
@@ -177,17 +176,21 @@ class OnnxScorer:
     def score(self, dist: PathLike, ref: PathLike) -> float:
         return float(self.score_pairs(pair_files(dist, ref))[0])
 
-    def score_pairs(self, pairs: Pairs, progress: bool = False,
+    def check(self, pairs: Pairs) -> None:
+        check_images(pairs, self.plan.size, whole=self.plan.mode == "whole")
+
+    def score_pairs(self, pairs: Pairs, progress: bool | str = False,
                     on_reference: Callable[[list[int], np.ndarray], None] | None = None, on_maps=None) -> np.ndarray:
         """Scores of ``pairs`` in their order, grouped by reference as ahiq.scoring.inference.predict groups
         them; ``on_reference(indices, scores)`` as each reference is done."""
-        check_images(pairs, self.plan.size, whole=self.plan.mode == "whole")  # every pair before the first score
+        self.check(pairs)  # every pair before the first score
         out = np.empty(len(pairs))
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(pairs), desc="score", unit="pair", dynamic_ncols=True, disable=None)
+            bar = tqdm(total=len(pairs), desc=progress if isinstance(progress, str) else "score", unit="pair",
+                       dynamic_ncols=True, disable=None)
         for group in reference_groups(pairs):
             ref = read_image(pairs[group[0]].ref)
             windows = self.plan.windows(*ref.shape[:2], Path(pairs[group[0]].ref).name)
