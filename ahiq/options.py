@@ -133,12 +133,14 @@ OPTIONS = [
             "choose what"),
     Option("runtime.tf32", False, "let fp32 matmuls and convolutions use TF32 on GPUs that have it (false: strict "
            "fp32, the reference numbers)"),
-    Option("runtime.channels_last", False, "NHWC weights and inputs for the convolutions (what tensor cores want)"),
+    Option("runtime.channels_last", True, "NHWC weights and inputs for the convolutions (what tensor cores want, and "
+           "faster on the CPUs measured: [performance.md](performance.md#runtime-settings)); false: NCHW"),
     Option("runtime.compile", False, "`true`: `torch.compile` the model (inductor); or a backend name. Compiling "
            "takes minutes; it pays off on long runs", (bool, str)),
-    Option("runtime.crop_chunk", None, "the most crops in one forward pass when evaluating; null: as many as fit in "
-           "a quarter of the CPU's available memory (at most 128 MiB: one full-size crop) or half a GPU's free "
-           "memory, at most 64; set a number when out of memory", (int, NULL), at_least=1),
+    Option("runtime.crop_chunk", None, "the most crops in one forward pass when evaluating; null: on a CPU as many as a "
+           "quarter of its available memory holds, at most those that pay off there (fp32 1, bf16 4); on a GPU as "
+           "many as half its free memory holds, at most 64 (a full-size crop counts 128 MiB); set a number when out "
+           "of memory", (int, NULL), at_least=1),
     Option("runtime.threads", None, "CPU threads of the command lines' runs (train.py, test.py); null: "
            "`OMP_NUM_THREADS` when set, else the CPUs this process may use (affinity, cgroup quota, Slurm's "
            "allocation), shared among torchrun's processes on the node. The demo sets 1 "

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""AHIQ against the official compute pattern, side by side in one run on the same inputs and weights.
+"""AHIQ against the official compute pattern, side by side in one run on the same inputs and weights, and
+against the machine's own matmul.
 
     python scripts/benchmark.py --suite all --device cpu
     python scripts/benchmark.py --suite eval --device cuda [--distortions 16 --crops 20]
@@ -17,22 +18,23 @@ them). The reference is ahiq.nn.official.OfficialAHIQ: full ViT and ResNet50 for
 block, the fusion run once per image, torchvision's deformable convolution, fp32, and (eval) the official
 test loop: one forward per crop index over a batch of pairs; after each eval case a ``_metric`` row: the
 metric (ahiq.create_metric) on the same pairs as tensors, against ahiq's prediction from the files.
-``--precision bf16`` or ``all`` runs ahiq under bf16 autocast too (rows ``<case>_bf16``, against the same
-official fp32 pattern), and ``all`` also with ``runtime.precision=auto`` (rows ``<case>_auto``: what auto
-chooses here, said in the header); by default where the device computes bf16 natively (the header says
-whether the CPU does). Suite ``flops``: the operations per pair of both paths, counted (the same on any device): what the
-speed-ups can reach before precision and kernels come in. Suite ``variants``: the operations and weights of
-every variant of the paper's ablations (scripts/run_ablations.py's Tables 6, 7, 8), full size. Suite ``onnx`` (CPU):
-the eval suite's cases scored from the files by ahiq's PyTorch scorer (fp32, and bf16 where native) and by the ONNX
-export on onnxruntime (ahiq.scoring.onnx_scorer), side by side; then one distorted crop through the exported score
-graph under onnxruntime's settings (intra-op threads, graph optimisation level). Suite ``chunk``: one pair's 20 crops with 20, 10,
-8 and 5 crops per forward pass (what the automatic ``runtime.crop_chunk`` rests on). Each case prints
+``--precision bf16`` or ``all`` runs ahiq in bf16 too (rows ``<case>_bf16``, against the same official fp32
+pattern), and ``all`` also with ``runtime.precision=auto`` (rows ``<case>_auto``: what auto chooses here, said in
+the header); by default where the device computes bf16 natively (the header says whether the CPU does). Suite
+``chunk``: one pair's 20 crops with ``--chunks`` crops per forward pass (what ``runtime.crop_chunk``'s default
+rests on). Each case prints
     <case>: reference <a> pairs/s, ahiq <b> pairs/s, speedup <x>x, max |diff| <d> [(against ahiq fp32 <e>)], peak memory ...
 max |diff| is every row's largest difference from the official pattern over the scores (model, eval), or
 (train) over the losses of the same steps from the same weights on the same batches, relative (random
 weights make the loss jump after the first step); a bf16 row also gives its difference from ahiq's fp32 row.
 Peak memory: the CUDA allocator's peak, or on the CPU the growth of the resident set (Linux; freed memory
 returned to the system first), both above what was allocated before the case.
+
+The machine's own matmul at ViT-B/8's shapes (scripts/measure.py, MATMUL_SHAPES) is sampled before, between and
+after the eval and train suites, in fp32 and in bf16; at the end, each of ahiq's rows of those suites with the
+operations it performs per pair (counted, scripts/operations.py), the GFLOP/s it reaches, and that as a share of
+the mean of the matmul samples in its precision ("of matmul"). The operation counts alone: scripts/operations.py;
+the ONNX export beside PyTorch: scripts/onnx_speed.py.
 """
 from __future__ import annotations
 
@@ -41,14 +43,16 @@ import copy
 import gc
 import sys
 import tempfile
-from typing import Sequence
 from pathlib import Path
+
+
+SUITES = ("model", "eval", "train", "chunk")
 
 
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["model", "eval", "train", "flops", "variants", "chunk", "onnx", "all"],
-                        default="all")
+    parser.add_argument("--suite", nargs="+", choices=SUITES + ("all",), default=["all"],
+                        help="one or more suites (default: all of them)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is a GPU, else cpu")
     parser.add_argument("--repeats", type=int, default=3,
                         help="model: timed calls per path (the fastest counts); train: timed steps per path")
@@ -57,7 +61,7 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--crops", type=int, default=None, help="eval suite: random crops (default 20 on CUDA, 5 on the CPU)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[20, 10, 8, 5, 2],
                         help="chunk suite: the crops per forward pass to measure")
-    parser.add_argument("--channels-last", action="store_true", help="ahiq: the channels_last layout")
+    parser.add_argument("--nchw", action="store_true", help="ahiq in the NCHW layout (runtime.channels_last=false)")
     parser.add_argument("--compile", action="store_true", help="ahiq: torch.compile (compile time in the warm-up)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto", "all"], default=None,
                         help="ahiq's precision(s); all: fp32, bf16 and auto (runtime.precision=auto: what it chooses "
@@ -79,20 +83,9 @@ from ahiq.options import DEFAULTS  # noqa: E402
 from ahiq.nn.official import random_official_setup  # noqa: E402
 from ahiq.runtime.device import Runtime, native_bf16, set_tf32  # noqa: E402
 from ahiq.engine.training import make_optimizer, train_step  # noqa: E402
-from measure import PeakMemory, best_time, count_gflop, environment, machine, timed, write_noisy_pairs  # noqa: E402
-
-
-def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: dict,
-           mem_ref: PeakMemory, mem_ours: PeakMemory, extra: str = "", what: str = "max |diff|") -> dict:
-    """One result: n pairs in t seconds for each path, the agreement (agreement()), the peak memory of each;
-    printed as one line and returned as a row."""
-    row = {"case": case, "reference_pairs_per_s": n_ref / t_ref, "ahiq_pairs_per_s": n_ours / t_ours,
-           "speedup": (n_ours / t_ours) / (n_ref / t_ref), **diff, "peak_reference_mib": mem_ref.mib,
-           "peak_ahiq_mib": mem_ours.mib}
-    print(f"{case}: reference {row['reference_pairs_per_s']:.3f} pairs/s, ahiq {row['ahiq_pairs_per_s']:.3f} pairs/s, "
-          f"speedup {row['speedup']:.2f}x, {agreement_text(diff, what)}, peak memory reference {mem_ref.mib:.0f} MiB, "
-          f"ahiq {mem_ours.mib:.0f} MiB{extra}", flush=True)
-    return row
+from ahiq.scoring.ensemble import Ensemble, resolve  # noqa: E402
+from measure import (MatmulReference, PeakMemory, agreement, best_time, count_gflop, environment, machine,  # noqa: E402
+                     report, timed, write_noisy_pairs)
 
 
 def model_suite(device: torch.device, repeats: int) -> list[dict]:
@@ -120,7 +113,6 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
     from scipy.stats import spearmanr
 
     from ahiq.data import CropPlan, EvalPairs, Pair, Pairs, Part
-    from ahiq.scoring.ensemble import Ensemble, resolve
     from ahiq.scoring.inference import predict
 
     sizes = sizes or {}
@@ -134,7 +126,9 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
         model.save_checkpoint(checkpoint)
         reference = reference.to(device)
         resolved = {name: resolve(runtime, device, [model]) for name, runtime in runtimes.items()}
-        models = {name: run.prepare(copy.deepcopy(model)) for name, run in resolved.items()}
+        # prepared for scoring as the scorers prepare them: no weight trains
+        models = {name: run.prepare(copy.deepcopy(model).requires_grad_(False)) for name, run in resolved.items()}
+        crop_gflop = crop_operations(model)
         rng = np.random.default_rng(0)
         cases = {f"pipal_{scaled(288)}_{crops}crop": (scaled(288), scaled(288), 2, distortions),
                  f"live_{scaled(768)}x{scaled(512)}_{crops}crop": (scaled(512), scaled(768), 1, 1)}
@@ -186,24 +180,21 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                          f"{spearmanr(results[name], psnr)[0]:.4f}" if n >= 8 else "")
                 rows.append(report(f"{case}_{name}", n, t_ref, n, t_ours, agreement(results, expected, name), mem_ref,
                                    mem_ours, extra))
+                rows[-1].update(precision="bf16" if run.bf16 else "fp32",
+                                ahiq_gflop_per_pair=crops * (crop_gflop[1] + crop_gflop[0] / per_ref))
             rows.extend(metric_rows(case, checkpoint, runtimes, part, plan, device, results))
     return rows
 
 
-def agreement(scores: dict, official, name: str) -> dict:
-    """The agreement of the row ``name`` of ``scores`` (numpy arrays by row name): its largest difference from
-    the official pattern's scores, and for a row other than fp32 also from ahiq's fp32 row."""
-    found = {"max_diff": float(np.abs(scores[name] - official).max())}
-    if name != "fp32" and "fp32" in scores:
-        found["max_diff_vs_fp32"] = float(np.abs(scores[name] - scores["fp32"]).max())
-    return found
-
-
-def agreement_text(diff: dict, what: str = "max |diff|") -> str:
-    if "max_diff" not in diff:
-        return f"{what} not compared"
-    text = f"{what} {diff['max_diff']:.2e}"
-    return text + (f" (against ahiq fp32 {diff['max_diff_vs_fp32']:.2e})" if "max_diff_vs_fp32" in diff else "")
+def crop_operations(model) -> tuple[float, float]:
+    """GFLOP ahiq performs for one reference crop's features and for one distorted crop scored against them
+    (count_gflop; the same on any device)."""
+    size = model.config["img_size"]
+    dist, ref = torch.rand(2, 1, 3, size, size)
+    with torch.no_grad():
+        features = model.reference_features(ref)
+        return (count_gflop(lambda: model.reference_features(ref)),
+                count_gflop(lambda: model.score_with_reference(dist, features)))
 
 
 def metric_rows(case: str, checkpoint: Path, runtimes: dict, part, plan, device: torch.device, results: dict) -> list[dict]:
@@ -244,7 +235,6 @@ def chunk_suite(device: torch.device, sizes: list[int]) -> None:
         _, model, _ = random_official_setup(8, tmp)
     model = model.to(device).eval()
     from ahiq.data import CropPlan
-    from ahiq.scoring.ensemble import Ensemble, resolve
 
     ref, dist = torch.rand(2, 3, 288, 288)
     plan = CropPlan(224, "random", 20)
@@ -284,9 +274,8 @@ def official_stepper(reference: torch.nn.Module, device: torch.device):
 
 
 def ahiq_stepper(model: torch.nn.Module, runtime: Runtime, device: torch.device):
-    """ahiq.engine.training.train_step (the default recipe) on a copy of ``model``: step(dist, ref, target) -> loss."""
-    from ahiq.scoring.ensemble import resolve
-
+    """ahiq.engine.training.train_step (the default recipe) on a copy of ``model``, prepared as train.py prepares it:
+    step(dist, ref, target) -> loss."""
     run = resolve(runtime, device, [model])
     net = run.prepare(copy.deepcopy(model)).train()
     optimizer, scheduler = make_optimizer(net, DEFAULTS["train"])
@@ -320,6 +309,7 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
                 for _ in range(count)]
 
     data = batches(4, repeats + 1)
+    step_gflop = count_gflop(lambda: ahiq_stepper(model, Runtime(), torch.device("cpu"))(*batches(4, 1)[0]))
     ref_losses, t_ref, mem_ref = run(official_stepper(reference, device), data)
     losses = {}
     for name, runtime in runtimes.items():
@@ -327,6 +317,8 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
         relative = {row: np.array([(b - a) / abs(a) for a, b in zip(ref_losses, values)]) for row, values in losses.items()}
         rows.append(report(f"train_p8_batch4_{name}", 4 * repeats, t_ref, 4 * repeats, t_ours,
                            agreement(relative, 0.0, name), mem_ref, mem_ours, what="max relative |diff| of the losses"))
+        rows[-1].update(precision="bf16" if resolve(runtime, device, [model]).bf16 else "fp32",
+                        ahiq_gflop_per_pair=step_gflop / 4)
     if device.type != "cuda" or not largest:
         print("# train, largest batch: CUDA only (the CPU has no fixed memory limit)", flush=True)
         return rows
@@ -352,129 +344,23 @@ def train_suite(device: torch.device, repeats: int, runtimes: dict[str, Runtime]
     return rows
 
 
-def flops_suite(crops: int, per_reference: int) -> None:
-    """Operations per pair (count_gflop, on the CPU: the counts hold on any device). Evaluation is the
-    PIPAL-shaped case: ``crops`` crops per pair, ``per_reference`` distorted images per reference (ahiq
-    computes a reference crop's features once for all of them)."""
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        reference, model, _ = random_official_setup(8, tmp)
-    dist, ref = torch.rand(2, 4, 3, 224, 224)
-    with torch.no_grad():
-        official_pair = count_gflop(lambda: reference(dist[:1], ref[:1]))
-        features = model.reference_features(ref[:1])
-        reference_crop = count_gflop(lambda: model.reference_features(ref[:1]))
-        distorted_crop = count_gflop(lambda: model.score_with_reference(dist[:1], features))
-    print(f"flops_eval_pipal_{crops}crop: reference {crops * official_pair:.0f} GFLOP/pair, ahiq "
-          f"{crops * (distorted_crop + reference_crop / per_reference):.0f} GFLOP/pair, ratio "
-          f"{official_pair / (distorted_crop + reference_crop / per_reference):.2f}x (per crop: reference "
-          f"{official_pair:.1f}; ahiq {distorted_crop:.1f} per distorted crop + {reference_crop:.1f} per "
-          f"reference crop, shared by {per_reference})", flush=True)
-
-    cpu, target = torch.device("cpu"), torch.rand(4)
-    official_step = count_gflop(lambda: official_stepper(reference, cpu)(dist, ref, target))
-    ahiq_step = count_gflop(lambda: ahiq_stepper(model, Runtime(), cpu)(dist, ref, target))
-    print(f"flops_train_p8_batch4: reference {official_step / 4:.0f} GFLOP/pair, ahiq {ahiq_step / 4:.0f} "
-          f"GFLOP/pair, ratio {official_step / ahiq_step:.2f}x", flush=True)
-
-
-def variants_suite() -> None:
-    """Per variant of the ablation tables (each once, full size, random weights): GFLOP per reference crop
-    and per distorted crop, as in flops_suite, and the weights built (all; trained, i.e. fusion and head)."""
-    from ahiq.nn.model import AHIQ
-    from ahiq.registry.variants import AHIQ as AHIQ_VARIANT, TABLES
-
-    seen = {}
-    for number, table in TABLES.items():
-        for row in table.rows():
-            seen.setdefault(row.slug, (number, row.variant))
-    dist, ref = torch.rand(2, 1, 3, 224, 224)
-    for name, (number, variant) in seen.items():
-        options = {**AHIQ_VARIANT, **variant}
-        torch.manual_seed(0)
-        model = AHIQ(options.pop("patch_size"), False, False, **options).eval()
-        with torch.no_grad():
-            features = model.reference_features(ref)
-            reference_crop = count_gflop(lambda: model.reference_features(ref))
-            distorted_crop = count_gflop(lambda: model.score_with_reference(dist, features))
-        weights = sum(p.numel() for p in model.parameters()) / 1e6
-        trained = sum(p.numel() for k, p in model.named_parameters() if k.startswith(("fusion.", "head."))) / 1e6
-        print(f"variant_{name} (table {number}): {distorted_crop:.1f} GFLOP per distorted crop, {reference_crop:.1f} "
-              f"per reference crop; {weights:.1f}M weights, {trained:.1f}M trained", flush=True)
-
-
-def onnx_suite(distortions: int, crops: int, precisions: Sequence[str]) -> list[dict]:
-    """The eval suite's two cases, full-size ViT-B/8 with random weights, scored from the files as ``python -m
-    ahiq score`` does: ahiq's PyTorch Scorer in each of ``precisions`` against the ONNX export on onnxruntime
-    (OnnxScorer). Rows ``<case>_onnx``: pairs/s of each, the largest score difference from PyTorch fp32, and
-    the peak memory of each from before its model is loaded (weights included: the ONNX export's two graphs
-    each hold the backbones). Then onnxruntime's settings on one distorted crop through the score graph."""
-    import onnxruntime
-
-    from ahiq.data import Pair, Pairs
-    from ahiq.scoring.export import export
-    from ahiq.scoring.onnx_scorer import OnnxScorer
-    from ahiq.scoring.scorer import Scorer
-
-    cpu, rows = torch.device("cpu"), []
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        _, model, checkpoint = random_official_setup(8, tmp)
-        weights = {"vit_pretrained": Path(tmp) / "vit.pth", "cnn_pretrained": Path(tmp) / "resnet.pth"}
-        make = {name: (lambda p=name: Scorer(checkpoint, crops="random", num_crops=crops, runtime=Runtime(precision=p),
-                                             **weights)) for name in precisions}
-        make["onnx"] = lambda: OnnxScorer(Path(tmp) / "onnx")
-        first = make[precisions[0]]()
-        export(first.models, Path(tmp) / "onnx", first.plan)
-        first = None
-        rng = np.random.default_rng(0)
-        for case, (h, w, n_refs, per_ref) in {f"pipal_288_{crops}crop": (288, 288, 2, distortions),
-                                              f"live_768x512_{crops}crop": (512, 768, 1, 1)}.items():
-            written = write_noisy_pairs(Path(tmp), f"{case}_", h, w, n_refs, per_ref, rng)
-            pairs = Pairs([Pair(str(ref), str(dist), float("nan"), dist.name) for ref, dist, _ in written])
-            results, seconds, memory = {}, {}, {}
-            for name, build in make.items():
-                memory[name] = PeakMemory(cpu)
-                with torch.no_grad(), memory[name]:  # loading, and the first run's work, count in the peak, not the time
-                    scorer = build()
-                    scorer.batch_size = per_ref
-                    scorer.score_pairs(Pairs(list(pairs)[:1]))
-                    results[name], seconds[name] = timed(lambda: scorer.score_pairs(pairs), cpu)
-                scorer = None  # freed before the next path's peak is measured
-                gc.collect()
-            n = len(pairs)
-            row = {"case": f"{case}_onnx", **{f"{k}_pairs_per_s": n / t for k, t in seconds.items()},
-                   "onnx_max_diff_vs_fp32": float(np.abs(results["onnx"] - results["fp32"]).max()),
-                   **{f"peak_{k}_mib": m.mib for k, m in memory.items()}}
-            rows.append(row)
-            others = ", ".join(f"ahiq {k} {n / seconds[k]:.3f} pairs/s" for k in precisions if k != "fp32")
-            print(f"{case}_onnx: ahiq fp32 {n / seconds['fp32']:.3f} pairs/s, onnxruntime {n / seconds['onnx']:.3f} "
-                  f"pairs/s ({seconds['fp32'] / seconds['onnx']:.2f}x ahiq fp32){', ' + others if others else ''}, "
-                  f"max |diff| onnxruntime vs ahiq fp32 {row['onnx_max_diff_vs_fp32']:.2e}, peak memory with the "
-                  f"weights " + ", ".join(f"{k} {m.mib:.0f} MiB" for k, m in memory.items()), flush=True)
-        graph = str(Path(tmp) / "onnx" / "model0_score.onnx")
-        crop = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
-        with torch.no_grad():
-            features = model.reference_features(torch.from_numpy(crop))
-        feed = {"dist": crop, "reduced": features.reduced.numpy(), "offset": features.offset.numpy()}
-        levels = onnxruntime.GraphOptimizationLevel
-        threads = OnnxScorer(Path(tmp) / "onnx").threads
-        for count, level, arena in ((threads, "ORT_ENABLE_ALL", True), (threads, "ORT_ENABLE_EXTENDED", True),
-                                    (threads, "ORT_ENABLE_BASIC", True), (1, "ORT_ENABLE_ALL", True),
-                                    (threads, "ORT_ENABLE_ALL", False)):
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads, options.graph_optimization_level = count, getattr(levels, level)
-            options.enable_cpu_mem_arena = arena
-            session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-            took = best_time(lambda: session.run(None, feed), 3, cpu)
-            name = f"onnx_settings_{count}threads_{level}{'' if arena else '_no_arena'}"
-            print(f"{name}: {took:.3f} s per distorted crop", flush=True)
-            rows.append({"case": name, "seconds_per_crop": took})
-    return rows
+def of_matmul(rows: list[dict], matmul: MatmulReference) -> None:
+    """Each ahiq row of the eval and train suites beside the machine's matmul: the operations it performs per pair,
+    the GFLOP/s that is at its speed, and the share of the matmul's GFLOP/s (the mean of the run's samples in the
+    row's precision)."""
+    print("# ahiq beside the machine's matmul (samples' mean): " + ", ".join(
+        f"{k} {matmul.rate(k):.0f} GFLOP/s" for k in matmul.samples), flush=True)
+    for row in rows:
+        if "ahiq_gflop_per_pair" in row and row["precision"] in matmul.samples:
+            rate = row["ahiq_pairs_per_s"] * row["ahiq_gflop_per_pair"]
+            row.update(ahiq_gflops=rate, of_matmul=rate / matmul.rate(row["precision"]))
+            print(f"{row['case']}: {row['ahiq_pairs_per_s']:.3f} pairs/s x {row['ahiq_gflop_per_pair']:.0f} GFLOP/pair = "
+                  f"{rate:.0f} GFLOP/s = {row['of_matmul']:.0%} of {row['precision']} matmul", flush=True)
 
 
 def main() -> None:
     args = arguments().parse_args()
+    suites = set(SUITES if "all" in args.suite else args.suite)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -484,27 +370,29 @@ def main() -> None:
           flush=True)
     precisions = {"fp32": ("fp32",), "bf16": ("bf16",), "auto": ("auto",), "all": ("fp32", "bf16", "auto")}[
         args.precision or ("all" if native_bf16(device) else "fp32")]
-    runtimes = {p: Runtime(precision=p, channels_last=args.channels_last, compile=args.compile) for p in precisions}
+    runtimes = {p: Runtime(precision=p, channels_last=not args.nchw, compile=args.compile) for p in precisions}
     if "auto" in runtimes:
         from ahiq.nn.model import AHIQ
-        from ahiq.scoring.ensemble import resolve
 
         chosen = resolve(runtimes["auto"], device, [AHIQ(8, False, False)])
         print(f"# runtime.precision=auto here: {chosen.describe().split(';')[0]}", flush=True)
-    if args.suite in ("model", "all"):
+    if "model" in suites:
         model_suite(device, args.repeats)
-    if args.suite in ("eval", "all"):
+    rows, matmul = [], MatmulReference(device, native_bf16(device))
+    if suites & {"eval", "train"}:
+        matmul.sample("before")
+    if "eval" in suites:
         cuda = device.type == "cuda"
-        eval_suite(device, args.distortions or (16 if cuda else 4), args.crops or (20 if cuda else 5), runtimes)
-    if args.suite in ("train", "all"):
-        train_suite(device, args.repeats, runtimes)
-    if args.suite in ("flops", "all"):
-        flops_suite(args.crops or 20, args.distortions or 16)
-    if args.suite in ("variants", "all"):
-        variants_suite()
-    if args.suite in ("onnx", "all") and device.type == "cpu":
-        onnx_suite(args.distortions or 4, args.crops or 5, [p for p in precisions if p != "auto"])
-    if args.suite in ("chunk", "all"):
+        eval_suite(device, args.distortions or (16 if cuda else 4), args.crops or (20 if cuda else 5), runtimes,
+                   rows=rows)
+    if {"eval", "train"} <= suites:
+        matmul.sample("between")
+    if "train" in suites:
+        train_suite(device, args.repeats, runtimes, rows=rows)
+    if suites & {"eval", "train"}:
+        matmul.sample("after")
+        of_matmul(rows, matmul)
+    if "chunk" in suites:
         chunk_suite(device, args.chunks)
 
 

@@ -8,10 +8,11 @@ It writes ``<out>.md`` and ``<out>.json`` (default ``gpu_check.md``/``.json``) w
 - the device and the library versions;
 - the outcome of the GPU tests (``pytest tests/test_cuda.py tests/test_fusion.py``; with ``--quick``
   ``tests/test_cuda.py`` alone: passed, failed, skipped);
-- the evaluation and training rows of scripts/benchmark.py for ahiq in fp32, TF32, bf16, channels_last and
-  compiled (torch.compile), each against the official compute pattern in the same run: pairs per second, the
-  speed-up, peak memory, and the largest difference of the scores (or losses) from the official pattern's
-  and, for the other rows, from ahiq's fp32 row.
+- the evaluation and training rows of scripts/benchmark.py for ahiq in fp32 (NHWC, the default), TF32, bf16,
+  NCHW and compiled (torch.compile), each against the official compute pattern in the same run: pairs per
+  second, the speed-up, peak memory, and the largest difference of the scores (or losses) from the official
+  pattern's and, for the other rows, from ahiq's fp32 row; and each fp32 and bf16 row's share of the GPU's own
+  matmul at ViT-B/8's shapes, sampled before and after them ("of matmul").
 Nothing is downloaded: the weights are random (speed and agreement do not depend on trained values). When
 ``--minutes`` run out, the step at hand is stopped and the report says so, with everything measured before.
 """
@@ -47,8 +48,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 import benchmark  # noqa: E402
-from ahiq.runtime.device import Runtime, set_tf32  # noqa: E402
-from measure import environment  # noqa: E402
+from ahiq.runtime.device import Runtime, native_bf16, set_tf32  # noqa: E402
+from measure import MatmulReference, environment  # noqa: E402
 
 QUICK_SIZES = dict(img_size=64, vit_dim=32, vit_heads=2, cnn_width=8, fusion_hidden=16, head_dim=16, head_hidden=32)
 
@@ -61,7 +62,7 @@ class TimeUp(BaseException):
 def runtimes(quick: bool) -> dict[str, Runtime]:
     # The dry run compiles with dynamo's eager backend: the same capture, none of inductor's minutes.
     return {"fp32": Runtime(), "tf32": Runtime(tf32=True), "bf16": Runtime(precision="bf16"),
-            "channels_last": Runtime(channels_last=True), "compiled": Runtime(compile="eager" if quick else True)}
+            "nchw": Runtime(channels_last=False), "compiled": Runtime(compile="eager" if quick else True)}
 
 
 def gpu_tests(deadline: float, quick: bool) -> dict:
@@ -125,7 +126,10 @@ def main(argv=None) -> int:
              ("evaluation", lambda: benchmark.eval_suite(device, 2 if args.quick else 16, 2 if args.quick else 20,
                                                          runtimes(args.quick), sizes, rows=report["rows"])),
              ("training", lambda: benchmark.train_suite(device, 1 if args.quick else 3, runtimes(args.quick), sizes,
-                                                        largest=False, rows=report["rows"]))]
+                                                        largest=False, rows=report["rows"])),
+             ("matmul", lambda: (matmul.sample("after"), benchmark.of_matmul(report["rows"], matmul)))]
+    matmul = MatmulReference(device, native_bf16(device))
+    matmul.sample("before")
 
     def time_up(signum, frame):
         raise TimeUp

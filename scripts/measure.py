@@ -1,6 +1,7 @@
 """How the benchmarks measure: the machine they ran on, wall time with the device synchronised, peak memory
-above a baseline, and the operations a call performs (torch.utils.flop_counter, with the kernels it lacks
-added)."""
+above a baseline, the operations a call performs (torch.utils.flop_counter, with the kernels it lacks added), the
+machine's own matmul at ViT-B/8's shapes, and the rows they print (a speed and its agreement with the official
+pattern)."""
 from __future__ import annotations
 
 import ctypes
@@ -9,6 +10,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ahiq.runtime.device import cpu_bf16, native_bf16
@@ -170,3 +172,76 @@ def count_gflop(fn) -> float:
     with counter:
         fn()
     return counter.get_total_flops() / 1e9
+
+
+# The machine's own matmul at ViT-B/8's shapes: the tokens of ten crops (10 x 785) through its qkv and its first
+# MLP layer, the two largest matmuls of the network.
+MATMUL_SHAPES = ((7850, 768, 2304), (7850, 768, 3072))
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, fresh_output: bool = False, repeats: int = 5) -> float:
+    """GFLOP/s of torch's own matmul at MATMUL_SHAPES in ``dtype``: the two shapes' operations over their fastest
+    times (of ``repeats`` after a warm-up), into a preallocated output (the kernel's throughput), or with
+    ``fresh_output`` into a new one each call, as ``a @ b`` does: glibc maps an output of this size (36 and 48 MB
+    in bf16) afresh each time, and its page faults are paid inside the call."""
+    flops, seconds = 0, 0.0
+    generator = torch.Generator().manual_seed(0)
+    for m, k, n in MATMUL_SHAPES:
+        a = torch.randn(m, k, generator=generator).to(device, dtype)
+        b = torch.randn(k, n, generator=generator).to(device, dtype)
+        out = torch.empty(m, n, dtype=dtype, device=device)
+        seconds += best_time((lambda: a @ b) if fresh_output else (lambda: torch.mm(a, b, out=out)), repeats, device)
+        flops += 2 * m * k * n
+    return flops / seconds / 1e9
+
+
+class MatmulReference:
+    """The machine's matmul (matmul_gflops) sampled during a run, in fp32 and bf16 (where native), before,
+    between and after what it measures: a drifting machine is compared with itself at the same times. The
+    kernel's throughput is the reference; each sample also prints torch's ``a @ b`` with its fresh output."""
+
+    def __init__(self, device: torch.device, bf16: bool):
+        self.device, self.dtypes = device, {"fp32": torch.float32, **({"bf16": torch.bfloat16} if bf16 else {})}
+        self.samples: dict[str, list[float]] = {name: [] for name in self.dtypes}
+
+    def sample(self, when: str) -> None:
+        found = {name: (matmul_gflops(dtype, self.device), matmul_gflops(dtype, self.device, fresh_output=True))
+                 for name, dtype in self.dtypes.items()}
+        for name, (kernel, _) in found.items():
+            self.samples[name].append(kernel)
+        print(f"# matmul at ViT-B/8's shapes, {when}: " + ", ".join(
+            f"{k} {kernel:.0f} GFLOP/s ({fresh:.0f} as a @ b with a fresh output)" for k, (kernel, fresh) in found.items()),
+            flush=True)
+
+    def rate(self, precision: str) -> float:
+        """The mean of the kernel's samples of ``precision`` ("fp32" or "bf16")."""
+        return sum(self.samples[precision]) / len(self.samples[precision])
+
+
+def report(case: str, n_ref: float, t_ref: float, n_ours: float, t_ours: float, diff: dict,
+           mem_ref: PeakMemory, mem_ours: PeakMemory, extra: str = "", what: str = "max |diff|") -> dict:
+    """One result: n pairs in t seconds for each path, the agreement (agreement()), the peak memory of each;
+    printed as one line and returned as a row."""
+    row = {"case": case, "reference_pairs_per_s": n_ref / t_ref, "ahiq_pairs_per_s": n_ours / t_ours,
+           "speedup": (n_ours / t_ours) / (n_ref / t_ref), **diff, "peak_reference_mib": mem_ref.mib,
+           "peak_ahiq_mib": mem_ours.mib}
+    print(f"{case}: reference {row['reference_pairs_per_s']:.3f} pairs/s, ahiq {row['ahiq_pairs_per_s']:.3f} pairs/s, "
+          f"speedup {row['speedup']:.2f}x, {agreement_text(diff, what)}, peak memory reference {mem_ref.mib:.0f} MiB, "
+          f"ahiq {mem_ours.mib:.0f} MiB{extra}", flush=True)
+    return row
+
+
+def agreement(scores: dict, official, name: str) -> dict:
+    """The agreement of the row ``name`` of ``scores`` (numpy arrays by row name): its largest difference from
+    the official pattern's scores, and for a row other than fp32 also from ahiq's fp32 row."""
+    found = {"max_diff": float(np.abs(scores[name] - official).max())}
+    if name != "fp32" and "fp32" in scores:
+        found["max_diff_vs_fp32"] = float(np.abs(scores[name] - scores["fp32"]).max())
+    return found
+
+
+def agreement_text(diff: dict, what: str = "max |diff|") -> str:
+    if "max_diff" not in diff:
+        return f"{what} not compared"
+    text = f"{what} {diff['max_diff']:.2e}"
+    return text + (f" (against ahiq fp32 {diff['max_diff_vs_fp32']:.2e})" if "max_diff_vs_fp32" in diff else "")

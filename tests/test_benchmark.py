@@ -1,4 +1,5 @@
-"""The benchmark's operation counts (scripts/benchmark.py --suite flops) against hand computations."""
+"""The benchmarks' operation counts (scripts/measure.py, for scripts/operations.py and scripts/benchmark.py) against hand
+computations, and their rows."""
 import sys
 
 import numpy as np
@@ -11,8 +12,7 @@ from ahiq.nn.fusion import deform_conv2d_bilinear
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from benchmark import agreement, agreement_text  # noqa: E402
-from measure import count_gflop  # noqa: E402
+from measure import agreement, agreement_text, count_gflop  # noqa: E402
 
 
 def test_deformable_convolution_counts_as_the_convolution_it_computes():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 
-RUNTIMES = ("fp32", "tf32", "bf16", "channels_last", "compiled")
+RUNTIMES = ("fp32", "tf32", "bf16", "nchw", "compiled")
 
 
 @pytest.mark.slow
@@ -28,6 +28,9 @@ def test_the_cpu_dry_run_writes_every_row_of_the_report(tmp_path):
     rows = {row["case"]: row for row in report["rows"]}
     assert rows["pipal_82_2crop_fp32"]["max_diff"] < 1e-5  # ahiq against the official pattern, same weights
     assert "max_diff_vs_fp32" in rows["pipal_82_2crop_bf16"] and "max_diff_vs_fp32" not in rows["pipal_82_2crop_fp32"]
+    # the fp32 and bf16 rows beside the machine's matmul sampled before and after them
+    assert rows["train_p8_batch4_fp32"]["of_matmul"] > 0 and rows["pipal_82_2crop_bf16"]["of_matmul"] > 0
+    assert "of fp32 matmul" in done.stdout and "matmul at ViT-B/8's shapes, before" in done.stdout
     markdown = (tmp_path / "report.md").read_text()
     assert "| pipal_82_2crop_compiled |" in markdown and "Finished: yes" in markdown
 

@@ -210,5 +210,5 @@ def test_a_shared_reference_is_computed_once_and_gives_the_scorers_scores(tiny_c
     monkeypatch.setattr(AHIQ, "reference_features", lambda self, crops: calls.append(len(crops)) or real(self, crops))
     ref_tensor = torch.from_numpy(ref.transpose(2, 0, 1).copy()).float() / 255
     got = metric(torch.stack(dists), ref_tensor.expand(3, -1, -1, -1), ref_names=["r.png"] * 3)
-    assert calls == [4]  # one reference, its four crops, once
+    assert sum(calls) == 4  # one reference, its four crops, each once (in passes of the crops that pay off)
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)

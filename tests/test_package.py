@@ -121,7 +121,8 @@ if __name__ == "__main__":
     assert float(difference) == 0 and int(pairs) == 25
 
 
-@pytest.mark.parametrize("script", ["benchmark.py", "gpu_check.py", "run_splits.py", "maps_picture.py", "sharing.py"])
+@pytest.mark.parametrize("script", ["benchmark.py", "gpu_check.py", "run_splits.py", "maps_picture.py", "sharing.py",
+                                    "operations.py", "onnx_speed.py", "profile_ops.py"])
 def test_a_scripts_help_answers_without_loading_torch(script):
     code = (f"import runpy, sys; sys.argv = ['{script}', '--help']\n"
             f"try:\n    runpy.run_path({str(ROOT / 'scripts' / script)!r}, run_name='__main__')\n"

@@ -47,19 +47,41 @@ def scores(model, dist, ref, runtime=Runtime()):
 def test_bf16_scores_within_a_hundredth_of_fp32(model_and_pairs):
     model, dist, ref = model_and_pairs
     dtypes = {}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: dtypes.update({name: o.dtype}))
-             for name, module in (("head", model.head.smooth[0]), ("offsets", model.fusion.offset_conv))]
+    hook = model.head.smooth[0].register_forward_hook(lambda m, i, o: dtypes.update(head=o.dtype))
+    offsets = model.fusion.offsets  # recorded through the model's copies too: they call this bound method
+    model.fusion.offsets = lambda *a: (lambda out: dtypes.update(offsets=out.dtype) or out)(offsets(*a))
     fp32 = scores(model, dist, ref)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 emulated on CPUs without AVX512-BF16 or AMX (tested below)
         bf16 = scores(model, dist, ref, Runtime(precision="bf16"))
-    for hook in hooks:
-        hook.remove()
+    hook.remove()
+    del model.fusion.offsets
     # bf16 really ran, except where positions are computed; the weighted mean comes out in fp32
     assert dtypes == {"head": torch.bfloat16, "offsets": torch.float32} and bf16.dtype == torch.float32
     diff = (fp32 - bf16).abs().max().item()
     assert 0 < diff < 0.01, diff  # the issue's target for bf16 on the normalised scale (measured 0.0068)
     assert fp32.std() > 0.04  # the scores differ enough between pairs for the comparison to mean something
+
+
+def test_bf16_weights_cast_once_give_autocasts_scores(model_and_pairs):
+    """In bf16, prepare stores every weight that does not train in bf16 (autocast's cast, made once), except the
+    offset convolution's (positions: fp32) and the normalisations'; the scores are those of autocast casting the
+    fp32 weights at every pass. A weight that trains stays fp32."""
+    model, dist, ref = model_and_pairs
+    runtime = resolved(precision="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on CPUs without it
+        cast = runtime.prepare(copy.deepcopy(model).requires_grad_(False))
+        each_pass = runtime.prepare(copy.deepcopy(model))  # weights that train: autocast casts them every pass
+        assert cast.vit.vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16 == cast.head.score.bias.dtype
+        assert cast.fusion.deform.weight.dtype == torch.bfloat16 == cast.cnn.stem[0].weight.dtype
+        assert cast.fusion.offset_conv.weight.dtype == torch.float32 == cast.vit.vit.blocks[0].norm1.weight.dtype
+        assert each_pass.head.score.weight.dtype == torch.float32 and cast.dtype == torch.float32
+        with torch.no_grad(), runtime.autocast():
+            got = [net.score_with_reference(runtime.inputs(dist), net.reference_features(runtime.inputs(ref)))
+                   for net in (cast, each_pass)]
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=1e-6)
+    assert got[0].std() > 0.04
 
 
 def test_deformable_sampling_positions_stay_fp32_under_bf16():
@@ -305,9 +327,10 @@ def test_auto_precision_on_a_gpu_follows_its_native_bf16(monkeypatch):
 
 
 def test_crops_per_pass_fit_the_free_memory(monkeypatch):
-    """Unless runtime.crop_chunk is set, evaluation (no autograd) takes a quarter of the CPU's available
-    memory, at most 128 MiB (one full-size crop), or half a GPU's free memory, between 1 and 64 crops; under
-    autograd (the metric as a loss) a crop counts three times. Decided when the runtime is resolved."""
+    """Unless runtime.crop_chunk is set, evaluation (no autograd) takes what a quarter of the CPU's available
+    memory holds, at most 1 crop in fp32 and 4 in bf16 (what pays off there), or what half a GPU's free memory
+    holds, between 1 and 64 crops; under autograd (the metric as a loss) a crop counts three times. Decided when
+    the runtime is resolved."""
     from ahiq.runtime import memory as rt
 
     full = crop_cost(dict(img_size=224, vit_dim=768, cnn_width=64))
@@ -321,13 +344,16 @@ def test_crops_per_pass_fit_the_free_memory(monkeypatch):
             return Runtime(**settings).resolve(device, cost).crops()
 
     monkeypatch.setattr(rt, "available_memory", lambda: 64 * 2 ** 30)
-    assert crops(half, grad=True) == 1
-    assert crops(full) == 1 and crops(full, crop_chunk=20) == 20 and crops(full, grad=True, crop_chunk=20) == 20
-    assert crops(half) == 4 and crops(tiny) == 64  # the cap
-    monkeypatch.setattr(rt, "available_memory", lambda: 256 * 2 ** 20)  # a quarter: 64 MiB
-    assert crops(half) == 2 and crops(full) == 1
-    monkeypatch.setattr(rt, "available_memory", lambda: 100 * 2 ** 20)
-    assert crops(full) == 1  # never none
+    assert crops(full) == crops(half) == crops(tiny) == 1  # fp32: one crop pays off on a CPU
+    assert crops(full, crop_chunk=20) == 20 and crops(full, grad=True, crop_chunk=20) == 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on CPUs without it
+        assert crops(full, precision="bf16") == 4 and crops(tiny, precision="bf16", grad=True) == 4
+        monkeypatch.setattr(rt, "available_memory", lambda: 1024 * 2 ** 20)  # a quarter: 256 MiB
+        assert crops(full, precision="bf16") == 2 and crops(half, precision="bf16") == 4
+        assert crops(full, precision="bf16", grad=True) == 1
+        monkeypatch.setattr(rt, "available_memory", lambda: 100 * 2 ** 20)
+        assert crops(full, precision="bf16") == 1  # never none
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (6 * 2 ** 30, 8 * 2 ** 30))  # simulated GPU
     assert crops(full, torch.device("cuda", 0)) == 24  # 3 GiB / 128 MiB
     assert crops(full, torch.device("cuda", 0), grad=True) == 8
@@ -335,10 +361,14 @@ def test_crops_per_pass_fit_the_free_memory(monkeypatch):
     assert crops(full, torch.device("cuda", 0)) == 64
 
 
-def test_an_ensemble_is_resolved_for_its_costliest_model():
+def test_an_ensemble_is_resolved_for_its_costliest_model(monkeypatch):
     """resolve: crops per pass from the largest crop of the ensemble's models."""
+    from ahiq.runtime import memory as rt
+
     small = type("Model", (), {"config": dict(img_size=64, vit_dim=32, cnn_width=8)})()
     full = type("Model", (), {"config": dict(img_size=224, vit_dim=768, cnn_width=64)})()
-    with torch.no_grad():
-        assert resolve(Runtime(), CPU, [small]).crops() == 64
-        assert resolve(Runtime(), CPU, [small, full]).crops() == 1
+    monkeypatch.setattr(rt, "available_memory", lambda: 1024 * 2 ** 20)  # a quarter: 256 MiB, two full crops
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated on CPUs without it
+        assert resolve(Runtime(precision="bf16"), CPU, [small]).crops() == 4
+        assert resolve(Runtime(precision="bf16"), CPU, [small, full]).crops() == 2

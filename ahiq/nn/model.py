@@ -101,6 +101,12 @@ class AHIQ(nn.Module):
             yield from branch.parameters()
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model takes its inputs in: its widest parameters' (weights stored in bf16 for autocast,
+        ahiq.runtime.device.ResolvedRuntime.prepare, do not change it)."""
+        return max((p.dtype for p in self.parameters()), key=lambda dtype: dtype.itemsize)
+
+    @property
     def no_maps(self) -> str | None:
         """Why this model has no quality maps (its pooling's reason), or None: its score is their weighted mean."""
         return self.head.pooling.no_maps

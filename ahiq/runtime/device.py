@@ -19,9 +19,8 @@ from typing import Callable
 import torch
 
 from ahiq.files import hub_dir, write_atomically
-from ahiq.options import check_option
-from ahiq.registry.settings import PRECISIONS
-from ahiq.runtime.memory import CropCost, cpu_budget, crops_in_budget
+from ahiq.options import DEFAULTS, check_option
+from ahiq.runtime.memory import CPU_CROPS, MAX_CHUNK, CropCost, cpu_budget, crops_in_budget
 from ahiq.runtime.threads import describe as describe_threads
 
 
@@ -35,12 +34,12 @@ class Runtime:
     crops in one forward pass; None: sized from the memory the device has free), ``threads`` (the CPU threads
     the command lines set, ahiq.runtime.threads.applied). ``resolve`` decides them, once, for one device."""
 
-    precision: str = PRECISIONS.default.name
-    tf32: bool = False
-    channels_last: bool = False
-    compile: bool | str | Callable = False
-    crop_chunk: int | None = None
-    threads: int | None = None
+    precision: str = DEFAULTS["runtime"]["precision"]
+    tf32: bool = DEFAULTS["runtime"]["tf32"]
+    channels_last: bool = DEFAULTS["runtime"]["channels_last"]
+    compile: bool | str | Callable = DEFAULTS["runtime"]["compile"]
+    crop_chunk: int | None = DEFAULTS["runtime"]["crop_chunk"]
+    threads: int | None = DEFAULTS["runtime"]["threads"]
 
     def __post_init__(self):
         for key in ("precision", "tf32", "channels_last", "crop_chunk", "threads", "compile"):
@@ -65,10 +64,11 @@ class Runtime:
                           "it runs far slower than fp32; use runtime.precision=fp32 or auto", stacklevel=2)
         if device.type == "cuda":
             set_tf32(self.tf32)
-        # Crops per pass: a quarter of the CPU's available memory, at most CPU_CHUNK_BUDGET (more crops per pass
-        # are not faster on a CPU); half a GPU's free memory.
+        # Crops per pass: what half a GPU's free memory holds; on a CPU what a quarter of its available memory
+        # holds, at most the crops that pay off there (CPU_CROPS).
         budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else cpu_budget()
-        chunks = [self.crop_chunk or crops_in_budget(bytes_per_crop, budget) for bytes_per_crop in cost]
+        cap = MAX_CHUNK if device.type == "cuda" else CPU_CROPS["bf16" if bf16 else "fp32"]
+        chunks = [self.crop_chunk or min(cap, crops_in_budget(bytes_per_crop, budget)) for bytes_per_crop in cost]
         return ResolvedRuntime(device, bf16, precision, self.channels_last,
                                "inductor" if self.compile is True else self.compile or None, *chunks)
 
@@ -106,9 +106,22 @@ class ResolvedRuntime:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """``model`` on the device in this runtime's memory layout; its state_dict keys are unchanged. Nothing
-        compiled is stored on it (see ``entry`` and ``compiled``), so copies and torch.save behave."""
-        return model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        """``model`` on the device in this runtime's memory layout; its state_dict keys are unchanged. In bf16,
+        every matmul and convolution weight that does not train (``requires_grad`` off, at least 2-D) is stored in
+        bf16, with its module's bias: the cast autocast would make of it at every forward pass (for such weights
+        it keeps no cache) made once, so that autocast casts only the activations and every matmul and
+        convolution gets the inputs it gets under autocast. A module with ``keeps_precision`` set keeps its
+        weights as they are (one that computes with autocast off). Nothing compiled is stored on the model (see
+        ``entry`` and ``compiled``), so copies and torch.save behave."""
+        model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        if self.bf16:
+            for module in model.modules():
+                weight = getattr(module, "weight", None)
+                if (isinstance(weight, torch.nn.Parameter) and weight.dim() >= 2 and not weight.requires_grad
+                        and not getattr(module, "keeps_precision", False)):
+                    for name, parameter in list(module.named_parameters(recurse=False)):
+                        setattr(module, name, torch.nn.Parameter(parameter.to(torch.bfloat16), requires_grad=False))
+        return model
 
     def entry(self, model: torch.nn.Module, name: str) -> Callable:
         """``model.<name>`` (an entry point such as ``reference_features``), compiled when this runtime

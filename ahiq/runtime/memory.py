@@ -1,14 +1,15 @@
-"""How many crops a forward pass takes: the memory a device can give (a quarter of the CPU's available memory, at
-most one full-size crop's worth) over what a crop costs (``CropCost``, given by the scorer that knows its model).
-The PyTorch runtime (ahiq.runtime.device) and the ONNX scorer size their passes by this rule. No torch."""
+"""How many crops a forward pass takes: what the memory a device can give (a quarter of the CPU's available memory)
+holds of what a crop costs (``CropCost``, given by the scorer that knows its model), and on a CPU no more than pay
+off (``CPU_CROPS``). The PyTorch runtime (ahiq.runtime.device) and the ONNX scorer size their passes by this rule.
+No torch."""
 from __future__ import annotations
 
 from typing import NamedTuple
 
 MAX_CHUNK = 64
-# One full-size ViT-B/8 crop's memory in an fp32 forward pass on the CPU (ahiq.scoring.cost): more crops per
-# pass are no faster on a CPU (benchmark --suite chunk).
-CPU_CHUNK_BUDGET = 128 * 2 ** 20
+# The most crops per forward pass that pay off on a CPU, by precision (scripts/benchmark.py --suite chunk): fp32's
+# matmuls are as fast with one crop's rows as with more; bf16's (AMX, AVX512-BF16) need two to four crops' rows.
+CPU_CROPS = {"fp32": 1, "bf16": 4}
 
 
 class CropCost(NamedTuple):
@@ -31,9 +32,8 @@ def available_memory() -> float:
 
 
 def cpu_budget() -> float:
-    """The bytes of crops one forward pass may take on the CPU: a quarter of the available memory, at most
-    CPU_CHUNK_BUDGET."""
-    return min(available_memory() / 4, CPU_CHUNK_BUDGET)
+    """The bytes of crops one forward pass may take on the CPU: a quarter of the available memory."""
+    return available_memory() / 4
 
 
 def crops_in_budget(crop_bytes: float, budget: float) -> int:

@@ -135,17 +135,18 @@ def resolve(runtime: Runtime, device: torch.device, models: Sequence[AHIQ]) -> R
 
 def crop_pair_seconds() -> dict:
     """Seconds a full-size ViT-B/8 crop pair takes to score (reference features, then the distorted crop) in
-    fp32 and in bf16 on this CPU, random weights, after one untimed pass each (about 10 s on a 2-core CPU):
-    what ``precision: auto`` decides by."""
+    fp32 and in bf16 on this CPU as scoring runs it (NHWC, and in bf16 the weights cast once), random weights,
+    after one untimed pass each (about 10 s on a 2-core CPU): what ``precision: auto`` decides by."""
     seconds = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a run's own random numbers stay as they were
-        model = AHIQ(8, False, False).eval()
-        crops = torch.rand(2, 1, 3, 224, 224)
+        dist, ref = (crop.contiguous(memory_format=torch.channels_last) for crop in torch.rand(2, 1, 3, 224, 224))
+        model = AHIQ(8, False, False).eval().requires_grad_(False)
         for precision in ("fp32", "bf16"):
+            model = ResolvedRuntime(torch.device("cpu"), precision == "bf16", precision, channels_last=True).prepare(model)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                model.score_with_reference(crops[0], model.reference_features(crops[1]))  # oneDNN makes its kernels
+                model.score_with_reference(dist, model.reference_features(ref))  # oneDNN makes its kernels
                 start = time.perf_counter()
-                model.score_with_reference(crops[0], model.reference_features(crops[1]))
+                model.score_with_reference(dist, model.reference_features(ref))
                 seconds[precision] = time.perf_counter() - start
     return seconds
 
@@ -159,7 +160,7 @@ def load_ensemble(checkpoints: PathLike | Sequence[PathLike], device: torch.devi
     paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     models = [AHIQ.from_pretrained(p, allow_random_backbones=allow_random_backbones, **model_options) for p in paths]
     resolved = resolve(runtime, device, models)
-    models = [resolved.prepare(model).eval() for model in models]
+    models = [resolved.prepare(model.requires_grad_(False)).eval() for model in models]  # scoring trains no weight
     return Ensemble(models, CropPlan(models[0].config["img_size"], crops, num_crops, seed), resolved)
 
 

@@ -71,7 +71,6 @@ class AHIQMetric(nn.Module, EnsembleScorer):
                                patch_size=patch_size, vit_pretrained=vit_pretrained, cnn_pretrained=cnn_pretrained,
                                weights=weights)
         self.models = nn.ModuleList(loaded.models)
-        self.models.requires_grad_(False)
         self.plan, self.runtime = loaded.plan, runtime
         self._resolved = {device: loaded.runtime}  # the runtime resolved for each device the metric was on
         self.as_loss, self.loss_weight, self.loss_reduction = as_loss, loss_weight, loss_reduction
@@ -85,8 +84,8 @@ class AHIQMetric(nn.Module, EnsembleScorer):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype, which inputs are given (it follows ``.double()``)."""
-        return self.models[0].head.reduce.weight.dtype
+        """The dtype inputs are given in: the model's (AHIQ.dtype; it follows ``.double()``)."""
+        return self.models[0].dtype
 
     @property
     def ensemble(self) -> Ensemble:
