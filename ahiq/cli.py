@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ahiq.data.crops import CropPlan
+from ahiq.files import WriteError
 from ahiq.messages import for_the_user
 from ahiq.nn.downloads import DownloadError, VerificationError, download
 from ahiq.nn.zoo import BACKBONES, METRIC_WEIGHTS, RELEASED, cache_dirs, find, weights_folder
@@ -28,8 +29,17 @@ TEST = ("Test AHIQ checkpoints, or write an NTIRE 2022 submission: python test.p
         "released model before one exists.")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors (a missing argument, a value out of its choices) are one line, as every other
+    error of the command lines; the usage is for --help. Its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parent(*add: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = Parser(add_help=False)
     for adding in add:
         adding(parser)
     return parser
@@ -57,15 +67,21 @@ def expected(exc: BaseException) -> bool:
 
 
 def reported(action: Callable[[], int | None], debug: bool, interrupted: str) -> int:
-    """Every command's end: ``action``'s exit status (None: 0); a stop signal's status with its one line; an
-    expected error as ``error: ...`` on one line, status 2 (``debug``: its traceback); a second Ctrl-C as the
-    one line ``interrupted`` (what was left, and how to go on), status 130."""
+    """Every command's end: ``action``'s exit status (None: 0); a stop signal's status with its one line; a file
+    that could not be written (a full disk, a folder turned read-only: ahiq.files.WriteError) as ``error: ...``
+    on one line, status 1; another expected error (bad input) likewise, status 2 (``debug``: the traceback); a
+    second Ctrl-C as the one line ``interrupted`` (what was left, and how to go on), status 130."""
     try:
         return action() or 0
     except Stopped as exc:
         if not exc.logged:
             print(exc, file=sys.stderr)
         return exc.exit_code
+    except WriteError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         if debug or not expected(exc):
             raise
@@ -81,7 +97,8 @@ def reported(action: Callable[[], int | None], debug: bool, interrupted: str) ->
 def train_command(argv: list[str] | None = None) -> int:
     """python train.py"""
     prepare_environment()  # before torch is loaded: OpenMP reads its settings once
-    return run(TRAIN, _when_run("ahiq.engine.training", "train"), argv)
+    return run(TRAIN, _when_run("ahiq.engine.training", "train"), argv,
+               interrupted="interrupted at once (a second signal); continue a training run with train.resume=auto")
 
 
 def test_command(argv: list[str] | None = None) -> int:
@@ -89,7 +106,9 @@ def test_command(argv: list[str] | None = None) -> int:
     prepare_environment()
     default = (Path(__file__).resolve().parents[1] / "options" / "pipal.yaml",
                _when_run("ahiq.engine.testing", "run_default_test"))
-    return run(TEST, _when_run("ahiq.engine.testing", "run_test"), argv, default=default)
+    return run(TEST, _when_run("ahiq.engine.testing", "run_test"), argv, default=default,
+               interrupted="interrupted at once (a second signal): each file written is whole, the baselines' scores "
+                           "are kept; run the same command again")
 
 
 def _when_run(module: str, name: str) -> Callable[[dict], object]:
@@ -100,10 +119,12 @@ def _when_run(module: str, name: str) -> Callable[[dict], object]:
 
 
 def run(description: str, action: Callable[[dict], object], argv: list[str] | None = None,
-        default: tuple[Path, Callable[[dict], object]] | None = None) -> int:
+        default: tuple[Path, Callable[[dict], object]] | None = None,
+        interrupted: str = "interrupted at once (a second signal)") -> int:
     """Parse ``--opt`` and the overrides, run ``action`` on the options, print expected errors in one line.
-    ``default``: (option file, action) for a command line without ``--opt``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    ``default``: (option file, action) for a command line without ``--opt``; ``interrupted``: the line of a second
+    Ctrl-C."""
+    parser = Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[DEVICE, WEIGHTS, DEBUG],
                                      epilog="every option (its default, then its meaning; docs/training.md#options):\n"
                                             + plain_text())
@@ -123,21 +144,22 @@ def run(description: str, action: Callable[[dict], object], argv: list[str] | No
         options = load_options(args.opt, args.overrides)
         with applied(options["runtime"]["threads"]):
             action(options)
-    return reported(go, args.debug, "interrupted at once (a second signal); continue a training run with "
-                                    "train.resume=auto")
+    return reported(go, args.debug, interrupted)
 
 
 # ---- python -m ahiq (the ahiq command) --------------------------------------------------------------------
 
-def _at_least(low: int):
-    """An argparse type: an integer of at least ``low`` (the parser names the argument in its error)."""
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: an integer of at least ``low`` (and at most ``high``); the parser names the argument in
+    its error."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high is not None
+                                                                          else "") + f", got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
@@ -151,7 +173,7 @@ def _option_flag(parser: argparse.ArgumentParser, flag: str, key: str, note: str
     if option.choices:
         typed = {"choices": option.choices, "type": type(option.choices[0])}
     elif option.at_least is not None:
-        typed = {"type": _at_least(int(option.at_least))}
+        typed = {"type": _at_least(int(option.at_least), None if option.at_most is None else int(option.at_most))}
     parser.add_argument(flag, help=plain(option.meaning).replace("%", "%%") + note, **typed, **extra)
 
 
@@ -198,7 +220,7 @@ INTERRUPTED = {
 
 def ahiq_parser() -> argparse.ArgumentParser:
     program = "ahiq" if Path(sys.argv[0]).name == "ahiq" else "python -m ahiq"  # the installed command, or -m
-    main = argparse.ArgumentParser(prog=program, description="AHIQ full-reference image quality")
+    main = Parser(prog=program, description="AHIQ full-reference image quality")
     commands = main.add_subparsers(dest="command", required=True)
     score = commands.add_parser("score", parents=[DEVICE, WEIGHTS, DEBUG],
                                 help="score distorted images against their references",
@@ -314,6 +336,16 @@ def _model_settings(args) -> dict:
     return {name: _pretrained(value) if name.endswith("_pretrained") else value for name, value in settings.items()}
 
 
+def _scorer_settings(args) -> dict:
+    """ahiq.Scorer's keyword arguments from the model, crop and runtime arguments."""
+    from ahiq.runtime.device import Runtime
+
+    return {**_model_settings(args),
+            "runtime": Runtime(precision=args.precision or SCHEMA["runtime.precision"].default,
+                               compile=getattr(args, "compile", False), crop_chunk=getattr(args, "crop_chunk", None),
+                               threads=args.threads)}
+
+
 def _score(args) -> int:
     if not args.pairs and not (args.dist and args.ref):
         args.usage_error("give --dist and --ref, or --pairs")
@@ -323,13 +355,7 @@ def _score(args) -> int:
             args.usage_error(f"--onnx scores with the export's own models on onnxruntime: leave out {', '.join(given)}")
     from ahiq.engine.score_files import score_files
 
-    settings = _given(args, "crops", "num_crops", "seed", "crop_chunk")
-    if not args.onnx:
-        from ahiq.runtime.device import Runtime
-
-        settings = {**_model_settings(args),
-                    "runtime": Runtime(precision=args.precision or SCHEMA["runtime.precision"].default,
-                                       compile=args.compile, crop_chunk=args.crop_chunk, threads=args.threads)}
+    settings = _given(args, "crops", "num_crops", "seed", "crop_chunk") if args.onnx else _scorer_settings(args)
     return score_files(args.dist, args.ref, args.pairs, args.out, args.resume, args.maps, args.onnx, args.device,
                        args.threads, args.batch_size, **settings)
 
@@ -346,3 +372,4 @@ def _export(args) -> None:
     from ahiq.scoring.export import export_command
 
     export_command(args.out, **_model_settings(args))
+

@@ -10,11 +10,16 @@ experiment folder or output file fails at once, naming the process that holds it
 locks (flock on POSIX, a byte-range lock on Windows): released when the process ends in any way (SIGKILL
 included), so a lock is never stale.
 
-And where torch.hub keeps files (``hub_dir``), found without loading torch.
+A write that fails (a full disk, a folder that turned read-only) is one ``WriteError`` naming the file, with
+the file it would have replaced as it was and no temporary file left. Every JSON file is written strict
+(``json_bytes``: an undefined number is null, never NaN). And where torch.hub keeps files (``hub_dir``), found
+without loading torch.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import socket
 import sys
@@ -54,12 +59,27 @@ def _umask() -> int:
 UMASK = _umask()
 
 
+class WriteError(OSError):
+    """A file that could not be written: the message names it; the file it would have replaced is as it was,
+    and no temporary file is left."""
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    if isinstance(exc, WriteError):
+        return exc
+    return WriteError(exc.errno, f"cannot write {path} ({exc.strerror or exc}): the file there, if any, is as it "
+                                 f"was; free space or make the folder writable, then run the same command again")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """A binary file to write ``path`` through: it replaces ``path`` whole when the block ends, or not at
-    all when the block raises (the temporary file is removed)."""
+    all when the block raises (the temporary file is removed). An error of the file system is a WriteError."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         # mkstemp makes the file private (0600); the file it becomes gets what open() would give it
         os.chmod(tmp, 0o666 & ~UMASK)
@@ -68,6 +88,9 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -78,6 +101,22 @@ def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` whole or not at all."""
     with atomic_file(path) as f:
         f.write(data)
+
+
+def json_bytes(value) -> bytes:
+    """``value`` as strict JSON, indented, with a final newline: a number that is not finite (an undefined
+    statistic) is null, so that every JSON reader takes the file; numpy's numbers as Python's."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:  # a numpy scalar
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+    return (json.dumps(plain(value), indent=1, allow_nan=False) + "\n").encode()
 
 
 def _sync_folder(folder: Path) -> None:

@@ -1,6 +1,8 @@
 """Shared wording of error messages."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -27,11 +29,27 @@ def for_the_user(exc: BaseException) -> str:
     return text
 
 
+def check_folder(path: Path, what: str) -> None:
+    """That the folder ``path`` exists or can be made, and a file can be written in it, or the one-line error
+    naming it as ``what``; nothing is created: checked before the work whose results go there, not after it."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f": {existing}"
+        raise ValueError(f"{what} {path}{where} is a file; give a folder (it is created if missing)")
+    try:  # where the folder would be made, or the folder itself
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".ahiq-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot write in {existing} ({exc.strerror or exc}); make it writable or "
+                         f"choose another") from None
+
+
 def create_folder(path: Path, what: str) -> None:
-    """Create the folder ``path`` (and its parents), or raise the one-line error naming it as ``what``."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file; give a folder (it is created if missing)")
+    """Create the folder ``path`` (and its parents) once check_folder has found it can be written."""
+    check_folder(path, what)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"{what} {path}: cannot create the folder ({exc.strerror or exc})") from None

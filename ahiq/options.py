@@ -39,6 +39,7 @@ class Option:
     choices: tuple = ()             # the allowed values; of each element for a list
     at_least: float | None = None   # numbers: the lowest value (every number must also be finite)
     above: bool = False             # ... and the lowest itself not allowed
+    at_most: float | None = None    # numbers: the highest value
     shown: str | None = None        # the default as the table shows it, when not the value itself
 
     def allowed(self) -> tuple:
@@ -162,8 +163,9 @@ OPTIONS = [
            "(results, metrics, tables, figures) for `python -m ahiq compare`: any of `" + "`, `".join(BASELINES) +
            "` (the optional extra `pip install -e '.[baselines]'`; see [evaluation.md](evaluation.md#baselines))",
            (list,), choices=BASELINES.names),
-    Option("test.bootstrap.resamples", 1000, "bootstrap resamples of the 95% intervals of SROCC and PLCC (0: none); "
-           "see [evaluation.md](evaluation.md)", at_least=0),
+    Option("test.bootstrap.resamples", 1000, "bootstrap resamples of the 95% intervals of SROCC and PLCC (0: none; "
+           "at most 100000, far past where the intervals settle); see [evaluation.md](evaluation.md)", at_least=0,
+           at_most=100_000),
     _chosen("test.bootstrap.by", BOOTSTRAP_UNITS, "what the bootstrap resamples: "),
     Option("test.bootstrap.seed", 0, "seeds the bootstrap: a rerun gives the same intervals", at_least=0),
     Option("test.submission.runtime", None, "seconds per image for readme.txt; null: measured", (float, NULL),
@@ -273,6 +275,8 @@ def _check_value(option: Option, value: Any, where: str) -> None:
         if value < low or (value == low and option.above):
             bound = f"greater than {low}" if option.above else f"at least {low}"
             raise OptionsError(f"{where}: option '{key}' must be {bound}, got {value!r}")
+        if option.at_most is not None and value > option.at_most:
+            raise OptionsError(f"{where}: option '{key}' must be at most {option.at_most}, got {value!r}")
     if key == "name" and value is not None and not _plain_folder_name(value):
         raise OptionsError(f"{where}: option 'name' must be a plain folder name (it becomes checkpoints/<name>/: "
                            f"no '/' or '\\', not '.' or '..', no surrounding spaces), got {value!r}")

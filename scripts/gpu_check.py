@@ -19,7 +19,6 @@ Nothing is downloaded: the weights are random (speed and agreement do not depend
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 
 import benchmark  # noqa: E402
+from ahiq.files import json_bytes, write_atomically  # noqa: E402
 from ahiq.runtime.device import Runtime, native_bf16, set_tf32  # noqa: E402
 from measure import MatmulReference, environment  # noqa: E402
 
@@ -81,7 +81,7 @@ def gpu_tests(deadline: float, quick: bool) -> dict:
 
 
 def write(report: dict, out: Path) -> None:
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomically(out.with_suffix(".json"), json_bytes(report))
     env, tests = report["environment"], report.get("tests", {})
     lines = [f"# GPU check, {report['started']}", "",
              "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in env.items()], "",

@@ -37,9 +37,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ahiq.files import release_and_remove, take_lock, waiting_for_lock, write_atomically  # noqa: E402
+from ahiq.files import json_bytes, release_and_remove, take_lock, waiting_for_lock, write_atomically  # noqa: E402
 from ahiq.messages import create_folder, for_the_user  # noqa: E402
 from ahiq.nn.downloads import DownloadError  # noqa: E402
+from ahiq.engine.correlations import shown  # noqa: E402
 from ahiq.options import OptionsError, load_options  # noqa: E402
 from ahiq.registry.variants import AHIQ, TABLES, AblationRow, AblationTable  # noqa: E402
 
@@ -153,7 +154,7 @@ def _run_row(args, row: AblationRow, threads: int | None, log_dir: Path, childre
         result = _test_result(experiment)
         if "failed" not in result:
             write_atomically(experiment / "ablation.json",
-                             json.dumps({"options": _comparable(options), "result": result}, indent=1).encode())
+                             json_bytes({"options": _comparable(options), "result": result}))
         say(f"{experiment.name}: done")
         return result
 
@@ -168,8 +169,8 @@ def _recorded(path: Path, options: dict) -> dict | None:
         result = kept["result"]
         if kept["options"] != _comparable(options):
             return None
-        if "submission" in result or all(isinstance(result[k], (int, float)) for k in ("plcc", "srocc", "main")):
-            return result
+        if "submission" in result or all(isinstance(result[k], (int, float, type(None))) for k in ("plcc", "srocc", "main")):
+            return result  # a statistic undefined for the row's predictions (null) is a result too
         raise ValueError("its result is incomplete")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         say(f"{path} cannot be read ({type(exc).__name__}: {exc}): running its row again")
@@ -208,7 +209,7 @@ def rendered(table: AblationTable, results: list[dict], base: str, tested_on: st
     for row, result in zip(rows, results):
         figures = [f"{value:.3f}" for value in row.paper] + ["--"] * (len(paper) - len(row.paper))
         if "plcc" in result:
-            ours = [f"{result['plcc']:.4f}", f"{result['srocc']:.4f}", f"{result['main']:.4f}"]
+            ours = [shown(result[key]) for key in ("plcc", "srocc", "main")]
         else:
             ours = [result.get("failed", f"submission {result.get('submission')}"), "", ""]
         lines.append([*row.cells, *figures, *ours, experiment_name(row, base)])

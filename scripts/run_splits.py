@@ -11,7 +11,6 @@ and their spread across the splits: median, mean +- std, lowest to highest.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,16 +22,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def summarise(rows: list[dict]) -> str:
     """Each split's SROCC and PLCC with its 95% interval (test.py's bootstrap within the split's test part), then
     their spread across the splits: median, mean +- standard deviation, lowest to highest."""
-    def cell(row: dict, key: str) -> str:
-        bounds = row.get(f"{key}_ci")
-        return f"{row[key]:.4f}" + (f" [{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else "")
+    from ahiq.engine.correlations import bracket, defined, shown
 
     lines = ["| split | SROCC [95% interval] | PLCC [95% interval] |", "|---|---|---|"]
-    lines += [f"| {r['split']} | {cell(r, 'srocc')} | {cell(r, 'plcc')} |" for r in rows]
-    values = {key: np.array([r[key] for r in rows]) for key in ("srocc", "plcc")}
-    lines.append("| median | " + " | ".join(f"{np.median(v):.4f}" for v in values.values()) + " |")
-    lines.append("| mean +- std | " + " | ".join(f"{v.mean():.4f} +- {v.std():.4f}" for v in values.values()) + " |")
-    lines.append("| lowest to highest | " + " | ".join(f"{v.min():.4f} to {v.max():.4f}" for v in values.values()) + " |")
+    lines += [f"| {r['split']} | " + " | ".join(f"{shown(r[key])}{bracket(r.get(f'{key}_ci'))}" for key in ("srocc", "plcc"))
+              + " |" for r in rows]
+    # the spread over the splits where the statistic is defined
+    values = {key: np.array([v for r in rows if (v := defined(r[key])) is not None]) for key in ("srocc", "plcc")}
+    spread = {"median": lambda v: shown(np.median(v)), "mean +- std": lambda v: f"{shown(v.mean())} +- {shown(v.std())}",
+              "lowest to highest": lambda v: f"{shown(v.min())} to {shown(v.max())}"}
+    for label, cell in spread.items():
+        lines.append(f"| {label} | " + " | ".join(cell(v) if len(v) else shown(None) for v in values.values()) + " |")
     return "\n".join(lines)
 
 
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     prepare_environment()  # before torch loads
     from ahiq.engine.testing import run_test
     from ahiq.engine.training import train
+    from ahiq.files import json_bytes, write_atomically
     from ahiq.options import load_options
 
     base = load_options(args.opt, args.overrides)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     out = Path(args.checkpoints, f"{base['name']}_splits")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    write_atomically(out / "summary.json", json_bytes(rows))
     print(table)
     print(f"saved {out / 'summary.md'}")
     return 0

@@ -247,7 +247,7 @@ def test_command_line_numbers_are_range_checked(argument, scoring_files, capsys)
     folder, _, pair = scoring_files
     code, err = score_cli(["score", *pair, "--checkpoint", str(folder / "whole.pth"), *argument.split()], capsys)
     name = argument.split()[0]
-    assert code == 2 and f"error: argument {name}: " in err and "Traceback" not in err, err
+    assert code == 2 and f"error: python -m ahiq score: argument {name}: " in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("device,message", [("gpu", "error: --device 'gpu' is not a device"),

@@ -128,7 +128,7 @@ def test_compare_reads_the_folders_and_tests_every_pair(demo_results, tmp_path, 
         assert int(row["significant"]) == (0 if float(row["p"]) >= 0.05 else int(row["significant"])) != 0 or \
             float(row["p"]) >= 0.05
     printed = capsys.readouterr().out
-    assert "Williams' test on SROCC" in printed and "| PSNR | - |" in printed
+    assert "Williams' test on SROCC" in printed and "| PSNR |   | 1 |" in printed  # the diagonal blank
 
 
 def test_compare_refuses_results_over_other_images(demo_results, tmp_path, capsys):
@@ -141,7 +141,8 @@ def test_compare_refuses_results_over_other_images(demo_results, tmp_path, capsy
     psnr = demo_results / "test" / "baselines" / "psnr"
     capsys.readouterr()
     for args, said in (([psnr, psnr / "results.txt"], "are the same result folder: give each model's once"),
-                       ([psnr, tmp_path], f"{tmp_path} is not a test.py result folder: {tmp_path / 'pairs.csv'} and")):
+                       ([psnr, tmp_path], f"{tmp_path} is not a test.py result folder: results.txt, pairs.csv and metrics.json are missing in "
+                                    f"{tmp_path} (written by python test.py with a labelled test part)")):
         assert main(["compare", *map(str, args)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and said in err, err

@@ -32,13 +32,17 @@ def test_logistic_fit_recovers_a_nonlinear_mapping():
     assert m["rmse_fitted"] < 1e-5 and m["srocc"] == pytest.approx(1.0)
 
 
-def test_constant_input_gives_nan_with_warning():
-    with pytest.warns(RuntimeWarning, match="constant predictions"):
-        m = correlate([0.5, 0.5, 0.5], [1.0, 2.0, 3.0])
-    assert np.isnan(m["srocc"]) and np.isnan(m["plcc"]) and np.isnan(m["main"])
+def test_undefined_correlations_are_nan_and_say_why():
+    """A constant side, or fewer than three pairs (two pairs correlate +-1 whatever the model), leave every
+    correlation undefined: NaN, with the reason; RMSE, defined for any pairs, stays."""
+    m = correlate([0.5, 0.5, 0.5], [1.0, 2.0, 3.0])
+    assert np.isnan(m["srocc"]) and np.isnan(m["plcc"]) and np.isnan(m["krocc"]) and np.isnan(m["main"])
+    assert m["undefined"] == "constant predictions" and m["logistic"] is None
     assert m["rmse"] == pytest.approx(np.sqrt(np.mean((0.5 - np.array([1.0, 2.0, 3.0])) ** 2)))
-    with pytest.warns(RuntimeWarning, match="fewer than two samples"):
-        correlate([1.0], [2.0])
+    assert correlate([1.0, 2.0, 3.0], [4.0, 4.0, 4.0])["undefined"] == "constant scores"
+    two = correlate([1.0, 2.0], [2.0, 1.0])
+    assert np.isnan(two["srocc"]) and two["undefined"] == "fewer than 3 pairs"
+    assert summary_line(two).endswith("KROCC -- RMSE 1.0000 main -- (2 pairs) (undefined: fewer than 3 pairs)")
     with pytest.raises(ValueError, match="3 predictions for 2 scores"):
         correlate([1, 2, 3], [1, 2])
 

@@ -100,14 +100,17 @@ def test_help_and_zoo_answer_without_importing_torch():
     assert "usage: python -m ahiq" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_score_without_ref_prints_the_score_commands_usage(capsys):
+def test_a_usage_error_is_one_line_naming_the_command(capsys):
     from ahiq.cli import main
 
-    with pytest.raises(SystemExit) as exit_:
-        main(["score", "--dist", "x.png"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.startswith("usage: ") and " score " in err.splitlines()[0]
-    assert err.strip().endswith("error: give --dist and --ref, or --pairs")
+    for argv, said in ((["score", "--dist", "x.png"], "give --dist and --ref, or --pairs"),
+                       (["compare", "a", "b", "--by", "image"], "argument --by: invalid choice: 'image'"),
+                       (["score", "--crops", "ten"], "argument --crops: invalid choice: 'ten'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and said in err, err
+        assert err.startswith(f"error: python -m ahiq {argv[0]}: ") and f"(see python -m ahiq {argv[0]} --help)" in err
 
 
 def test_every_way_of_scoring_files_is_a_pair_scorer_with_the_same_scores(setup):

@@ -164,8 +164,8 @@ def test_download_into_a_file_or_an_uncreatable_folder_is_one_line(tmp_path, cac
     """Before any file is looked for; and without --dir, the cache it fills is named once among the places."""
     (tmp_path / "a.png").write_bytes(b"x")
     for folder, message in ((tmp_path / "a.png", f"error: weights folder {tmp_path / 'a.png'} is a file; give a folder"),
-                            (tmp_path / "a.png" / "sub", f"error: weights folder {tmp_path / 'a.png' / 'sub'}: cannot "
-                                                          f"create the folder (")):
+                            (tmp_path / "a.png" / "sub", f"error: weights folder {tmp_path / 'a.png' / 'sub'}: "
+                                                          f"{tmp_path / 'a.png'} is a file; give a folder")):
         assert main(["download", "--dir", str(folder), "pipal"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and len(err.strip().splitlines()) == 1, err

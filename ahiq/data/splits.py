@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from ahiq.data.pairs import DatasetError, Pair
+from ahiq.files import json_bytes, write_atomically
 
 PART_NAMES = ("train", "val", "test")
 
@@ -41,7 +42,7 @@ def save_split(path: str | os.PathLike, pairs: Sequence[Pair], parts: Sequence[S
     names = PART_NAMES if len(parts) == 3 else tuple(f"part{i}" for i in range(len(parts)))
     content = {**info, "parts": {name: [pairs[i].name for i in part] for name, part in zip(names, parts)}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(content, indent=1))
+    write_atomically(Path(path), json_bytes(content))
 
 
 def load_split(path: str | os.PathLike, pairs: Sequence[Pair]) -> tuple[list[int], ...]:

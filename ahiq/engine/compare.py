@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ahiq.engine import figures
-from ahiq.engine.correlations import bracket, number
+from ahiq.engine.correlations import EMPTY, bracket, defined, shown
 from ahiq.engine.results import Analysis, Results, analyse
 from ahiq.engine.statistics import LEVEL, f_test, fitted, pearson, spearman, williams
 from ahiq.files import write_atomically
@@ -34,9 +34,12 @@ class Test:
     p: float
 
     @property
-    def significant(self) -> int:
-        """1: model a is significantly better than b; -1: b than a; 0: no significant difference at 95%."""
-        if not np.isfinite(self.p) or self.p >= 1 - LEVEL:
+    def significant(self) -> int | None:
+        """1: model a is significantly better than b; -1: b than a; 0: no significant difference at 95%; None:
+        the test is undefined for these data."""
+        if defined(self.p) is None or defined(self.statistic) is None:
+            return None
+        if self.p >= 1 - LEVEL:
             return 0
         better = self.statistic < 1 if self.test == "f_residuals" else self.statistic > 0
         return 1 if better else -1
@@ -82,8 +85,10 @@ def pairwise(results: list[Results]) -> list[Test]:
         tests.append(Test(a, b, "williams_srocc", *williams(spearman(pa, target), spearman(pb, target),
                                                              spearman(pa, pb), n)))
         fa, fb = mapped[a], mapped[b]
-        tests.append(Test(a, b, "williams_plcc", *williams(pearson(fa, target), pearson(fb, target), pearson(fa, fb), n)))
-        tests.append(Test(a, b, "f_residuals", *f_test(target - fa, target - fb)))
+        both = fa is not None and fb is not None  # after each model's fit: undefined where one cannot be made
+        tests.append(Test(a, b, "williams_plcc", *(williams(pearson(fa, target), pearson(fb, target), pearson(fa, fb), n)
+                                                   if both else (float("nan"),) * 2)))
+        tests.append(Test(a, b, "f_residuals", *f_test(target - fa if both else None, target - fb if both else None)))
     return tests
 
 
@@ -111,7 +116,7 @@ def compare(paths: Sequence[Path], out: Path | None, resamples: int, by: str, se
     markdown = _markdown(results, analyses, tests, groups)
     write_atomically(out / "compare.md", markdown.encode())
     write_atomically(out / "compare.tex", latex_table(labels, analyses, groups).encode())
-    cells = [[{"srocc": a.metrics["srocc"] if np.isfinite(a.metrics["srocc"]) else None,
+    cells = [[{"srocc": defined(a.metrics["srocc"]),
                "interval": a.metrics.get("srocc_ci")} for a in analyses]]
     cells += [[{"srocc": a.groups[g]["srocc"], "interval": a.groups[g].get("interval")} for a in analyses]
               for g in range(len(groups))]
@@ -134,12 +139,12 @@ def _csv(results: list[Results], tests: list[Test]) -> bytes:
     writer.writerow(["a", "b", "test", "statistic", "p", "significant"])
     for t in tests:
         writer.writerow([results[t.a].label, results[t.b].label, t.test, _plain(t.statistic), _plain(t.p),
-                         t.significant])
+                         "" if t.significant is None else t.significant])
     return text.getvalue().encode()
 
 
 def _plain(value: float) -> str:
-    return repr(float(value)) if np.isfinite(value) else ""
+    return "" if defined(value) is None else repr(float(value))
 
 
 def _markdown(results: list[Results], analyses: list[Analysis], tests: list[Test], groups) -> str:
@@ -151,25 +156,38 @@ def _markdown(results: list[Results], analyses: list[Analysis], tests: list[Test
              "| model | SROCC | PLCC | KROCC | RMSE |", "|---|---|---|---|---|"]
     for r, a in zip(results, analyses):
         m = a.metrics
-        lines.append(f"| {r.label} | {number(m['srocc'])}{bracket(m.get('srocc_ci'))} | "
-                     f"{number(m['plcc_fitted'])}{bracket(m.get('plcc_fitted_ci'))} | {number(m['krocc'])} | "
-                     f"{number(m['rmse_fitted'])} |")
-    labels = [r.label for r in results]
+        lines.append(f"| {_cell(r.label)} | {shown(m['srocc'])}{bracket(m.get('srocc_ci'))} | "
+                     f"{shown(m['plcc_fitted'])}{bracket(m.get('plcc_fitted_ci'))} | {shown(m['krocc'])} | "
+                     f"{shown(m['rmse_fitted'])} |")
+    labels = [_cell(r.label) for r in results]
     for name in TESTS:
         matrix = {(t.a, t.b): t.significant for t in tests if t.test == name}
         lines += ["", f"## {TEST_TITLES[name]}", "",
                   "1: the row's model is significantly better than the column's at 95%; -1: worse; 0: no significant "
-                  "difference.", "", "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+                  f"difference; {EMPTY}: the test is undefined for these data.", "", "| | " + " | ".join(labels) + " |",
+                  "|---" * (len(labels) + 1) + "|"]
         for i, label in enumerate(labels):
-            row = ["-" if i == j else str(matrix[(i, j)] if i < j else -matrix[(j, i)]) for j in range(len(labels))]
+            row = [" " if i == j else _sign(matrix[(i, j)] if i < j else matrix[(j, i)], i < j)
+                   for j in range(len(labels))]
             lines.append(f"| {label} | " + " | ".join(row) + " |")
     if groups:
         lines += ["", "## SROCC per group", "", "| group | n | " + " | ".join(labels) + " |",
                   "|---|---" + "|---" * len(labels) + "|"]
         for g, (_, name) in enumerate(groups):
-            lines.append(f"| {name} | {analyses[0].groups[g]['n']} | "
-                         + " | ".join(number(a.groups[g]["srocc"]) for a in analyses) + " |")
+            lines.append(f"| {_cell(name)} | {analyses[0].groups[g]['n']} | "
+                         + " | ".join(shown(a.groups[g]["srocc"]) for a in analyses) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text in a Markdown table's cell (a model's or a group's name, which a user chose): its pipes escaped."""
+    return str(text).replace("|", "\\|")
+
+
+def _sign(significant: int | None, as_given: bool) -> str:
+    """A cell of a significance matrix: the test's 1/0/-1 from the row's side (``as_given``: the row is the test's
+    first model), EMPTY where it is undefined."""
+    return EMPTY if significant is None else str(significant if as_given else -significant)
 
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -186,20 +204,20 @@ def latex_table(labels: Sequence[str], analyses: list[Analysis], groups) -> str:
     columns = [[(a.metrics["srocc"], a.metrics["plcc_fitted"]) for a in analyses]]
     columns += [[(a.groups[g]["srocc"], a.groups[g]["plcc"]) for a in analyses] for g in range(len(groups))]
     cells = [[c[m][k] for c in columns for k in (0, 1)] for m in range(len(analyses))]
-    best = [max((row[k] for row in cells if row[k] is not None and np.isfinite(row[k])), default=None)
+    best = [max((row[k] for row in cells if defined(row[k]) is not None), default=None)
             for k in range(len(cells[0]))]
     heads = ["Overall", *(name for _, name in groups)]
     lines = [r"\begin{tabular}{l" + "cc" * len(heads) + "}", r"\hline",
              " & " + " & ".join(r"\multicolumn{2}{c}{" + latex_escape(h) + "}" for h in heads) + r" \\",
              "Model & " + " & ".join(["SROCC & PLCC"] * len(heads)) + r" \\", r"\hline"]
     for label, row in zip(labels, cells):
-        shown = []
+        texts = []
         for value, top in zip(row, best):
-            if value is None or not np.isfinite(value):
-                shown.append("--")
+            if defined(value) is None:
+                texts.append(EMPTY)
             else:
                 text = f"{value:.3f}"
-                shown.append(r"\textbf{" + text + "}" if top is not None and round(value, 3) == round(top, 3) else text)
-        lines.append(latex_escape(label) + " & " + " & ".join(shown) + r" \\")
+                texts.append(r"\textbf{" + text + "}" if top is not None and round(value, 3) == round(top, 3) else text)
+        lines.append(latex_escape(label) + " & " + " & ".join(texts) + r" \\")
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ahiq.engine.correlations import logistic4
+from ahiq.engine.correlations import logistic4, shown
 from ahiq.files import atomic_file
 
 STYLE = {"pdf.fonttype": 42, "ps.fonttype": 42, "font.size": 9, "axes.spines.top": False,
@@ -53,7 +53,7 @@ def scatter_figure(pred: np.ndarray, target: np.ndarray, logistic: Sequence[floa
         axes.set_ylabel("MOS (normalised, higher is better)")
         axes.set_title(title, fontsize=9)
         handles, labels = axes.get_legend_handles_labels()
-        summary = f"SROCC {_number(metrics.get('srocc'))}, PLCC {_number(metrics.get('plcc'))}"
+        summary = f"SROCC {shown(metrics.get('srocc'))}, PLCC {shown(metrics.get('plcc'))}"
         handles.insert(0, plt.Line2D([], [], linestyle="none"))
         labels.insert(0, summary)
         outside = len(labels) > 8
@@ -113,10 +113,6 @@ def _bars(axes, columns: list[str], cells: list[list[dict]], series: list[str], 
     axes.axhline(0, color="black", linewidth=0.6)
     axes.grid(axis="y", alpha=0.25, linewidth=0.5)
     axes.set_xlim(-0.6, len(columns) - 0.4)
-
-
-def _number(value) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.4f}"
 
 
 def save(figure, stem: Path) -> None:

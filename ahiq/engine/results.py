@@ -19,9 +19,9 @@ import numpy as np
 from ahiq.data import Part
 from ahiq.registry.datasets import taxonomy
 from ahiq.engine import figures
-from ahiq.engine.correlations import correlate, logistic4, number, summary_line
+from ahiq.engine.correlations import correlate, defined, logistic4, shown, summary_line
 from ahiq.engine.statistics import by_group, interval, pearson, rating_spread_metrics, spearman
-from ahiq.files import write_atomically
+from ahiq.files import json_bytes, write_atomically
 
 PAIRS_FILE = "pairs.csv"
 PAIRS_HEADER = ("name", "ref", "type", "group", "mos", "target", "mos_ci95", "score")
@@ -65,28 +65,93 @@ class Results:
 
     @classmethod
     def read(cls, path: Path) -> "Results":
-        """The results of a test.py folder (or its results.txt): its pairs.csv, labelled by its metrics.json."""
+        """The results of a test.py folder (or its results.txt), checked as a whole: its pairs.csv (every row, the
+        pair names unique), its results.txt (the same pairs and scores) and its metrics.json (the same count).
+        A ValueError names the file and the line of the first problem."""
         folder = path.parent if path.is_file() else path
-        pairs, metrics = folder / PAIRS_FILE, folder / "metrics.json"
-        if not pairs.is_file() or not metrics.is_file():
-            missing = " and ".join(str(p) for p in (pairs, metrics) if not p.is_file())
-            raise ValueError(f"{path} is not a test.py result folder: {missing} missing (written by python test.py "
-                             f"with a labelled test part)")
-        try:
-            info = json.loads(metrics.read_text())
-            with open(pairs, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-            if not rows or tuple(rows[0]) != PAIRS_HEADER:
-                raise ValueError(f"its header is not {','.join(PAIRS_HEADER)}")
-            numbers = {key: np.array([float(r[key]) if r[key] else math.nan for r in rows])
-                       for key in ("mos", "target", "mos_ci95", "score")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{pairs} cannot be read ({exc}); run python test.py again to rewrite it") from None
-        if not np.all(np.isfinite(numbers["score"])) or not np.all(np.isfinite(numbers["target"])):
-            raise ValueError(f"{pairs} holds a score or target that is not a finite number; run test.py again")
+        files = {name: folder / name for name in ("results.txt", PAIRS_FILE, "metrics.json")}
+        missing = [name for name, p in files.items() if not p.is_file()]
+        if missing:
+            said = ", ".join(missing[:-1]) + " and " * (len(missing) > 1) + missing[-1]
+            raise ValueError(f"{path} is not a test.py result folder: {said} {'are' if len(missing) > 1 else 'is'} "
+                             f"missing in {folder} (written by python test.py with a labelled test part)")
+        info = _read_metrics(files["metrics.json"])
+        rows = _read_pairs(files[PAIRS_FILE])
+        _check_scores(files["results.txt"], rows)
+        if info.get("n") != len(rows):
+            raise ValueError(f"{files['metrics.json']} is of {info.get('n')} pairs, {files[PAIRS_FILE]} holds "
+                             f"{len(rows)}: not one test's files; run python test.py again")
+        column = lambda key: np.array([row[key] for row in rows])  # noqa: E731
         return cls(str(info.get("label") or folder.name), str(info.get("dataset", "")), [r["name"] for r in rows],
-                   [r["ref"] for r in rows], [r["type"] for r in rows], numbers["mos"], numbers["target"],
-                   numbers["mos_ci95"], numbers["score"])
+                   [r["ref"] for r in rows], [r["type"] for r in rows], column("mos"), column("target"),
+                   column("mos_ci95"), column("score"))
+
+
+def _read_metrics(path: Path) -> dict:
+    """metrics.json as written by test.py: an object with its count of pairs."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); run python test.py again to rewrite it") from None
+    if not isinstance(info, dict) or not isinstance(info.get("n"), int) or isinstance(info.get("n"), bool):
+        raise ValueError(f"{path} is not a test.py metrics file (an object with its count of pairs, n); run python "
+                         f"test.py again to rewrite it")
+    return info
+
+
+def _read_pairs(path: Path) -> list[dict]:
+    """pairs.csv's rows, each checked: its fields, finite MOS, target and score, a name seen once."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            lines = list(csv.reader(f))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); run python test.py again to rewrite it") from None
+    if not lines or tuple(lines[0]) != PAIRS_HEADER:
+        raise ValueError(f"{path}:1: the header is not {','.join(PAIRS_HEADER)}; run python test.py again")
+    if len(lines) < 2:
+        raise ValueError(f"{path} holds no pairs; run python test.py again")
+    rows, seen = [], {}
+    for number, fields in enumerate(lines[1:], start=2):
+        where = f"{path}:{number}"
+        if len(fields) != len(PAIRS_HEADER):
+            raise ValueError(f"{where}: {len(fields)} fields, the header has {len(PAIRS_HEADER)}")
+        row = dict(zip(PAIRS_HEADER, fields))
+        if not row["name"]:
+            raise ValueError(f"{where}: the pair has no name")
+        if row["name"] in seen:
+            raise ValueError(f"{where}: the pair {row['name']!r} is listed twice (first at line {seen[row['name']]}): "
+                             f"a result folder lists each pair once")
+        seen[row["name"]] = number
+        for key in ("mos", "target", "mos_ci95", "score"):
+            text = row[key]
+            try:
+                row[key] = float(text) if text else math.nan
+            except ValueError:
+                raise ValueError(f"{where}: {key} {text!r} is not a number") from None
+            if key != "mos_ci95" and not math.isfinite(row[key]):
+                raise ValueError(f"{where}: {key} {text!r} is not a finite number")
+        rows.append(row)
+    return rows
+
+
+def _check_scores(path: Path, rows: list[dict]) -> None:
+    """results.txt lists the pairs of pairs.csv, in its order, with the same scores (as written: 6 decimals)."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} cannot be read ({exc}); run python test.py again to rewrite it") from None
+    if len(lines) != len(rows):
+        raise ValueError(f"{path} lists {len(lines)} pairs, {path.with_name(PAIRS_FILE)} {len(rows)}: not one "
+                         f"test's files; run python test.py again")
+    for number, (line, row) in enumerate(zip(lines, rows), start=1):
+        name, _, score = line.rpartition(",")
+        try:
+            same = name == row["name"] and abs(float(score) - row["score"]) <= 5e-7 + 1e-9 * abs(row["score"])
+        except ValueError:
+            same = False
+        if not same:
+            raise ValueError(f"{path}:{number}: {line!r} is not pair {row['name']!r} with score {row['score']:f} "
+                             f"of {path.with_name(PAIRS_FILE)}: not one test's files; run python test.py again")
 
 
 @dataclass
@@ -130,8 +195,8 @@ def analyse(results: Results, resamples: int, by: str, seed: int) -> Analysis:
 def write_report(folder: Path, results: Results, analysis: Analysis, **info) -> None:
     """metrics.json, distortions.csv, groups.csv and the figures into ``folder``; prints the summary."""
     metrics = analysis.metrics
-    write_atomically(folder / "metrics.json", json.dumps({"label": results.label, "dataset": results.dataset, **info,
-                                                           **metrics}, indent=1, default=float).encode())
+    write_atomically(folder / "metrics.json", json_bytes({"label": results.label, "dataset": results.dataset, **info,
+                                                         **metrics}))
     written = ["results.txt", PAIRS_FILE, "metrics.json"]
     if analysis.types:
         write_atomically(folder / "distortions.csv", _csv([TYPE_HEADER, *([r["code"], r["name"], r["group"], r["n"],
@@ -157,12 +222,12 @@ def summary(results: Results, analysis: Analysis) -> str:
     m = analysis.metrics
     lines = [summary_line(m)]
     if "outlier_ratio" in m:
-        lines.append(f"outlier ratio {m['outlier_ratio']:.4f}, epsilon-insensitive RMSE {m['rmse_star']:.4f} "
+        lines.append(f"outlier ratio {shown(m['outlier_ratio'])}, epsilon-insensitive RMSE {shown(m['rmse_star'])} "
                      f"(ITU-T P.1401, on the MOS scale)")
     if analysis.groups:
         width = max(len(r["name"]) for r in analysis.groups) + 2
         lines.append(f"{'group':<{width}}{'n':>6}  {'SROCC':>7}  {'PLCC':>7}  {'KROCC':>7}")
-        lines += [f"{r['name']:<{width}}{r['n']:>6}  " + "  ".join(f"{number(v):>7}" for v in _cells(r))
+        lines += [f"{r['name']:<{width}}{r['n']:>6}  " + "  ".join(f"{shown(v):>7}" for v in _cells(r))
                   for r in analysis.groups]
     return "\n".join(lines)
 
@@ -173,9 +238,15 @@ def _cells(row: dict) -> list:
 
 def _csv(rows) -> bytes:
     text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([["" if v is None else (f"{v:.6f}" if isinstance(v, float) else v)
-                                                      for v in row] for row in rows])
+    csv.writer(text, lineterminator="\n").writerows([[_csv_cell(v) for v in row] for row in rows])
     return text.getvalue().encode("utf-8")
+
+
+def _csv_cell(value) -> str:
+    """A CSV cell: a float with 6 decimals, empty where it is undefined (None, NaN)."""
+    if value is None or isinstance(value, float):
+        return "" if defined(value) is None else f"{value:.6f}"
+    return value
 
 
 def write_ntire_submission(scores: Mapping[str, float], out_dir: Path, runtime: float, gpu: bool,

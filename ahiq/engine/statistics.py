@@ -10,42 +10,24 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import stats
 
-from ahiq.engine.correlations import fit_logistic, logistic4
+from ahiq.engine.correlations import defined, fit_logistic, kendall, logistic4, pearson, spearman
 
 LEVEL = 0.95  # every interval and test here is at 95%
 MAPPING_PARAMETERS = 4  # d of P.1401's rmse*: the parameters of the logistic mapping
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson's r; NaN when either side is constant (no warning: callers leave such cells empty)."""
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else float("nan")
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rho: Pearson's r of the ranks (ties get their mean rank), as scipy.stats.spearmanr."""
-    return pearson(stats.rankdata(a), stats.rankdata(b))
-
-
-def fitted(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """The predictions through the VQEG logistic fitted to ``target``; the predictions themselves when the
-    fit fails."""
+def fitted(pred: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+    """The predictions through the VQEG logistic fitted to ``target``; None when the fit cannot be made (what is
+    computed after it is then undefined)."""
     params = fit_logistic(pred, target)
-    return logistic4(pred, *params) if params is not None else pred
+    return logistic4(pred, *params) if params is not None else None
 
 
 def correlations(pred: np.ndarray, target: np.ndarray, mapped: np.ndarray) -> dict:
     """n, SROCC, PLCC (of ``mapped``, the predictions after a logistic fitted elsewhere) and KROCC; None for
-    each that is undefined (fewer than 3 pairs, or a constant side)."""
-    n = len(pred)
-    out = {"n": n, "srocc": None, "plcc": None, "krocc": None}
-    if n < 3 or np.ptp(pred) == 0 or np.ptp(target) == 0:
-        return out
-    out["srocc"] = spearman(pred, target)
-    out["plcc"] = pearson(mapped, target) if np.ptp(mapped) > 0 else None
-    out["krocc"] = float(stats.kendalltau(pred, target)[0])
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+    each that is undefined (ahiq.engine.correlations.undefined)."""
+    return {"n": len(pred), "srocc": defined(spearman(pred, target)), "plcc": defined(pearson(mapped, target)),
+            "krocc": defined(kendall(pred, target))}
 
 
 def by_group(pred: np.ndarray, target: np.ndarray, codes: Sequence[str], order: Sequence[str],
@@ -84,13 +66,13 @@ def interval(statistic: Callable[[np.ndarray, np.ndarray], float], pred: np.ndar
 
 def rating_spread_metrics(pred: np.ndarray, mos: np.ndarray, ci95: np.ndarray) -> dict:
     """P.1401's outlier ratio and epsilon-insensitive RMSE (rmse*), on the MOS scale after the logistic mapping
-    of the predictions onto the MOS; ``ci95``: each MOS's 95% interval half-width. Empty when a pair has no
-    interval or the mapping cannot be fitted."""
+    of the predictions onto the MOS; ``ci95``: each MOS's 95% interval half-width. No keys where a pair has no
+    interval (the dataset gives no spreads); None for both where the mapping cannot be fitted."""
     if not len(ci95) or not np.all(np.isfinite(ci95)):
         return {}
     params = fit_logistic(pred, mos)
     if params is None or len(pred) <= MAPPING_PARAMETERS:
-        return {}
+        return {"outlier_ratio": None, "rmse_star": None}
     error = np.abs(mos - logistic4(pred, *params))
     beyond = np.maximum(error - ci95, 0.0)
     return {"outlier_ratio": float(np.mean(error > ci95)),
@@ -113,9 +95,12 @@ def williams(r12: float, r13: float, r23: float, n: int) -> tuple[float, float]:
     return float(t), float(2 * stats.t.sf(abs(t), n - 3))
 
 
-def f_test(residuals_a: np.ndarray, residuals_b: np.ndarray) -> tuple[float, float]:
+def f_test(residuals_a: np.ndarray | None, residuals_b: np.ndarray | None) -> tuple[float, float]:
     """The ratio of two models' residual variances (after each one's logistic fit) and its two-sided p under
-    F(n - 1, n - 1) (ITU-T P.1401, Sheikh et al. 2006): below 1 when model a's residuals are smaller."""
+    F(n - 1, n - 1) (ITU-T P.1401, Sheikh et al. 2006): below 1 when model a's residuals are smaller. Undefined
+    (NaN) without both fits (None), below 2 pairs, or for residuals without spread."""
+    if residuals_a is None or residuals_b is None or min(len(residuals_a), len(residuals_b)) < 2:
+        return float("nan"), float("nan")
     with np.errstate(divide="ignore", invalid="ignore"):  # residuals without spread: NaN, never significant
         f = float(np.var(residuals_a, ddof=1) / np.var(residuals_b, ddof=1))
     dof_a, dof_b = len(residuals_a) - 1, len(residuals_b) - 1

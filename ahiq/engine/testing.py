@@ -11,12 +11,13 @@ import torch
 from ahiq.data import Part, load_parts
 from ahiq.engine.correlations import correlate, logistic4
 from ahiq.engine.results import Results, analyse, write_ntire_submission, write_report
-from ahiq.messages import create_folder
+from ahiq.messages import check_folder, create_folder
 from ahiq.nn.zoo import released
 from ahiq.registry.baselines import BASELINES
 from ahiq.registry.released import RELEASED
 from ahiq.runtime.device import Runtime
 from ahiq.runtime.distributed import Job, destroy, init_distributed
+from ahiq.runtime.signals import StopSignals, Stopped
 from ahiq.scoring.baselines import BaselineScorer
 from ahiq.scoring.ensemble import Ensemble, load_ensemble
 from ahiq.scoring.inference import maps_of, score_shared
@@ -80,6 +81,15 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
     paths = [] if baselines_alone else checkpoint_paths(opt, experiment_dir)
     part = load_parts(opt["data"], roles=("test",))["test"]
     out_dir = Path(test_opt["output"]) if test_opt["output"] else experiment_dir / "test"
+    if test_opt["maps"] and (baselines_alone or part.targets is None):
+        why = (f"no AHIQ model is tested (no {test_opt['checkpoint']}.pth in {experiment_dir}: the baselines alone)"
+               if baselines_alone else f"the test part ({part.pairs.dataset}) is unlabelled (an NTIRE submission)")
+        raise ValueError(f"test.maps {test_opt['maps']}: the maps of the pairs predicted worst and best need AHIQ's "
+                         f"predictions and the labels, and {why}; leave test.maps out")
+    if job.main:  # every folder written to proven writable before anything is loaded or scored (none made yet)
+        for folder in [out_dir, *(out_dir / "baselines" / name for name in test_opt["baselines"]),
+                       *([out_dir / "maps"] if test_opt["maps"] else [])]:
+            check_folder(folder, "test.output")
     baselines = _baseline_scorers(test_opt["baselines"], part, device, opt["model"]["weights"])  # before any scoring
     if baselines_alone:
         if job.main:
@@ -97,7 +107,19 @@ def _run_test(opt: dict, experiment_dir: Path, job: Job, device: torch.device) -
               f"{job.world} process(es)", flush=True)
         create_folder(out_dir, "test.output")
     start = time.time()
-    pred = score_shared(scorer.score_pairs, part.pairs, job, progress=job.main)
+    with StopSignals() as signals:
+        def stop_if_asked(indices, scores):  # after each reference: a stop ends the run in one line
+            if signals.requested:
+                raise Stopped(f"stopped by {signals.name} while scoring the test part: none of AHIQ's scores were "
+                              f"written (the baselines' are kept as they are scored); run the same command again",
+                              signals.requested)
+
+        pred = score_shared(lambda pairs, progress: scorer.score_pairs(pairs, progress, stop_if_asked), part.pairs,
+                            job, progress=job.main)
+    broken = [p.name for p, value in zip(part.pairs, pred) if not np.isfinite(value)]
+    if broken:
+        raise FloatingPointError(f"the model scored {len(broken)} pairs {pred[~np.isfinite(pred)][0]} (e.g. "
+                                 f"{broken[0]}): its weights give no number there; check the checkpoint")
     seconds_per_image = (time.time() - start) / len(pred) * job.world  # each process's time per image
     names = [p.name for p in part.pairs]
     if part.targets is None:
@@ -177,7 +199,7 @@ def _extreme_maps(folder: Path, ensemble: Ensemble, part: Part, pred: np.ndarray
     fit = " after the logistic fit" if logistic is not None else ""
     titles = [f"{stem}\npredicted {pred[i]:.4f}, MOS {part.pairs[i].mos:g} (target {part.targets[i]:.4f}), "
               f"error {fitted[i] - part.targets[i]:+.4f}{fit}" for stem, i in zip(stems, chosen.values())]
-    folder.mkdir(parents=True, exist_ok=True)
+    create_folder(folder, "test.output")
     for stem, maps in zip(stems, maps_of(ensemble, part.pairs, list(chosen.values()))):
         maps.save(folder / f"{stem}.npz")
     write_panels(folder, [part.pairs[i] for i in chosen.values()], stems, titles)

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from ahiq.files import waiting_for_lock
+from ahiq.files import json_bytes, waiting_for_lock, write_atomically
 from ahiq.messages import create_folder
 from ahiq.nn.zoo import (ENVIRONMENT, WeightFile, cache_dir, cache_dirs, download_names, files_for, find, offline,
                          weights_folder)
@@ -165,7 +165,7 @@ def verify(file: WeightFile, path: Path) -> None:
 def _remember(path: Path, identity: dict, digest: str) -> None:
     """Write the memo of a verified file; a read-only folder just means verifying again next time."""
     try:
-        _memo(path).write_text(json.dumps({**identity, "sha256": digest}))
+        write_atomically(_memo(path), json_bytes({**identity, "sha256": digest}))
     except OSError:
         pass
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
 import shutil
 import sys
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from ahiq.data.crops import CropPlan
-from ahiq.files import release_and_remove, take_lock, write_atomically
+from ahiq.files import json_bytes, release_and_remove, take_lock, write_atomically
 from ahiq.messages import create_folder, last_line
 from ahiq.nn.downloads import sha256_of
 from ahiq.nn.model import AHIQ, ReferenceFeatures
@@ -113,9 +112,9 @@ def _export_into(models: Sequence[AHIQ], out: Path, plan: CropPlan) -> dict:
             "exported_by": {"ahiq": _version("ahiq"), "torch": torch.__version__,
                             "onnxruntime": _version("onnxruntime")},
         }
-        write_atomically(building / SETTINGS, (json.dumps(settings, indent=1) + "\n").encode())
+        write_atomically(building / SETTINGS, json_bytes(settings))
         settings["verified"] = _check_against_pytorch(models, building)
-        write_atomically(building / SETTINGS, (json.dumps(settings, indent=1) + "\n").encode())
+        write_atomically(building / SETTINGS, json_bytes(settings))
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from ahiq.files import write_atomically
+from ahiq.files import WriteError, json_bytes, write_atomically
 
 HEADER = ("dist", "ref", "score")
 
@@ -50,9 +50,14 @@ class Journal:
     def add(self, rows: Iterable[Sequence[str]]) -> None:
         text = io.StringIO()
         csv.writer(text).writerows(rows)
-        self.file.write(text.getvalue())
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.write(text.getvalue())
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as exc:  # a row cut short has no newline: read_journals leaves it out
+            raise WriteError(exc.errno, f"cannot write {self.path} ({exc.strerror or exc}): the pairs scored before "
+                                        f"are kept in it; free space, then run the same command again (python -m ahiq "
+                                        f"score: with --resume)") from None
 
     def close(self) -> None:
         self.file.close()
@@ -83,7 +88,7 @@ def settings_path(out: Path) -> Path:
 
 def record_settings(out: Path, settings: dict) -> None:
     """Keep what decides a score (checkpoint digests, crops, seed, precision...) beside the journals."""
-    write_atomically(settings_path(out), (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+    write_atomically(settings_path(out), json_bytes(settings))
 
 
 def check_settings(out: Path, settings: dict) -> None:
