@@ -125,9 +125,9 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
         checkpoint = Path(tmp) / "ahiq.pth"  # this project's format: it carries the sizes the metric needs
         model.save_checkpoint(checkpoint)
         reference = reference.to(device)
-        resolved = {name: resolve(runtime, device, [model]) for name, runtime in runtimes.items()}
-        # prepared for scoring as the scorers prepare them: no weight trains
-        models = {name: run.prepare(copy.deepcopy(model).requires_grad_(False)) for name, run in resolved.items()}
+        # prepared for scoring as the scorers prepare them
+        ensembles = {name: Ensemble.prepared([copy.deepcopy(model)], CropPlan(size, "random", crops), runtime, device)
+                     for name, runtime in runtimes.items()}
         crop_gflop = crop_operations(model)
         rng = np.random.default_rng(0)
         cases = {f"pipal_{scaled(288)}_{crops}crop": (scaled(288), scaled(288), 2, distortions),
@@ -161,17 +161,17 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
             # cuBLAS workspace): otherwise whichever runs first pays for them.
             with torch.no_grad():
                 reference(items[0][0][:1].to(device), items[0][1][:1].to(device))
-                for name, run in resolved.items():
-                    predict(Ensemble([models[name]], CropPlan(size, "random", 1), run), Pairs(pairs[:1]))
+                for ensemble in ensembles.values():
+                    predict(Ensemble(ensemble.models, CropPlan(size, "random", 1), ensemble.runtime), Pairs(pairs[:1]))
             mem_ref = PeakMemory(device)
             expected, t_ref = measured(official, mem_ref)
             expected = expected.double().cpu().numpy()
             results = {}
-            for name, run in resolved.items():
+            for name, ensemble in ensembles.items():
                 def ours():
-                    return predict(Ensemble([models[name]], plan, run), part.pairs, batch_size=per_ref)
+                    return predict(ensemble, part.pairs, batch_size=per_ref)
 
-                if run.compile:
+                if ensemble.runtime.compile:
                     measured(ours, PeakMemory(device))  # compiling is not timed
                 mem_ours = PeakMemory(device)
                 results[name], t_ours = measured(ours, mem_ours)
@@ -180,7 +180,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                          f"{spearmanr(results[name], psnr)[0]:.4f}" if n >= 8 else "")
                 rows.append(report(f"{case}_{name}", n, t_ref, n, t_ours, agreement(results, expected, name), mem_ref,
                                    mem_ours, extra))
-                rows[-1].update(precision="bf16" if run.bf16 else "fp32",
+                rows[-1].update(precision="bf16" if ensemble.runtime.bf16 else "fp32",
                                 ahiq_gflop_per_pair=crops * (crop_gflop[1] + crop_gflop[0] / per_ref))
             rows.extend(metric_rows(case, checkpoint, runtimes, part, plan, device, results))
     return rows
@@ -227,30 +227,33 @@ def metric_rows(case: str, checkpoint: Path, runtimes: dict, part, plan, device:
     return rows
 
 
-def chunk_suite(device: torch.device, sizes: list[int]) -> None:
-    """One PIPAL-sized pair's 20 crops, ViT-B/8, with ``runtime.crop_chunk`` crops per forward pass: what the
-    automatic choice (runtime.crops_per_pass) is based on."""
+def chunk_suite(device: torch.device, sizes: list[int], runtimes: dict[str, Runtime]) -> None:
+    """One PIPAL-sized pair's 20 crops, ViT-B/8, with ``runtime.crop_chunk`` crops per forward pass, in each
+    runtime: what the default (runtime.crop_chunk null) rests on."""
+    from dataclasses import replace
+
+    from ahiq.data import CropPlan
+
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         _, model, _ = random_official_setup(8, tmp)
-    model = model.to(device).eval()
-    from ahiq.data import CropPlan
-
     ref, dist = torch.rand(2, 3, 288, 288)
     plan = CropPlan(224, "random", 20)
-    for size in sizes:
-        ensemble = Ensemble([model], plan, resolve(Runtime(crop_chunk=size), device, [model]))
+    for name, runtime in runtimes.items():
+        for size in sizes:
+            ensemble = Ensemble.prepared([copy.deepcopy(model)], plan, replace(runtime, crop_chunk=size), device)
 
-        def run():
-            return ensemble.score_group(ref, [dist], "r.png").scores
+            def run():
+                return ensemble.score_group(ref, [dist], "r.png").scores
 
-        with torch.no_grad():
-            run()
-            with PeakMemory(device) as memory:
-                seconds = best_time(run, 2, device)
-        print(f"chunk_{size}: {seconds:.2f} s per pair of 20 crops, peak memory {memory.mib:.0f} MiB", flush=True)
-    with torch.no_grad():  # as evaluation asks (under autograd a crop counts as four)
-        print(f"# automatic choice here: {resolve(Runtime(), device, [model]).crops()} crops per pass", flush=True)
+            with torch.no_grad():
+                run()
+                with PeakMemory(device) as memory:
+                    seconds = best_time(run, 2, device)
+            print(f"chunk_{size}_{name}: {seconds:.2f} s per pair of 20 crops, peak memory {memory.mib:.0f} MiB",
+                  flush=True)
+        with torch.no_grad():  # as evaluation asks (under autograd a crop counts three times)
+            print(f"# {name}: the default here, {resolve(runtime, device, [model]).crops()} crops per pass", flush=True)
 
 
 def official_stepper(reference: torch.nn.Module, device: torch.device):
@@ -393,7 +396,7 @@ def main() -> None:
         matmul.sample("after")
         of_matmul(rows, matmul)
     if "chunk" in suites:
-        chunk_suite(device, args.chunks)
+        chunk_suite(device, args.chunks, runtimes)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ implementation it chose: ``avx512_core_bf16``, ``avx512_core_amx``, ``jit:avx2``
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -44,7 +45,7 @@ def main() -> None:
     from ahiq.data import CropPlan, Pair, Pairs
     from ahiq.nn.official import random_official_setup
     from ahiq.runtime.device import Runtime
-    from ahiq.scoring.ensemble import Ensemble, resolve
+    from ahiq.scoring.ensemble import Ensemble
     from ahiq.scoring.inference import predict
     from measure import machine, write_noisy_pairs
 
@@ -57,7 +58,7 @@ def main() -> None:
                  for i, (ref, dist, _) in enumerate(written)]
         pairs, plan = Pairs(pairs), CropPlan(224, "random", args.crops)
         for precision in args.precisions:
-            ensemble = Ensemble([model], plan, resolve(Runtime(precision=precision), torch.device("cpu"), [model]))
+            ensemble = Ensemble.prepared([copy.deepcopy(model)], plan, Runtime(precision=precision), torch.device("cpu"))
             run = lambda: predict(ensemble, pairs, batch_size=args.distortions)  # noqa: E731
             run()  # warm-up: oneDNN creates its kernels on first use
             with profile(activities=[ProfilerActivity.CPU]) as prof:

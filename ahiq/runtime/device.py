@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ahiq.files import hub_dir, write_atomically
+from ahiq.files import hub_dir, json_bytes, write_atomically
 from ahiq.options import DEFAULTS, check_option
 from ahiq.runtime.memory import CPU_CROPS, MAX_CHUNK, CropCost, cpu_budget, crops_in_budget
 from ahiq.runtime.threads import describe as describe_threads
@@ -197,10 +197,11 @@ def precision_cache() -> Path:
 
 def measured_seconds(measure: Callable[[], dict] | None) -> dict:
     """The seconds ``measure()`` gives ({"fp32": s, "bf16": s}, a full-size crop pair after an untimed pass
-    each) on this CPU, with what was measured ("measured"); read from precision_cache when measured before.
+    each) on this CPU, with what was measured ("measured"); read from precision_cache when measured before with
+    the same ``measure.path`` (what it runs: a changed path is measured again).
     Where bf16 is converted rather than computed (a ViT-sized matmul more than twice as slow in bf16), or no
     ``measure`` is given, the matmul's times."""
-    path, key = precision_cache(), cpu_key()
+    path, key = precision_cache(), "; ".join([cpu_key(), *([measure.path] if measure is not None else [])])
     if key in _MEASURED:
         return _MEASURED[key]
     try:
@@ -232,7 +233,7 @@ def _remember_seconds(path: Path, known: dict, key: str, seconds: dict) -> dict:
     known[key] = _MEASURED[key] = seconds
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, (json.dumps(known, indent=1) + "\n").encode())
+        write_atomically(path, json_bytes(known))
     except OSError:
         pass  # an unwritable cache means measuring again next time
     return seconds

@@ -63,6 +63,13 @@ class Ensemble:
     plan: CropPlan
     runtime: ResolvedRuntime
 
+    @classmethod
+    def prepared(cls, models: Sequence[AHIQ], plan: CropPlan, runtime: Runtime, device: torch.device) -> "Ensemble":
+        """Trained models to score with, and nothing else: ``runtime`` resolved for them on ``device`` (resolve),
+        each prepared there with no weight that trains (in bf16, each weight cast once) and in eval mode."""
+        resolved = resolve(runtime, device, models)
+        return cls([resolved.prepare(model.requires_grad_(False)).eval() for model in models], plan, resolved)
+
     def check_maps(self, option: str = "") -> None:
         """Quality maps can be drawn (one model, a pooling that has them), else a one-line error."""
         check_maps(self.models, option)
@@ -151,6 +158,9 @@ def crop_pair_seconds() -> dict:
     return seconds
 
 
+crop_pair_seconds.path = "scoring NHWC, the weights that do not train in bf16"  # what it times: part of its cache key
+
+
 def load_ensemble(checkpoints: PathLike | Sequence[PathLike], device: torch.device, runtime: Runtime = Runtime(),
                   crops: str = CropPlan.mode, num_crops: int = CropPlan.count, seed: int = CropPlan.seed,
                   allow_random_backbones: bool = False, **model_options) -> Ensemble:
@@ -159,9 +169,7 @@ def load_ensemble(checkpoints: PathLike | Sequence[PathLike], device: torch.devi
     each prepared there for evaluation, scoring ``crops`` (CropPlan) at the models' crop size."""
     paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     models = [AHIQ.from_pretrained(p, allow_random_backbones=allow_random_backbones, **model_options) for p in paths]
-    resolved = resolve(runtime, device, models)
-    models = [resolved.prepare(model.requires_grad_(False)).eval() for model in models]  # scoring trains no weight
-    return Ensemble(models, CropPlan(models[0].config["img_size"], crops, num_crops, seed), resolved)
+    return Ensemble.prepared(models, CropPlan(models[0].config["img_size"], crops, num_crops, seed), runtime, device)
 
 
 @contextlib.contextmanager
