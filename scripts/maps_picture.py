@@ -6,8 +6,8 @@
 It writes into the demo's experiment folder; ``--out docs/maps_demo.png`` replaces the README's picture.
 
 One synthetic test pair of the demo (a held-out reference, JPEG-compressed), scored with the nine-crop
-ensemble: the panel shows the distorted image, where the model sees low and high quality (score map) and
-where it looks (weight map).
+ensemble: the panel shows the distorted image, where the model sees low and high quality (score map), where
+it looks (weight map) and what each region adds to the score (their product).
 """
 from __future__ import annotations
 

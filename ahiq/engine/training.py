@@ -32,7 +32,7 @@ from ahiq.runtime.distributed import Job, Weighted, destroy, init_distributed, r
 from ahiq.runtime.signals import StopSignals, Stopped, ignore_in_workers, shut_down_after
 from ahiq.scoring.ensemble import Ensemble, resolve
 from ahiq.scoring.inference import maps_of, predict, score_shared
-from ahiq.scoring.maps import panel
+from ahiq.scoring.maps import panel, score_range
 
 
 def train_step(model, optimizer, scheduler, dist_img, ref_img, target, runtime: ResolvedRuntime, weight=None,
@@ -371,8 +371,7 @@ class Trainer:
         found = maps_of(self.validation, part.pairs, shown)
         image_maps = [m.image_maps() for m in found]  # (score map, weight map, coverage) each
         if self.map_range is None:
-            values = np.concatenate([score_map.ravel() for score_map, _, _ in image_maps])
-            self.map_range = tuple(np.nanpercentile(values, [1, 99]).tolist())
+            self.map_range = score_range([score_map for score_map, _, _ in image_maps])
         for number, (index, maps, (score_map, weight_map, _)) in enumerate(zip(shown, found, image_maps)):
             picture = panel(read_image(part.pairs[index].dist), score_map, weight_map, self.map_range,
                             f"{part.pairs[index].name}\npredicted {maps.score:.4f}, MOS {part.pairs[index].mos:g}")

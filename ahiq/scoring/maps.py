@@ -68,22 +68,39 @@ class QualityMaps:
 MAP_OPACITY = 0.85  # the maps over a faint copy of the image: the colours carry the information
 
 
-def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, score_range: tuple[float, float],
+def score_range(score_maps) -> tuple[float, float]:
+    """One colour scale for the score maps of a run, so that their panels compare: the 1st to 99th percentile of
+    every covered pixel ((0, 1) when none is)."""
+    values = np.concatenate([np.asarray(m, np.float64)[np.isfinite(m)] for m in score_maps] or [np.empty(0)])
+    return (float(np.percentile(values, 1)), float(np.percentile(values, 99))) if values.size else (0.0, 1.0)
+
+
+def weighted_scores(score_map: np.ndarray, weight_map: np.ndarray) -> np.ndarray:
+    """What each pixel adds to the score: score x weight / the mean weight over the covered pixels. Its mean
+    over those pixels is the weighted mean of the score map, the way the model pools it, so it reads on the
+    score's scale: high where a region the model looks at scores high; low where the score is low or the model
+    does not look (weight near 0)."""
+    with np.errstate(invalid="ignore"):
+        return (score_map * weight_map / np.nanmean(weight_map)).astype(np.float32)
+
+
+def panel(image: np.ndarray, score_map: np.ndarray, weight_map: np.ndarray, scale: tuple[float, float],
           title: str) -> np.ndarray:
-    """A BGR picture: the distorted image (RGB uint8 [H, W, 3]), then the score map and the weight map in
-    viridis (perceptually uniform; ``score_range`` fixed per run so that panels compare; weights in [0, 1])
-    over a faint copy of the image, each with a legend; uncovered pixels hatched; ``title`` above (its lines
-    split at newlines)."""
-    scale = -(-256 // image.shape[1])  # small images enlarged (nearest), so that the legends fit
-    if scale > 1:
-        image, score_map, weight_map = (np.repeat(np.repeat(a, scale, 0), scale, 1)
+    """A BGR picture: the distorted image (RGB uint8 [H, W, 3]), then the score map, the weight map and the
+    weighted scores (weighted_scores) in viridis (perceptually uniform; ``scale`` (score_range) fixed per run so
+    that panels compare, for the score map and the weighted scores; weights in [0, 1]) over a faint copy of the
+    image, each with a legend; uncovered pixels hatched; ``title`` above (its lines split at newlines)."""
+    enlarged = -(-256 // image.shape[1])  # small images enlarged (nearest), so that the legends fit
+    if enlarged > 1:
+        image, score_map, weight_map = (np.repeat(np.repeat(a, enlarged, 0), enlarged, 1)
                                         for a in (image, score_map, weight_map))
     base = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     tiles = [_with_legend(base, None, None)]
-    for values, (low, high), name in ((score_map, score_range, "score"), (weight_map, (0.0, 1.0), "weight")):
+    for values, (low, high), name in ((score_map, scale, "score"), (weight_map, (0.0, 1.0), "weight"),
+                                      (weighted_scores(score_map, weight_map), scale, "score x weight")):
         tiles.append(_with_legend(_overlay(base, values, low, high), (low, high), name))
     gap = np.full((tiles[0].shape[0], 8, 3), 255, np.uint8)
-    body = np.hstack([tiles[0], gap, tiles[1], gap, tiles[2]])
+    body = np.hstack([part for tile in tiles for part in (gap, tile)][1:])
     lines = title.splitlines() or [""]
     header = np.full((8 + 20 * len(lines), body.shape[1], 3), 255, np.uint8)
     for number, line in enumerate(lines):
@@ -128,11 +145,10 @@ def write_panels(folder: Path, pairs, stems: list[str] | None = None, titles: li
 
     stems = stems or map_file_stems([p.name for p in pairs])
     saved = {stem: np.load(folder / f"{stem}.npz") for stem in stems if (folder / f"{stem}.npz").is_file()}
-    values = np.concatenate([m["score_map"][np.isfinite(m["score_map"])] for m in saved.values()] or [np.empty(0)])
-    score_range = (float(np.percentile(values, 1)), float(np.percentile(values, 99))) if values.size else (0.0, 1.0)
+    shared = score_range([m["score_map"] for m in saved.values()])
     for number, (stem, pair) in enumerate(zip(stems, pairs)):
         if stem in saved:
             maps = saved[stem]
             title = titles[number] if titles else f"{stem}  score {float(maps['score']):.4f}"
-            picture = panel(read_image(pair.dist), maps["score_map"], maps["weight_map"], score_range, title)
+            picture = panel(read_image(pair.dist), maps["score_map"], maps["weight_map"], shared, title)
             cv2.imwrite(str(folder / f"{stem}.png"), picture)
