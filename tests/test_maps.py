@@ -170,3 +170,21 @@ def test_a_maps_path_that_is_a_file_is_refused_before_any_model_is_loaded(tmp_pa
     code = main(["score", "--dist", str(d), "--ref", str(r), "--maps", str(tmp_path / "taken")])
     assert code == 2 and capsys.readouterr().err.strip() == \
         f"error: --maps {tmp_path / 'taken'} is a file; give a folder (it is created if missing)"
+
+
+def test_the_weighted_scores_average_to_the_weighted_mean_and_get_their_own_tile():
+    """score x weight / mean weight, over the covered pixels, averages to sum(score x weight) / sum(weight) (the
+    model's pooling, by hand here); uncovered pixels stay NaN; the panel draws it as a fourth tile."""
+    from ahiq.scoring.maps import panel, score_range, weighted_scores
+
+    rng = np.random.default_rng(0)
+    score_map, weight_map = rng.normal(0.5, 0.2, (64, 64)), rng.uniform(0, 1, (64, 64))
+    score_map[:8], weight_map[:8] = np.nan, np.nan  # rows no crop covered
+    product = weighted_scores(score_map, weight_map)
+    covered = np.isfinite(score_map)
+    by_hand = (score_map[covered] * weight_map[covered]).sum() / weight_map[covered].sum()
+    assert np.nanmean(product) == pytest.approx(by_hand, rel=1e-5) and np.isnan(product[:8]).all()
+    assert score_range([score_map]) == pytest.approx(tuple(np.percentile(score_map[covered], [1, 99])))
+    picture = panel(np.zeros((256, 256, 3), np.uint8), score_map.repeat(4, 0).repeat(4, 1),
+                    weight_map.repeat(4, 0).repeat(4, 1), (0.0, 1.0), "t")
+    assert picture.shape[1] == 4 * 256 + 3 * 8
