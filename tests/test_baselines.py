@@ -1,5 +1,6 @@
 """Baseline metrics scored by test.py on the same test part, and python -m ahiq compare over the result
 folders: numbers against independent computations, refusals in one line, a killed run continued."""
+import contextlib
 import csv
 import json
 import math
@@ -26,10 +27,18 @@ DEMO = [f"model.{k}={v}" for k, v in TINY.items()] + ["data.options={references:
                                                       "test.bootstrap.resamples=200"]
 
 
-def run_test_py(tmp_path, *overrides, checkpoints=None):
+def run_in(folder: Path, args: list[str]) -> int:
+    """test.py's command line run from ``folder``: its checkpoints/ is the folder's, not the clone's (where a
+    trained demo would be found and tested)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.chdir(folder):
+        return run_test_command(args)
+
+
+def run_test_py(tmp_path, *overrides):
     """test.py's command line on the demo options in ``tmp_path`` (its own data and experiment folders)."""
-    return run_test_command(["--opt", str(ROOT / "options" / "demo.yaml"), f"data.root={tmp_path / 'data'}",
-                         f"test.output={tmp_path / 'test'}", *DEMO, *overrides])
+    return run_in(tmp_path, ["--opt", str(ROOT / "options" / "demo.yaml"), f"data.root={tmp_path / 'data'}",
+                             f"test.output={tmp_path / 'test'}", *DEMO, *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +96,7 @@ def test_the_baselines_alone_are_scored_without_a_trained_model(demo_results, tm
     assert json.loads((demo_results / "test" / "baselines" / "psnr" / "metrics.json").read_text())["srocc"] > 0.9999
     assert not (demo_results / "test" / "results.txt").exists()  # no AHIQ was tested, nor the released model
     # a bare python test.py (the released model when nothing is trained) with baselines does not fall back either
-    assert run_test_command([f"test.output={tmp_path / 'bare'}", f"data.root={tmp_path / 'none'}", "data.dataset=synthetic",
+    assert run_in(tmp_path, [f"test.output={tmp_path / 'bare'}", f"data.root={tmp_path / 'none'}", "data.dataset=synthetic",
                          "data.val=null", "data.test=null", "test.baselines=[psnr]", "name=bare", *DEMO[-3:]]) == 0
     out = capsys.readouterr().out
     assert "released model" not in out and "scoring the baselines alone (psnr)" in out
