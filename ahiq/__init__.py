@@ -3,7 +3,8 @@
 The package in layers, each importing only those below it: ``registry`` (every kind of choice, declared once),
 ``files``, ``messages``, ``options`` and ``lazy`` (shared, no torch); ``data`` (datasets, images, crops) and ``nn`` (the network and its weight files), which
 do not import each other; ``runtime`` (devices, threads, signals, torchrun); ``scoring`` (the crop ensemble,
-the scorer, the metric, maps); ``engine`` (training, test.py, the experiment folder, results); ``cli``.
+the scorer, the metric, maps); ``engine`` (training, test.py, the experiment folder, results); ``cli`` (the command lines) and ``app``
+(the web page).
 """
 from ahiq.lazy import exports
 

@@ -1,5 +1,5 @@
 """The command lines, one parser family: train.py and test.py (options from --opt and key.path=value overrides) and
-``python -m ahiq score / export / compare / download / zoo / launch`` (also the installed ``ahiq`` command).
+``python -m ahiq score / export / compare / download / zoo / launch / app`` (also the installed ``ahiq`` command).
 
 The flags several commands share (--debug, --device, --weights) are declared once, as parent parsers; a flag that
 sets an option takes its type, choices and meaning from the option's declaration (ahiq.options); every command
@@ -19,6 +19,7 @@ from ahiq.files import WriteError
 from ahiq.messages import for_the_user
 from ahiq.nn.downloads import DownloadError, VerificationError, download
 from ahiq.nn.zoo import BACKBONES, METRIC_WEIGHTS, RELEASED, cache_dirs, find, weights_folder
+from ahiq.registry.baselines import BASELINES
 from ahiq.options import SCHEMA, OptionsError, load_options, plain, plain_text
 from ahiq.runtime.signals import Stopped
 from ahiq.runtime.threads import applied, prepare_environment
@@ -215,6 +216,7 @@ INTERRUPTED = {
     "compare": "run the command again (each file it wrote is whole)",
     "download": "no partial file was kept; run the command again to fetch what is missing",
     "zoo": "nothing was changed",
+    "app": "the page stopped",
 }
 
 
@@ -280,6 +282,22 @@ def ahiq_parser() -> argparse.ArgumentParser:
     for flag, key in (("--resamples", "test.bootstrap.resamples"), ("--by", "test.bootstrap.by"),
                       ("--seed", "test.bootstrap.seed")):
         _option_flag(compare, flag, key, " (default %(default)s)", default=SCHEMA[key].default)
+    app = commands.add_parser("app", parents=[DEVICE, WEIGHTS, DEBUG],
+                              help="a web page that scores, ranks and maps uploaded images (needs the app extra)",
+                              description="Serve a page (Gradio; pip install -e '.[app]') where a reference and "
+                                          "distorted versions of it are scored as the score command scores them, "
+                                          "ranked beside PSNR, SSIM and the other baselines, with quality maps; also "
+                                          "the API endpoint /score for Gradio clients (docs/scoring.md#the-web-page).")
+    _model_arguments(app, "scoring on the page")
+    _crop_arguments(app, DEFAULT_CROPS)
+    _option_flag(app, "--precision", "runtime.precision", f" (default: {SCHEMA['runtime.precision'].default})")
+    _option_flag(app, "--threads", "runtime.threads")
+    app.add_argument("--baselines", nargs="*", metavar="NAME",
+                     help=f"the baselines shown beside AHIQ, of {', '.join(BASELINES)} (default: every one that can "
+                          f"run here: piq installed, a learned one's weights found)")
+    app.add_argument("--host", default="127.0.0.1", help="the address to listen on (default %(default)s: this machine "
+                                                          "only; 0.0.0.0: every network interface)")
+    app.add_argument("--port", type=_at_least(1, 65535), default=7860, help="the port (default %(default)s)")
     for command in (score, compare):
         command.set_defaults(usage_error=command.error)  # a missing --ref prints the command's own usage
     commands.add_parser("launch", add_help=False, help="torchrun whose signal stops end in one line per process "
@@ -297,7 +315,8 @@ def main(argv=None) -> int:
         return launch(argv[1:])
     args = ahiq_parser().parse_args(argv)
     actions = {"download": lambda: _download(args.names, args.dir), "zoo": _list_zoo,
-               "export": lambda: _export(args), "compare": lambda: _compare(args), "score": lambda: _score(args)}
+               "export": lambda: _export(args), "compare": lambda: _compare(args), "score": lambda: _score(args),
+               "app": lambda: _app(args)}
     return reported(actions[args.command], args.debug, f"interrupted: {INTERRUPTED[args.command]}")
 
 
@@ -337,7 +356,7 @@ def _model_settings(args) -> dict:
 
 
 def _scorer_settings(args) -> dict:
-    """ahiq.Scorer's keyword arguments from the model, crop and runtime arguments."""
+    """ahiq.Scorer's keyword arguments from the model, crop and runtime arguments (score's and app's)."""
     from ahiq.runtime.device import Runtime
 
     return {**_model_settings(args),
@@ -373,3 +392,9 @@ def _export(args) -> None:
 
     export_command(args.out, **_model_settings(args))
 
+
+def _app(args) -> None:
+    from ahiq.app import serve
+
+    with applied(args.threads):
+        serve(args.host, args.port, args.device, args.baselines, **_scorer_settings(args))

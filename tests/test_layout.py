@@ -18,7 +18,7 @@ LAYERS = [
     {"ahiq.runtime"},
     {"ahiq.scoring"},
     {"ahiq.engine"},
-    {"ahiq.cli", "ahiq.__main__", "ahiq"},
+    {"ahiq.cli", "ahiq.app", "ahiq.__main__", "ahiq"},
 ]
 
 

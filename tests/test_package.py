@@ -44,7 +44,7 @@ def test_a_built_wheel_installs_the_package_and_the_command(tmp_path):
     # editable install of the checkout is not seen there).
     (tmp_path / packages / "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path)
-    assert "usage: ahiq [-h] {score,export,download,compare,launch,zoo}" in _run([str(env / "bin" / "ahiq"), "--help"], tmp_path)
+    assert "usage: ahiq [-h] {score,export,download,compare,app,launch,zoo}" in _run([str(env / "bin" / "ahiq"), "--help"], tmp_path)
     where = _run([str(python), "-c", "import ahiq, ahiq.nn.zoo; print(ahiq.__file__)"], tmp_path).strip()
     assert where.startswith(str(env)), where  # the installed copy, not the checkout
 
