@@ -245,7 +245,16 @@ def test_channels_last_stays_nhwc_from_the_vit_map_into_the_head(model_and_pairs
     torch.testing.assert_close(plain, layouts["vit"], rtol=0, atol=1e-6)  # the last ViT call was on dist
 
 
-def test_cpu_bf16_agrees_with_the_cpu_flags():
+@pytest.fixture
+def uncapped(monkeypatch):
+    """No ONEDNN_MAX_CPU_ISA (CI runs these tests again under AVX2), cpu_bf16 asked afresh, before and after."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    cpu_bf16.cache_clear()
+    yield monkeypatch
+    cpu_bf16.cache_clear()
+
+
+def test_cpu_bf16_agrees_with_the_cpu_flags(uncapped):
     """The instruction sets torch reports are those /proc/cpuinfo lists (x86 Linux)."""
     cpuinfo = Path("/proc/cpuinfo")
     if platform.machine() != "x86_64" or not cpuinfo.exists():
@@ -256,40 +265,56 @@ def test_cpu_bf16_agrees_with_the_cpu_flags():
     assert native_bf16(CPU) is (expected != "emulated")
 
 
+@pytest.mark.parametrize("isa, amx_cpu, avx512_bf16_cpu", [
+    # oneDNN's names (its dnnl_cpu_isa_t): AMX's and the uncapped keep everything; AVX512_CORE_BF16 and FP16 keep
+    # AVX512-BF16; the sets below them have no bf16 instructions
+    ("ALL", "AMX", "AVX512-BF16"), ("avx512_core_amx", "AMX", "AVX512-BF16"),
+    ("AVX512_CORE_BF16", "AVX512-BF16", "AVX512-BF16"), ("AVX512_CORE_FP16", "AVX512-BF16", "AVX512-BF16"),
+    ("AVX512_CORE_VNNI", "emulated", "emulated"), ("AVX512_CORE", "emulated", "emulated"),
+    ("AVX2", "emulated", "emulated"), ("SSE41", "emulated", "emulated")])
+def test_cpu_bf16_is_what_onednn_may_use(isa, amx_cpu, avx512_bf16_cpu, uncapped):
+    """ONEDNN_MAX_CPU_ISA caps what a CPU computes bf16 with (so AVX512_CORE_BF16 on an AMX CPU stands in for one
+    without AMX, and auto measures it as such); it never adds what the CPU lacks."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        pytest.skip("x86's instruction sets")
+    uncapped.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    for amx, avx512_bf16, expected in ((True, True, amx_cpu), (False, True, avx512_bf16_cpu), (False, False, "emulated")):
+        uncapped.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        uncapped.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx512_bf16=avx512_bf16: avx512_bf16)
+        cpu_bf16.cache_clear()
+        assert cpu_bf16() == expected, (isa, amx, avx512_bf16)
+
+
 @pytest.mark.parametrize("native, seconds, chosen", [(True, {"fp32": 2.0, "bf16": 1.0}, True),
                                                      (True, {"fp32": 1.0, "bf16": 1.5}, False),
                                                      (False, None, False)])
-def test_auto_precision_is_bf16_only_where_it_is_native_and_faster(native, seconds, chosen, monkeypatch):
+def test_auto_precision_is_bf16_only_where_it_is_native_and_faster(native, seconds, chosen, uncapped):
     """A CPU with and without AVX512-BF16 (simulated), bf16 measured faster or slower there (the measurement
     given): auto picks bf16 only where it is native and faster, and says why; an explicit bf16 warns only
     where it is not native."""
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    uncapped.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    uncapped.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     measured = []
-    monkeypatch.setattr("ahiq.runtime.device.measured_seconds",
-                        lambda measure: measured.append(measure) or {**seconds, "measured": "a full-size crop pair"})
-    cpu_bf16.cache_clear()
-    try:
-        assert cpu_bf16() == ("AVX512-BF16" if native else "emulated")
-        auto = resolved(precision="auto")  # resolved once: measured once
-        assert auto.bf16 is chosen and len(measured) == (1 if native else 0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bf16 emulated where not native: asserted below
-            assert resolved(precision="fp32").bf16 is False and resolved(precision="bf16").bf16 is True
-        assert auto.dtype == (torch.bfloat16 if chosen else torch.float32)
-        with auto.autocast():
-            assert torch.is_autocast_enabled("cpu") is chosen
-        assert auto.describe().split(";")[0] == ("device cpu, " + ("bf16" if chosen else "fp32") + " (auto: " + (
-            f"AVX512-BF16, and a full-size crop pair takes {seconds['bf16']:.3g} s in bf16, {seconds['fp32']:.3g} s "
-            f"in fp32 on this CPU)" if native else "bf16 is emulated on this CPU)"))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            resolved(precision="bf16")
-            resolved(precision="auto")
-        assert [str(w.message)[:51] for w in caught] == ([] if native else
-                                                          ["runtime.precision=bf16 on a CPU without native bf16"])
-    finally:
-        cpu_bf16.cache_clear()
+    uncapped.setattr("ahiq.runtime.device.measured_seconds",
+                     lambda measure: measured.append(measure) or {**seconds, "measured": "a full-size crop pair"})
+    assert cpu_bf16() == ("AVX512-BF16" if native else "emulated")
+    auto = resolved(precision="auto")  # resolved once: measured once
+    assert auto.bf16 is chosen and len(measured) == (1 if native else 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 emulated where not native: asserted below
+        assert resolved(precision="fp32").bf16 is False and resolved(precision="bf16").bf16 is True
+    assert auto.dtype == (torch.bfloat16 if chosen else torch.float32)
+    with auto.autocast():
+        assert torch.is_autocast_enabled("cpu") is chosen
+    assert auto.describe().split(";")[0] == ("device cpu, " + ("bf16" if chosen else "fp32") + " (auto: " + (
+        f"AVX512-BF16, and a full-size crop pair takes {seconds['bf16']:.3g} s in bf16, {seconds['fp32']:.3g} s "
+        f"in fp32 on this CPU)" if native else "bf16 is emulated on this CPU)"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resolved(precision="bf16")
+        resolved(precision="auto")
+    assert [str(w.message)[:51] for w in caught] == ([] if native else
+                                                      ["runtime.precision=bf16 on a CPU without native bf16"])
 
 
 @pytest.mark.slow

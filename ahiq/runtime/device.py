@@ -239,18 +239,32 @@ def _remember_seconds(path: Path, known: dict, key: str, seconds: dict) -> dict:
     return seconds
 
 
+BF16_LEVELS = ("emulated", "AVX512-BF16", "AMX")  # how a CPU computes bf16, slowest first (x86)
+
+
 @functools.cache
 def cpu_bf16() -> str:
     """How this CPU computes bf16: "AMX" or "AVX512-BF16" (native instructions, which oneDNN uses for bf16
-    convolutions and matmuls), "Arm BF16", or "emulated" (converted to fp32 and back: slower than fp32)."""
-    query = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if query is not None and query():
+    convolutions and matmuls), "Arm BF16", or "emulated" (converted to fp32 and back: slower than fp32); on x86
+    no more than ``ONEDNN_MAX_CPU_ISA`` lets oneDNN use (onednn_bf16_cap)."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        # oneDNN's query is the instruction set's on Arm (on x86 it accepts emulation)
+        return "Arm BF16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "emulated"
+    amx, avx512_bf16 = (getattr(torch.cpu, name, lambda: False)()
+                        for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    hardware = "AMX" if amx else "AVX512-BF16" if avx512_bf16 else "emulated"
+    return min(hardware, onednn_bf16_cap(), key=BF16_LEVELS.index)
+
+
+def onednn_bf16_cap() -> str:
+    """The most of BF16_LEVELS that ``ONEDNN_MAX_CPU_ISA`` lets oneDNN use: AMX under its AMX names (and ALL or
+    DEFAULT, no cap), AVX512-BF16 under AVX512_CORE_BF16, AVX512_CORE_FP16 and AVX10, emulated under the names
+    below them (AVX2, AVX512_CORE, ...)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").strip().upper()
+    if isa in ("", "ALL", "DEFAULT") or "AMX" in isa:
         return "AMX"
-    query = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if query is not None and query():
+    if isa in ("AVX512_CORE_BF16", "AVX512_CORE_FP16") or isa.startswith("AVX10"):
         return "AVX512-BF16"
-    if platform.machine().lower() in ("aarch64", "arm64") and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "Arm BF16"  # oneDNN's query is the instruction set's on Arm (on x86 it accepts emulation)
     return "emulated"
 
 
