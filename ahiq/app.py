@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ from ahiq.data.pairs import Pair, Pairs
 from ahiq.data.synthetic import distort, reference_image
 from ahiq.messages import for_the_user
 from ahiq.registry.baselines import BASELINES
+from ahiq.runtime.signals import SIGNALS, Stopped
 from ahiq.scoring.maps import panel, score_range
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read when gradio is imported: no telemetry, no version check
@@ -304,6 +308,41 @@ def build_page(page: Page, examples: list[list]):
     return blocks.queue(default_concurrency_limit=1, max_size=QUEUE)  # one scored at a time, QUEUE waiting
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, before any model loads, an address the page cannot listen on: a port in use (by another page) or
+    reserved, a host that is not one of this machine's."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port is free
+            probe.bind(address)
+    except OSError as exc:
+        raise ValueError(f"--host {host} --port {port}: the page cannot listen there ({exc.strerror or exc}); give "
+                         f"another --port, or a --host of this machine") from None
+
+
+@contextmanager
+def stopped_by_signals():
+    """SIGTERM (a service manager's stop) closes the server as Ctrl-C does (Gradio's launch closes it on a
+    KeyboardInterrupt), so that what ``serve`` made is removed on the way out; either ends in ``Stopped`` (one
+    line, 128 + the signal's number)."""
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()  # only there can Python handle signals
+    previous = {s: signal.signal(s, stop) for s in SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise Stopped(f"ahiq app: stopped on {signal.Signals(received[0]).name}; the server is closed", received[0])
+
+
 def serve(host: str, port: int, device: str | None, baselines: list[str] | None, **scorer_settings) -> None:
     """Load the scorer (ahiq.Scorer of ``scorer_settings``, as the score command builds it) and the baselines,
     then serve the page at http://host:port until interrupted."""
@@ -314,12 +353,13 @@ def serve(host: str, port: int, device: str | None, baselines: list[str] | None,
     from ahiq.scoring.baselines import BaselineScorer
     from ahiq.scoring.scorer import Scorer
 
+    check_address(host, port)
     weights = scorer_settings.get("weights")
     names = available_baselines(baselines, weights)
     scorer = Scorer(device=device or "auto", **scorer_settings)
     page = Page(scorer, {name: BaselineScorer(name, scorer.ensemble.runtime.device, weights) for name in names})
     plan = scorer.ensemble.plan
-    with tempfile.TemporaryDirectory(prefix="ahiq-examples-") as folder:
+    with tempfile.TemporaryDirectory(prefix="ahiq-examples-") as folder, stopped_by_signals():
         examples = make_examples(Path(folder), plan.size if plan.mode == "whole" else max(96, plan.size * 5 // 4))
         blocks = build_page(page, examples)
         print(f"ahiq app: {scorer.describe()}; baselines {', '.join(names) or 'none'}", file=sys.stderr, flush=True)

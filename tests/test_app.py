@@ -7,6 +7,7 @@ AHIQ_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -m slow -k chrom
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +84,25 @@ def test_the_app_command_refuses_a_baseline_that_cannot_run_here(tmp_path, capsy
     assert main(["app", "--baselines", "psnr", "lpips", "--weights", str(tmp_path)]) == 2
     assert capsys.readouterr().err == ("error: --baselines lpips needs vgg16-397923af.pth, lpips_weights.pt, not "
                                        "found here: python -m ahiq download lpips\n")
+
+
+def test_the_app_command_refuses_an_address_it_cannot_listen_on_before_loading_a_model(tmp_path, capsys):
+    """A port another server holds, a host that is not this machine's: one line, exit 2, no model sought (the
+    weights folder is empty: loading would fail with another message)."""
+    pytest.importorskip("gradio", reason="the app extra (pip install -e '.[app]') is not installed")
+    from ahiq.cli import main
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["app", "--port", str(port), "--weights", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --host 127.0.0.1 --port {port}: the page cannot listen there (Address already "
+                              f"in use); give another --port") and err.count("\n") == 1, err
+    assert main(["app", "--host", "192.0.2.1", "--weights", str(tmp_path)]) == 2  # TEST-NET-1: nobody's address
+    err = capsys.readouterr().err
+    assert "error: --host 192.0.2.1 --port 7860: the page cannot listen there (Cannot assign requested address)" in err
 
 
 # ---- the real server -------------------------------------------------------------------------------------
@@ -169,6 +189,31 @@ def server(tiny_checkpoint, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_closes_the_server_in_one_line_and_leaves_nothing(stop, tiny_checkpoint, tmp_path):
+    """SIGTERM (a service manager's stop) or Ctrl-C: the server closes, one line, 128 + the signal's number, and
+    the examples' folder it made is removed (TMPDIR is the test's, so nothing else is counted)."""
+    pytest.importorskip("gradio", reason="the app extra (pip install -e '.[app]') is not installed")
+    log, port = tmp_path / "server.log", _free_port()
+    with open(log, "w") as out:  # its own session: Ctrl-C reaches it as from its terminal, not through pytest
+        process = subprocess.Popen([sys.executable, "-m", "ahiq", "app", "--checkpoint", str(tiny_checkpoint), *MODEL,
+                                    "--port", str(port)], cwd=ROOT, env={**os.environ, "TMPDIR": str(tmp_path)},
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        from conftest import wait_for_line
+
+        wait_for_line(process, log, "Running on local URL", timeout=240)
+        assert len(list(tmp_path.glob("ahiq-examples-*"))) == 1
+        process.send_signal(stop)
+        assert process.wait(timeout=60) == 128 + stop
+    finally:
+        process.kill()
+    said = log.read_text()
+    assert said.splitlines()[-1] == f"ahiq app: stopped on {stop.name}; the server is closed" and "Traceback" not in said
+    assert list(tmp_path.glob("ahiq-examples-*")) == []
 
 
 def command_line_scores(checkpoint, dists: list[str], ref: str, out: Path) -> dict[str, str]:
