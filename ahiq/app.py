@@ -336,6 +336,9 @@ def stopped_by_signals():
     previous = {s: signal.signal(s, stop) for s in SIGNALS} if main else {}
     try:
         yield
+    except KeyboardInterrupt:
+        if not received:  # not ours: a KeyboardInterrupt of another kind
+            raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -364,6 +367,9 @@ def serve(host: str, port: int, device: str | None, baselines: list[str] | None,
         blocks = build_page(page, examples)
         print(f"ahiq app: {scorer.describe()}; baselines {', '.join(names) or 'none'}", file=sys.stderr, flush=True)
         system = ["ui-sans-serif", "system-ui", "sans-serif"]  # not Google's fonts: the page loads nothing else
-        blocks.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE, allowed_paths=[folder],
-                      footer_links=["api"], theme=gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"]),
-                      css=PANELS_CSS)
+        theme = gr.themes.Default(font=system, font_mono=["ui-monospace", "monospace"])
+        try:  # a signal before Gradio waits for one ends launch with the KeyboardInterrupt: the server closed here
+            blocks.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE,
+                          allowed_paths=[folder], footer_links=["api"], theme=theme, css=PANELS_CSS)
+        finally:
+            blocks.close(verbose=False)

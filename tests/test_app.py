@@ -191,6 +191,25 @@ def server(tiny_checkpoint, tmp_path_factory):
         process.wait(timeout=60)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_at_any_moment_of_serving_ends_in_stopped(stop):
+    """Also one that comes before Gradio's launch waits for it (the KeyboardInterrupt then leaves launch): the
+    same one line and status, and the previous handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are handled in the main thread only")
+    from ahiq.app import stopped_by_signals
+    from ahiq.runtime.signals import Stopped
+
+    before = signal.getsignal(stop)
+    with pytest.raises(Stopped) as stopped:
+        with stopped_by_signals():
+            os.kill(os.getpid(), stop)
+            time.sleep(5)  # the handler raises here
+    assert (stopped.value.exit_code, str(stopped.value)) == (128 + stop, f"ahiq app: stopped on {stop.name}; the "
+                                                                         f"server is closed")
+    assert signal.getsignal(stop) is before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_closes_the_server_in_one_line_and_leaves_nothing(stop, tiny_checkpoint, tmp_path):
