@@ -254,18 +254,19 @@ def available_baselines(names: list[str] | None, weights: str | None = None) -> 
     """The baselines the page shows: ``names`` (None: every one that can run here without a download), each
     refused in one line when it cannot: piq missing, or a learned metric's weights not found locally."""
     from ahiq.nn.zoo import find, weights_folder
+    from ahiq.scoring.baselines import import_piq
 
     try:
-        import piq  # noqa: F401  (the baselines extra; the app extra brings it)
+        import_piq()
         has_piq = True
     except ImportError:
         has_piq = False
-    folder = Path(weights) if weights else weights_folder()
+    folder = weights_folder(weights)
     chosen = []
     for name in names if names is not None else list(BASELINES):
         baseline = BASELINES.choice(name, "--baselines")
         missing = [f.name for f in baseline.weights if find(f, folder) is None]
-        problem = ("needs piq: pip install piq" if not has_piq and baseline.compute.startswith("piq:") else
+        problem = ("needs piq: pip install piq" if not has_piq and baseline.module == "piq" else
                    f"needs {', '.join(missing)}, not found here: python -m ahiq download {name}" if missing else "")
         if not problem:
             chosen.append(name)

@@ -22,6 +22,11 @@ class Baseline(Choice):
     arguments: dict = field(default_factory=dict, hash=False)
     weights: tuple[WeightFile, ...] = ()  # under the names piq and torchvision download them by
 
+    @property
+    def module(self) -> str:
+        """The module ``compute`` comes from ("piq", or this project's)."""
+        return self.compute.split(":")[0]
+
 
 # torchvision's ImageNet VGG16 and piq's learned layer weights.
 _VGG16 = WeightFile("vgg16-397923af.pth", ("https://download.pytorch.org/models/vgg16-397923af.pth",))

@@ -20,7 +20,7 @@ import torch
 
 from ahiq.files import hub_dir, json_bytes, write_atomically
 from ahiq.options import DEFAULTS, check_option
-from ahiq.runtime.memory import CPU_CROPS, MAX_CHUNK, CropCost, cpu_budget, crops_in_budget
+from ahiq.runtime.memory import CropCost, cpu_crops, crops_in_budget
 from ahiq.runtime.threads import describe as describe_threads
 
 
@@ -64,11 +64,13 @@ class Runtime:
                           "it runs far slower than fp32; use runtime.precision=fp32 or auto", stacklevel=2)
         if device.type == "cuda":
             set_tf32(self.tf32)
-        # Crops per pass: what half a GPU's free memory holds; on a CPU what a quarter of its available memory
-        # holds, at most the crops that pay off there (CPU_CROPS).
-        budget = torch.cuda.mem_get_info(device)[0] / 2 if device.type == "cuda" else cpu_budget()
-        cap = MAX_CHUNK if device.type == "cuda" else CPU_CROPS["bf16" if bf16 else "fp32"]
-        chunks = [self.crop_chunk or min(cap, crops_in_budget(bytes_per_crop, budget)) for bytes_per_crop in cost]
+        # Crops per pass: what half a GPU's free memory holds; on a CPU, cpu_crops
+        if device.type == "cuda":
+            free = torch.cuda.mem_get_info(device)[0] / 2
+            chunks = [self.crop_chunk or crops_in_budget(bytes_per_crop, free) for bytes_per_crop in cost]
+        else:
+            chunks = [self.crop_chunk or cpu_crops(bytes_per_crop, "bf16" if bf16 else "fp32")
+                      for bytes_per_crop in cost]
         return ResolvedRuntime(device, bf16, precision, self.channels_last,
                                "inductor" if self.compile is True else self.compile or None, *chunks)
 

@@ -36,6 +36,12 @@ def cpu_budget() -> float:
     return available_memory() / 4
 
 
+def cpu_crops(crop_bytes: float, precision: str) -> int:
+    """Crops per forward pass on the CPU: what cpu_budget holds of crops of ``crop_bytes``, at most CPU_CROPS of
+    ``precision`` ("fp32" or "bf16")."""
+    return min(CPU_CROPS[precision], crops_in_budget(crop_bytes, cpu_budget()))
+
+
 def crops_in_budget(crop_bytes: float, budget: float) -> int:
     """How many crops of ``crop_bytes`` each fit in ``budget`` bytes: between 1 and MAX_CHUNK."""
     return int(max(1, min(MAX_CHUNK, budget // crop_bytes)))

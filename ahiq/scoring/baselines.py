@@ -38,8 +38,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor, reduction: str = "none") -> torch.Ten
 def build(baseline: Baseline) -> Metric:
     """The metric a baseline's declaration names: its function with its settings, or its learned class built
     once (with the weights torch.hub finds)."""
-    module, name = baseline.compute.split(":")
-    computed = getattr(import_piq() if module == "piq" else importlib.import_module(module), name)
+    module = import_piq() if baseline.module == "piq" else importlib.import_module(baseline.module)
+    computed = getattr(module, baseline.compute.split(":")[1])
     if baseline.learned:
         return computed(reduction="none")
     return partial(computed, reduction="none", **baseline.arguments)

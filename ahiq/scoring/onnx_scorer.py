@@ -16,7 +16,7 @@ from ahiq.data.images import read_image
 from ahiq.data.pairs import Pairs, check_images, pair_files, reference_groups
 from ahiq.registry.settings import EVAL_CROPS
 from ahiq.registry.variants import FUSIONS
-from ahiq.runtime.memory import CPU_CROPS, cpu_budget, crops_in_budget
+from ahiq.runtime.memory import cpu_crops
 from ahiq.runtime.threads import choose_threads
 from ahiq.scoring.cost import crop_cost
 
@@ -157,8 +157,8 @@ class OnnxScorer:
                     raise ExportFolderError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0][:200]}); "
                                             f"export again") from None
             self.sessions.append(pair)
-        self.chunk = crop_chunk or min(CPU_CROPS["fp32"], *(crops_in_budget(crop_cost(m["config"]).evaluating,
-                                                                          cpu_budget()) for m in self.export["models"]))
+        self.chunk = crop_chunk or min(cpu_crops(crop_cost(m["config"]).evaluating, "fp32")
+                                       for m in self.export["models"])
 
     def describe(self) -> str:
         return (f"onnxruntime, {self.folder} ({len(self.sessions)} model(s)), fp32; CPU threads: {self.threads} "
