@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from ahiq.engine import figures
-from ahiq.engine.correlations import EMPTY, bracket, defined, shown
+from ahiq.engine.correlations import EMPTY, bracket, defined, pearson, shown, spearman
 from ahiq.engine.results import Analysis, Results, analyse
-from ahiq.engine.statistics import LEVEL, f_test, fitted, pearson, spearman, williams
+from ahiq.engine.statistics import LEVEL, f_test, fitted, williams
 from ahiq.files import write_atomically
 from ahiq.messages import create_folder, listed
 

@@ -19,8 +19,8 @@ import numpy as np
 from ahiq.data import Part
 from ahiq.registry.datasets import taxonomy
 from ahiq.engine import figures
-from ahiq.engine.correlations import correlate, defined, logistic4, shown, summary_line
-from ahiq.engine.statistics import by_group, interval, pearson, rating_spread_metrics, spearman
+from ahiq.engine.correlations import correlate, defined, logistic4, pearson, shown, spearman, summary_line
+from ahiq.engine.statistics import by_group, interval, rating_spread_metrics
 from ahiq.files import json_bytes, write_atomically
 
 PAIRS_FILE = "pairs.csv"
