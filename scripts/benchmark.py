@@ -84,8 +84,8 @@ from ahiq.nn.official import random_official_setup  # noqa: E402
 from ahiq.runtime.device import Runtime, native_bf16, set_tf32  # noqa: E402
 from ahiq.engine.training import make_optimizer, train_step  # noqa: E402
 from ahiq.scoring.ensemble import Ensemble, resolve  # noqa: E402
-from measure import (MatmulReference, PeakMemory, agreement, best_time, count_gflop, environment, machine,  # noqa: E402
-                     report, timed, write_noisy_pairs)
+from measure import (MatmulReference, PeakMemory, agreement, best_time, count_gflop, crop_gflop, environment,  # noqa: E402
+                     machine, report, timed, write_noisy_pairs)
 
 
 def model_suite(device: torch.device, repeats: int) -> list[dict]:
@@ -128,7 +128,7 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
         # prepared for scoring as the scorers prepare them
         ensembles = {name: Ensemble.prepared([copy.deepcopy(model)], CropPlan(size, "random", crops), runtime, device)
                      for name, runtime in runtimes.items()}
-        crop_gflop = crop_operations(model)
+        reference_gflop, distorted_gflop = crop_gflop(model)
         rng = np.random.default_rng(0)
         cases = {f"pipal_{scaled(288)}_{crops}crop": (scaled(288), scaled(288), 2, distortions),
                  f"live_{scaled(768)}x{scaled(512)}_{crops}crop": (scaled(512), scaled(768), 1, 1)}
@@ -181,20 +181,9 @@ def eval_suite(device: torch.device, distortions: int, crops: int, runtimes: dic
                 rows.append(report(f"{case}_{name}", n, t_ref, n, t_ours, agreement(results, expected, name), mem_ref,
                                    mem_ours, extra))
                 rows[-1].update(precision="bf16" if ensemble.runtime.bf16 else "fp32",
-                                ahiq_gflop_per_pair=crops * (crop_gflop[1] + crop_gflop[0] / per_ref))
+                                ahiq_gflop_per_pair=crops * (distorted_gflop + reference_gflop / per_ref))
             rows.extend(metric_rows(case, checkpoint, runtimes, part, plan, device, results))
     return rows
-
-
-def crop_operations(model) -> tuple[float, float]:
-    """GFLOP ahiq performs for one reference crop's features and for one distorted crop scored against them
-    (count_gflop; the same on any device)."""
-    size = model.config["img_size"]
-    dist, ref = torch.rand(2, 1, 3, size, size)
-    with torch.no_grad():
-        features = model.reference_features(ref)
-        return (count_gflop(lambda: model.reference_features(ref)),
-                count_gflop(lambda: model.score_with_reference(dist, features)))
 
 
 def metric_rows(case: str, checkpoint: Path, runtimes: dict, part, plan, device: torch.device, results: dict) -> list[dict]:

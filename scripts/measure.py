@@ -174,6 +174,17 @@ def count_gflop(fn) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def crop_gflop(model) -> tuple[float, float]:
+    """GFLOP ahiq performs for one reference crop's features and for one distorted crop scored against them
+    (count_gflop; the same on any device)."""
+    size = model.config["img_size"]
+    dist, ref = torch.rand(2, 1, 3, size, size)
+    with torch.no_grad():
+        features = model.reference_features(ref)
+        return (count_gflop(lambda: model.reference_features(ref)),
+                count_gflop(lambda: model.score_with_reference(dist, features)))
+
+
 # The machine's own matmul at ViT-B/8's shapes: the tokens of ten crops (10 x 785) through its qkv and its first
 # MLP layer, the two largest matmuls of the network.
 MATMUL_SHAPES = ((7850, 768, 2304), (7850, 768, 3072))

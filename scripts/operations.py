@@ -36,16 +36,7 @@ import torch  # noqa: E402
 from ahiq.nn.official import random_official_setup  # noqa: E402
 from ahiq.runtime.device import Runtime  # noqa: E402
 from benchmark import ahiq_stepper, official_stepper  # noqa: E402
-from measure import count_gflop  # noqa: E402
-
-
-def per_crop(model) -> tuple[float, float]:
-    """GFLOP of one reference crop's features and of one distorted crop scored against them."""
-    dist, ref = torch.rand(2, 1, 3, model.config["img_size"], model.config["img_size"])
-    with torch.no_grad():
-        features = model.reference_features(ref)
-        return (count_gflop(lambda: model.reference_features(ref)),
-                count_gflop(lambda: model.score_with_reference(dist, features)))
+from measure import count_gflop, crop_gflop  # noqa: E402
 
 
 def pairs(crops: int, per_reference: int) -> None:
@@ -55,7 +46,7 @@ def pairs(crops: int, per_reference: int) -> None:
     dist, ref = torch.rand(2, 4, 3, 224, 224)
     with torch.no_grad():
         official_pair = count_gflop(lambda: reference(dist[:1], ref[:1]))
-    reference_crop, distorted_crop = per_crop(model)
+    reference_crop, distorted_crop = crop_gflop(model)
     print(f"flops_eval_pipal_{crops}crop: reference {crops * official_pair:.0f} GFLOP/pair, ahiq "
           f"{crops * (distorted_crop + reference_crop / per_reference):.0f} GFLOP/pair, ratio "
           f"{official_pair / (distorted_crop + reference_crop / per_reference):.2f}x (per crop: reference "
@@ -80,7 +71,7 @@ def variants() -> None:
         options = {**AHIQ_VARIANT, **variant}
         torch.manual_seed(0)
         model = AHIQ(options.pop("patch_size"), False, False, **options).eval()
-        reference_crop, distorted_crop = per_crop(model)
+        reference_crop, distorted_crop = crop_gflop(model)
         weights = sum(p.numel() for p in model.parameters()) / 1e6
         trained = sum(p.numel() for k, p in model.named_parameters() if k.startswith(("fusion.", "head."))) / 1e6
         print(f"variant_{name} (table {number}): {distorted_crop:.1f} GFLOP per distorted crop, {reference_crop:.1f} "
